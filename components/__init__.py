@@ -1,0 +1,1 @@
+"""KFP components, one folder per stage (see README)."""

@@ -1,0 +1,1 @@
+"""KFP pipelines: full run, stage-only runs, scheduled retrain, small-data mode."""

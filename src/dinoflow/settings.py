@@ -1,0 +1,35 @@
+"""Object-store settings, read from the environment (``DINOFLOW_S3_*``).
+
+Credentials never have code defaults: a deployment passes them from a Kubernetes Secret as env
+vars; the embedded store (``dinoflow store up``) writes them to its state file, which the CLI reads
+only when no endpoint is configured.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class S3Settings(BaseSettings):
+    """Where the object store is and how to authenticate."""
+
+    model_config = SettingsConfigDict(env_prefix="DINOFLOW_S3_", extra="ignore")
+
+    endpoint: str | None = Field(None, description="host:port or http(s)://host:port of the S3 API")
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    region: str | None = None
+    secure: bool | None = Field(None, description="TLS; inferred from an https:// endpoint when unset")
+    max_retries: int = Field(5, ge=0, description="retries on transient errors, exponential backoff")
+    retry_base_seconds: float = Field(0.2, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0, description="connect/read timeout per request")
+
+    def host_and_tls(self) -> tuple[str, bool]:
+        ep = self.endpoint or ""
+        secure = self.secure
+        if ep.startswith("https://"):
+            ep, secure = ep[len("https://") :], True if secure is None else secure
+        elif ep.startswith("http://"):
+            ep, secure = ep[len("http://") :], False if secure is None else secure
+        return ep.rstrip("/"), bool(secure)

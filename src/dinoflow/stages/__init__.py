@@ -1,0 +1,59 @@
+"""Stages: one module per stage, each with ``<Name>Spec``, ``<Name>Result`` and ``run(spec, store)``.
+
+A stage never imports KFP: the same stage runs from the CLI, from a KFP component and from a test.
+Modules are imported lazily so that ``dinoflow schema`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from pydantic import ValidationError
+
+from dinoflow.errors import SpecError
+from dinoflow.stages.base import StageResult, StageSpec, run_with_marker
+
+STAGES = ("ingest", "embed", "dedup", "curate", "pretrain", "distill", "evaluate", "promote")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: ModuleType
+
+    @property
+    def spec_cls(self) -> type[StageSpec]:
+        return getattr(self.module, f"{self.name.capitalize()}Spec")
+
+    @property
+    def result_cls(self) -> type[StageResult]:
+        return getattr(self.module, f"{self.name.capitalize()}Result")
+
+    def parse_spec(self, data: str | bytes | dict[str, Any]) -> StageSpec:
+        """Validate a spec; the first problem becomes one line naming the field."""
+        try:
+            if isinstance(data, dict):
+                return self.spec_cls.model_validate(data)
+            return self.spec_cls.model_validate_json(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "<spec>"
+            more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+            raise SpecError(f"{self.name} spec: field '{where}': {err['msg']}{more}") from None
+
+    def run(self, spec: StageSpec, store: Any) -> StageResult:
+        if not isinstance(spec, self.spec_cls):
+            spec = self.parse_spec(spec.model_dump() if isinstance(spec, StageSpec) else spec)
+        return run_with_marker(self.name, spec, store, self.module.run, self.result_cls)
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise SpecError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
+    return Stage(name, importlib.import_module(f"dinoflow.stages.{name}"))
+
+
+__all__ = ["STAGES", "Stage", "StageResult", "StageSpec", "get_stage"]

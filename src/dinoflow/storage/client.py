@@ -1,0 +1,295 @@
+"""A small client over the ``minio`` SDK for ``s3://bucket/key`` URIs.
+
+Writes are atomic from a reader's view: the bytes go to a temporary key under ``_tmp/``, are copied
+server-side to the final key, and the temporary key is removed. A stage directory is complete only
+when its ``_SUCCESS`` marker (written last, holding the result JSON) exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import urllib3
+from minio import Minio
+from minio.commonconfig import CopySource
+from minio.error import S3Error
+
+from dinoflow.errors import StorageError
+from dinoflow.settings import S3Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SUCCESS = "_SUCCESS"
+_TMP_DIR = "_tmp"
+# S3 error codes worth retrying: the server is busy or failed internally, not our request.
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "OperationAborted"}
+_CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; anything else is a clear error."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise StorageError(f"not an object-store URI: {uri!r} (expected s3://bucket/key)")
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"URI {uri!r} has no bucket (expected s3://bucket/key)")
+    return bucket, key
+
+
+def join_uri(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for p in parts:
+        out += "/" + p.strip("/")
+    return out
+
+
+class ObjectStore:
+    """S3 access with retries, atomic writes, and errors that say what to fix."""
+
+    def __init__(self, settings: S3Settings, *, crash_hook: Callable[[str], None] | None = None):
+        if not settings.endpoint:
+            raise StorageError(
+                "no object-store endpoint: set DINOFLOW_S3_ENDPOINT (or run `dinoflow store up` "
+                "for the embedded store)"
+            )
+        if settings.access_key is None or settings.secret_key is None:
+            raise StorageError(
+                "object-store credentials missing: set DINOFLOW_S3_ACCESS_KEY and DINOFLOW_S3_SECRET_KEY"
+            )
+        self.settings = settings
+        host, secure = settings.host_and_tls()
+        timeout = urllib3.Timeout(connect=settings.timeout_seconds, read=settings.timeout_seconds)
+        http = urllib3.PoolManager(timeout=timeout, retries=urllib3.Retry(total=0), maxsize=16)
+        self._client = Minio(
+            host,
+            access_key=settings.access_key.get_secret_value(),
+            secret_key=settings.secret_key.get_secret_value(),
+            secure=secure,
+            region=settings.region,
+            http_client=http,
+        )
+        self.endpoint = host
+        # Test seam: called between the temporary write and the final copy (simulates a crash).
+        self._crash_hook = crash_hook
+        self._known_buckets: set[str] = set()
+
+    @classmethod
+    def from_env(cls) -> ObjectStore:
+        """Settings from ``DINOFLOW_S3_*``; if no endpoint is set, the running embedded store."""
+        settings = S3Settings()
+        if not settings.endpoint:
+            from dinoflow.storage.embedded import EmbeddedStore
+
+            state = EmbeddedStore().status()
+            if state is None:
+                raise StorageError(
+                    "no object store: set DINOFLOW_S3_ENDPOINT/ACCESS_KEY/SECRET_KEY, or start the "
+                    "embedded one with `dinoflow store up`"
+                )
+            settings = state.settings()
+        return cls(settings)
+
+    # -- retries -------------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        attempts = self.settings.max_retries + 1
+        for i in range(attempts):
+            try:
+                return fn()
+            except S3Error as e:
+                if e.code in _TRANSIENT_CODES and i + 1 < attempts:
+                    self._sleep(i, what, e)
+                    continue
+                raise self._explain(what, e) from None
+            except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError) as e:
+                if i + 1 < attempts:
+                    self._sleep(i, what, e)
+                    continue
+                raise StorageError(
+                    f"object store at {self.endpoint} unreachable while {what} after {attempts} "
+                    f"attempt(s): {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                ) from None
+        raise AssertionError("unreachable")
+
+    def _sleep(self, i: int, what: str, e: Exception) -> None:
+        delay = self.settings.retry_base_seconds * (2**i) * (1 + 0.25 * random.random())
+        log.warning("transient error while %s (%s); retry %d in %.2fs", what, type(e).__name__, i + 1, delay)
+        time.sleep(delay)
+
+    def _explain(self, what: str, e: S3Error) -> StorageError:
+        if e.code == "NoSuchBucket":
+            return StorageError(f"bucket {e.bucket_name!r} does not exist (while {what})")
+        if e.code in ("NoSuchKey", "NoSuchObject"):
+            return StorageError(f"object s3://{e.bucket_name}/{e.object_name} does not exist (while {what})")
+        if e.code in _CRED_CODES:
+            return StorageError(
+                f"object store at {self.endpoint} refused the credentials ({e.code}) while {what}: "
+                "check DINOFLOW_S3_ACCESS_KEY / DINOFLOW_S3_SECRET_KEY"
+            )
+        return StorageError(f"object store error {e.code} while {what}: {e.message}")
+
+    # -- buckets -------------------------------------------------------------------------------
+    def ensure_bucket(self, bucket: str) -> None:
+        if bucket in self._known_buckets:
+            return
+        if not self._call(f"checking bucket {bucket}", lambda: self._client.bucket_exists(bucket)):
+            try:
+                self._call(f"creating bucket {bucket}", lambda: self._client.make_bucket(bucket))
+            except StorageError as e:  # a concurrent writer may have created it
+                if "BucketAlreadyOwnedByYou" not in str(e) and "BucketAlreadyExists" not in str(e):
+                    raise
+        self._known_buckets.add(bucket)
+
+    def bucket_exists(self, bucket: str) -> bool:
+        return self._call(f"checking bucket {bucket}", lambda: self._client.bucket_exists(bucket))
+
+    # -- writes --------------------------------------------------------------------------------
+    def put_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Atomic put: temporary key, server-side copy to the final key, temporary key removed."""
+        bucket, key = parse_uri(uri)
+        if not key or key.endswith("/"):
+            raise StorageError(f"cannot write to {uri!r}: it names a folder, not an object")
+        self.ensure_bucket(bucket)
+        tmp = f"{_TMP_DIR}/{uuid.uuid4().hex}/{key}"
+        self._call(
+            f"writing {uri}",
+            lambda: self._client.put_object(bucket, tmp, io.BytesIO(data), len(data), content_type=content_type),
+        )
+        try:
+            if self._crash_hook is not None:
+                self._crash_hook(uri)
+            self._call(
+                f"publishing {uri}", lambda: self._client.copy_object(bucket, key, CopySource(bucket, tmp))
+            )
+        finally:
+            self._call(f"cleaning {tmp}", lambda: self._client.remove_object(bucket, tmp))
+
+    def put_file(self, uri: str, path: str | os.PathLike[str]) -> None:
+        bucket, key = parse_uri(uri)
+        self.ensure_bucket(bucket)
+        tmp = f"{_TMP_DIR}/{uuid.uuid4().hex}/{key}"
+        self._call(f"uploading {path} to {uri}", lambda: self._client.fput_object(bucket, tmp, str(path)))
+        try:
+            if self._crash_hook is not None:
+                self._crash_hook(uri)
+            self._call(
+                f"publishing {uri}", lambda: self._client.copy_object(bucket, key, CopySource(bucket, tmp))
+            )
+        finally:
+            self._call(f"cleaning {tmp}", lambda: self._client.remove_object(bucket, tmp))
+
+    def put_json(self, uri: str, obj: Any) -> None:
+        self.put_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode(), "application/json")
+
+    # -- reads ---------------------------------------------------------------------------------
+    def get_bytes(self, uri: str) -> bytes:
+        bucket, key = parse_uri(uri)
+
+        def read() -> bytes:
+            resp = self._client.get_object(bucket, key)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call(f"reading {uri}", read)
+
+    def get_json(self, uri: str) -> Any:
+        return json.loads(self.get_bytes(uri))
+
+    def open(self, uri: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """Stream an object in chunks (for objects too large to hold in memory)."""
+        bucket, key = parse_uri(uri)
+        resp = self._call(f"opening {uri}", lambda: self._client.get_object(bucket, key))
+        try:
+            yield from resp.stream(chunk_bytes)
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def get_file(self, uri: str, path: str | os.PathLike[str]) -> Path:
+        """Download to ``path`` atomically (temporary file + rename)."""
+        bucket, key = parse_uri(uri)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+        try:
+            self._call(f"downloading {uri}", lambda: self._client.fget_object(bucket, key, str(tmp)))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def cached(self, uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+        """A local copy of ``uri``, downloaded once per (uri, etag)."""
+        etag = self.stat(uri)["etag"]
+        root = Path(cache_dir or default_cache_dir() / "objects")
+        name = hashlib.sha1(f"{self.endpoint}|{uri}|{etag}".encode()).hexdigest()
+        dest = root / name[:2] / f"{name}{Path(parse_uri(uri)[1]).suffix}"
+        if not dest.exists():
+            self.get_file(uri, dest)
+        return dest
+
+    def stat(self, uri: str) -> dict[str, Any]:
+        bucket, key = parse_uri(uri)
+        st = self._call(f"stat {uri}", lambda: self._client.stat_object(bucket, key))
+        return {"size": st.size, "etag": st.etag, "last_modified": st.last_modified}
+
+    def exists(self, uri: str) -> bool:
+        bucket, key = parse_uri(uri)
+        try:
+            self._call(f"stat {uri}", lambda: self._client.stat_object(bucket, key))
+            return True
+        except StorageError as e:
+            if "does not exist" in str(e):
+                return False
+            raise
+
+    def list(self, prefix_uri: str, recursive: bool = True) -> list[str]:
+        """URIs of the objects under a prefix (temporary keys excluded), sorted."""
+        bucket, prefix = parse_uri(prefix_uri)
+        if not self.bucket_exists(bucket):
+            return []
+        objs = self._call(
+            f"listing {prefix_uri}",
+            lambda: list(self._client.list_objects(bucket, prefix=prefix, recursive=recursive)),
+        )
+        return sorted(f"s3://{bucket}/{o.object_name}" for o in objs if not o.object_name.startswith(_TMP_DIR + "/"))
+
+    def delete(self, uri: str) -> None:
+        bucket, key = parse_uri(uri)
+        self._call(f"deleting {uri}", lambda: self._client.remove_object(bucket, key))
+
+    def delete_prefix(self, prefix_uri: str) -> int:
+        uris = self.list(prefix_uri)
+        for u in uris:
+            self.delete(u)
+        return len(uris)
+
+    # -- stage directories -----------------------------------------------------------------------
+    def write_success(self, prefix_uri: str, payload: dict[str, Any]) -> None:
+        """Mark a stage directory complete; written last."""
+        self.put_json(join_uri(prefix_uri, SUCCESS), payload)
+
+    def read_success(self, prefix_uri: str) -> dict[str, Any] | None:
+        uri = join_uri(prefix_uri, SUCCESS)
+        return self.get_json(uri) if self.exists(uri) else None
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("DINOFLOW_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dinoflow"
+    )
+    return Path(base)
