@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ SUCCESS = "_SUCCESS"
 _TMP_DIR = "_tmp"
 # S3 error codes worth retrying: the server is busy or failed internally, not our request.
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "OperationAborted"}
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}
 
 
@@ -43,8 +45,11 @@ def parse_uri(uri: str) -> tuple[str, str]:
         raise StorageError(f"not an object-store URI: {uri!r} (expected s3://bucket/key)")
     rest = uri[len("s3://") :]
     bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise StorageError(f"URI {uri!r} has no bucket (expected s3://bucket/key)")
+    if not _BUCKET_RE.match(bucket):
+        raise StorageError(
+            f"URI {uri!r}: bucket {bucket!r} is not a valid S3 bucket name "
+            "(3-63 characters: lowercase letters, digits, '.', '-')"
+        )
     return bucket, key
 
 
