@@ -1,9 +1,9 @@
 """The ``dinoflow`` command line: the verbs a newcomer needs.
 
-    dinoflow store up|down|status        the embedded S3 store
-    dinoflow schema STAGE                a stage's JSON schema
-    dinoflow stage STAGE --spec F.json   run one stage
-    dinoflow bench NAME [ARGS...]        benchmarks (last output line is JSON)
+dinoflow store up|down|status        the embedded S3 store
+dinoflow schema STAGE                a stage's JSON schema
+dinoflow stage STAGE --spec F.json   run one stage
+dinoflow bench NAME [ARGS...]        benchmarks (last output line is JSON)
 """
 
 from __future__ import annotations
@@ -19,8 +19,12 @@ import typer
 
 from dinoflow.errors import DinoflowError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="dinoflow: self-supervised vision backbones on Kubeflow.")
-store_app = typer.Typer(no_args_is_help=True, help="The embedded SeaweedFS S3 store (used when no endpoint is configured).")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="dinoflow: self-supervised vision backbones on Kubeflow."
+)
+store_app = typer.Typer(
+    no_args_is_help=True, help="The embedded SeaweedFS S3 store (used when no endpoint is configured)."
+)
 app.add_typer(store_app, name="store")
 
 
@@ -110,7 +114,9 @@ def bench(ctx: typer.Context, name: str) -> None:
 
         import dinoflow.bench as b
 
-        names = sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(b.__path__) if not m.name.startswith("_"))
+        names = sorted(
+            m.name.replace("_", "-") for m in pkgutil.iter_modules(b.__path__) if not m.name.startswith("_")
+        )
         raise DinoflowError(f"unknown benchmark {name!r}; available: {', '.join(names)}") from None
     mod.main(list(ctx.args))
 

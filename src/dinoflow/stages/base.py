@@ -50,7 +50,9 @@ class StageResult(BaseModel):
     seconds: float = Field(0.0, description="wall time of the run that produced this result")
 
 
-def run_with_marker(name: str, spec: StageSpec, store: ObjectStore, run_fn: Any, result_cls: type[StageResult]) -> StageResult:
+def run_with_marker(
+    name: str, spec: StageSpec, store: ObjectStore, run_fn: Any, result_cls: type[StageResult]
+) -> StageResult:
     """Run ``run_fn(spec, store)`` unless its ``_SUCCESS`` marker already records this spec."""
     marker = store.read_success(spec.output_uri)
     h = spec.spec_hash()
@@ -67,6 +69,11 @@ def run_with_marker(name: str, spec: StageSpec, store: ObjectStore, run_fn: Any,
     result = result.model_copy(update={"seconds": round(time.perf_counter() - t0, 3)})
     store.write_success(
         spec.output_uri,
-        {"stage": name, "spec_hash": h, "spec": spec.model_dump(mode="json"), "result": result.model_dump(mode="json")},
+        {
+            "stage": name,
+            "spec_hash": h,
+            "spec": spec.model_dump(mode="json"),
+            "result": result.model_dump(mode="json"),
+        },
     )
     return result

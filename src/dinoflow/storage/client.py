@@ -169,7 +169,9 @@ class ObjectStore:
         tmp = f"{_TMP_DIR}/{uuid.uuid4().hex}/{key}"
         self._call(
             f"writing {uri}",
-            lambda: self._client.put_object(bucket, tmp, io.BytesIO(data), len(data), content_type=content_type),
+            lambda: self._client.put_object(
+                bucket, tmp, io.BytesIO(data), len(data), content_type=content_type
+            ),
         )
         try:
             if self._crash_hook is not None:
@@ -271,7 +273,9 @@ class ObjectStore:
             f"listing {prefix_uri}",
             lambda: list(self._client.list_objects(bucket, prefix=prefix, recursive=recursive)),
         )
-        return sorted(f"s3://{bucket}/{o.object_name}" for o in objs if not o.object_name.startswith(_TMP_DIR + "/"))
+        return sorted(
+            f"s3://{bucket}/{o.object_name}" for o in objs if not o.object_name.startswith(_TMP_DIR + "/")
+        )
 
     def delete(self, uri: str) -> None:
         bucket, key = parse_uri(uri)

@@ -27,8 +27,18 @@ from dinoflow.settings import S3Settings
 from dinoflow.storage.client import default_cache_dir
 
 _PORT_NAMES = (
-    "master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
-    "metrics", "iceberg", "lance", "iam",
+    "master",
+    "master_grpc",
+    "volume",
+    "volume_grpc",
+    "filer",
+    "filer_grpc",
+    "s3",
+    "s3_grpc",
+    "metrics",
+    "iceberg",
+    "lance",
+    "iam",
 )
 
 
@@ -123,14 +133,27 @@ class EmbeddedStore:
         ident_file.chmod(0o600)
         ports = dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES)), strict=True))
         cmd = [
-            weed_binary(), "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
-            f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
-            f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
-            "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3_grpc']}",
-            f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}",
-            f"-iam.port={ports['iam']}", f"-metricsPort={ports['metrics']}",
-            f"-s3.config={ident_file}", "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+            weed_binary(),
+            "server",
+            f"-dir={data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={ports['master']}",
+            f"-master.port.grpc={ports['master_grpc']}",
+            f"-volume.port={ports['volume']}",
+            f"-volume.port.grpc={ports['volume_grpc']}",
+            f"-filer.port={ports['filer']}",
+            f"-filer.port.grpc={ports['filer_grpc']}",
+            "-s3",
+            f"-s3.port={ports['s3']}",
+            f"-s3.port.grpc={ports['s3_grpc']}",
+            f"-s3.port.iceberg={ports['iceberg']}",
+            f"-s3.port.lance={ports['lance']}",
+            f"-iam.port={ports['iam']}",
+            f"-metricsPort={ports['metrics']}",
+            f"-s3.config={ident_file}",
+            "-master.volumeSizeLimitMB=1024",
+            "-volume.max=0",
         ]
         log_file = self.home / "weed.log"
         with open(log_file, "ab") as logf:
@@ -138,8 +161,12 @@ class EmbeddedStore:
                 cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
         state = StoreState(
-            endpoint=f"127.0.0.1:{ports['s3']}", access_key=access_key, secret_key=secret_key,
-            pid=proc.pid, data_dir=str(data_dir), log_file=str(log_file),
+            endpoint=f"127.0.0.1:{ports['s3']}",
+            access_key=access_key,
+            secret_key=secret_key,
+            pid=proc.pid,
+            data_dir=str(data_dir),
+            log_file=str(log_file),
         )
         try:
             self._wait_ready(state, proc, timeout_seconds)

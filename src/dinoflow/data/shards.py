@@ -1,0 +1,149 @@
+"""WebDataset-style tar shards on object storage: ``{prefix}/shard-000000.tar``, each sample
+``{key}.{png|jpg}`` + ``{key}.json``. Shards are built in a local temporary file and uploaded
+atomically, so a reader never sees a half-written shard."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dinoflow.storage.client import ObjectStore, join_uri
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+class ShardWriter:
+    """Write samples into numbered shards under ``prefix_uri``; ``add`` returns (shard URI, member)."""
+
+    def __init__(self, store: ObjectStore, prefix_uri: str, samples_per_shard: int = 5000):
+        self.store = store
+        self.prefix_uri = prefix_uri.rstrip("/")
+        self.samples_per_shard = samples_per_shard
+        self.shards: list[str] = []
+        self._index = 0
+        self._count = 0
+        self._tmp: Any = None
+        self._tar: tarfile.TarFile | None = None
+
+    def _open(self) -> None:
+        self._tmp = tempfile.NamedTemporaryFile(suffix=".tar", delete=False)
+        self._tar = tarfile.open(fileobj=self._tmp, mode="w", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+
+    @property
+    def current_uri(self) -> str:
+        return join_uri(self.prefix_uri, shard_name(self._index))
+
+    def add(self, key: str, image: bytes, ext: str, meta: dict[str, Any]) -> tuple[str, str]:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset convention)")
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        member = f"{key}.{ext}"
+        for name, data in ((member, image), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        uri = self.current_uri
+        self._count += 1
+        if self._count >= self.samples_per_shard:
+            self._flush()
+        return uri, member
+
+    def _flush(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._tmp.close()
+        path = Path(self._tmp.name)
+        try:
+            if self._count:
+                self.store.put_file(self.current_uri, path)
+                self.shards.append(self.current_uri)
+                self._index += 1
+        finally:
+            path.unlink(missing_ok=True)
+            self._tar, self._tmp = None, None
+
+    def close(self) -> list[str]:
+        self._flush()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.close()
+            Path(self._tmp.name).unlink(missing_ok=True)
+            self._tar, self._tmp = None, None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def iter_shard(store: ObjectStore, shard_uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` for each sample of a shard, in order."""
+    path = store.cached(shard_uri)
+    with tarfile.open(path, mode="r:") as tar:
+        current: str | None = None
+        sample: dict[str, bytes] = {}
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.partition(".")
+            if current is not None and key != current:
+                yield current, sample
+                sample = {}
+            current = key
+            f = tar.extractfile(m)
+            sample[ext] = f.read() if f else b""
+        if current is not None:
+            yield current, sample
+
+
+class ShardIndex:
+    """Random access to members of locally cached shards (member -> byte offset, size)."""
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self._index: dict[str, tuple[Path, dict[str, tuple[int, int]]]] = {}
+        self._lock = threading.Lock()
+
+    def _load(self, shard_uri: str) -> tuple[Path, dict[str, tuple[int, int]]]:
+        with self._lock:
+            hit = self._index.get(shard_uri)
+            if hit is None:
+                path = self.store.cached(shard_uri)
+                with tarfile.open(path, mode="r:") as tar:
+                    offsets = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+                hit = self._index[shard_uri] = (path, offsets)
+            return hit
+
+    def read(self, shard_uri: str, member: str) -> bytes:
+        path, offsets = self._load(shard_uri)
+        try:
+            off, size = offsets[member]
+        except KeyError:
+            raise KeyError(f"{member} not in shard {shard_uri}") from None
+        with open(path, "rb") as f:
+            f.seek(off)
+            return f.read(size)
+
+
+def read_member(store: ObjectStore, shard_uri: str, member: str, index: ShardIndex | None = None) -> bytes:
+    return (index or ShardIndex(store)).read(shard_uri, member)
