@@ -1,0 +1,67 @@
+# The verbs a newcomer needs. `make demo` and `make test` bootstrap everything they use and are
+# idempotent: a second run reuses the venv, the dataset and the tools the first one installed.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: help venv data tools demo test test-slow lint format compile images clean
+
+help:
+	@echo "make demo      run the full pipeline locally (kfp.local + embedded S3 store)"
+	@echo "make test      run the test suite (fast tests; 'make test-slow' for the long ones)"
+	@echo "make lint      ruff + mypy on the typed edges"
+	@echo "make compile   recompile components/ and pipelines/ YAMLs"
+	@echo "make images    build the Docker images (needs a Docker engine)"
+
+# The same install step the images use (tests/test_deploy_* compares them).
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" \
+	       "(or set DINOFLOW_FASHION_MNIST_DIR to a folder with its four IDX .gz files)"; exit 1; \
+	fi
+
+tools:
+	@if [ -x scripts/install-tools.sh ]; then scripts/install-tools.sh; fi
+
+demo: venv data
+	$(BIN)/dinoflow demo
+
+test: venv data tools
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-slow: venv data tools
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check src tests components pipelines
+	$(BIN)/ruff format --check src tests components pipelines
+	$(BIN)/mypy src/dinoflow/stages src/dinoflow/settings.py src/dinoflow/storage
+
+format: venv
+	$(BIN)/ruff check --fix src tests components pipelines
+	$(BIN)/ruff format src tests components pipelines
+
+compile: venv
+	$(BIN)/dinoflow compile
+
+images: venv
+	$(BIN)/python -m dinoflow.images
+
+clean:
+	rm -rf demo-out .pytest_cache .ruff_cache .mypy_cache
