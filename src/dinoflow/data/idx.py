@@ -13,7 +13,16 @@ from dinoflow.errors import SpecError
 
 FASHION_MNIST_DIR = Path(os.environ.get("DINOFLOW_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -55,7 +64,9 @@ def fashion_mnist_paths(root: str | os.PathLike[str] | None = None) -> dict[str,
     return out
 
 
-def load_fashion_mnist(split: str = "train", root: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(
+    split: str = "train", root: str | os.PathLike[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels int64 [N]) straight from the IDX files."""
     imgs, labels = fashion_mnist_paths(root)[split]
     return read_idx(imgs), read_idx(labels).astype(np.int64)

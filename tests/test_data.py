@@ -1,0 +1,134 @@
+"""Shards, manifests and readers against the real embedded store."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from dinoflow.data.dataset import ManifestDataset, load_images, partition
+from dinoflow.data.images import BadImage, decode_image, encode_png
+from dinoflow.data.manifest import from_rows, read_manifest, write_manifest
+from dinoflow.data.shards import ShardWriter, iter_shard, read_member
+from dinoflow.errors import SpecError
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (8 + i % 3, 9, 3), dtype=np.uint8) for i in range(n)]
+
+
+def _write(store, prefix, arrays, per_shard=4):
+    rows = []
+    with ShardWriter(store, prefix, per_shard) as w:
+        for i, a in enumerate(arrays):
+            data = encode_png(a)
+            shard, member = w.add(f"{i:06d}", data, "png", {"label": i % 3})
+            rows.append(
+                {
+                    "key": f"k{i}",
+                    "shard": shard,
+                    "member": member,
+                    "source": "t",
+                    "label": i % 3,
+                    "width": a.shape[1],
+                    "height": a.shape[0],
+                    "sha256": "",
+                    "split": "train",
+                }
+            )
+    return rows, w.shards
+
+
+def test_shard_round_trip_is_byte_exact(store, bucket_uri):
+    arrays = _images(10)
+    rows, shards = _write(store, f"{bucket_uri}/shards", arrays)
+    assert shards == [f"{bucket_uri}/shards/shard-{i:06d}.tar" for i in range(3)]
+    for r, a in zip(rows, arrays, strict=True):
+        data = read_member(store, r["shard"], r["member"])
+        assert data == encode_png(a)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), a)
+    samples = [s for sh in shards for s in iter_shard(store, sh)]
+    assert [k for k, _ in samples] == [f"{i:06d}" for i in range(10)]
+    assert set(samples[0][1]) == {"png", "json"}
+
+
+def test_manifest_round_trip_and_validation(store, bucket_uri):
+    rows, _ = _write(store, f"{bucket_uri}/s", _images(5))
+    write_manifest(store, f"{bucket_uri}/m.parquet", from_rows(rows))
+    back = read_manifest(store, f"{bucket_uri}/m.parquet")
+    assert back.to_pylist() == from_rows(rows).to_pylist()
+    store.put_bytes(f"{bucket_uri}/bad.parquet", b"not parquet")
+    with pytest.raises(SpecError, match="not a Parquet manifest"):
+        read_manifest(store, f"{bucket_uri}/bad.parquet")
+
+
+@pytest.mark.parametrize("n", [13, 16])
+def test_partition_covers_every_row_once(n):
+    for world in (1, 2, 3):
+        for workers in (1, 2):
+            got = np.concatenate(
+                [partition(n, r, world, w, workers) for r in range(world) for w in range(workers)]
+            )
+            assert sorted(got.tolist()) == list(range(n))
+            padded = [
+                np.concatenate([partition(n, r, world, w, workers, pad=True) for w in range(workers)])
+                for r in range(world)
+            ]
+            assert len({len(p) for p in padded}) == 1
+
+
+def test_dataloader_two_workers_two_ranks_cover_every_key_once(store, bucket_uri, embedded_store):
+    rows, _ = _write(store, f"{bucket_uri}/s", _images(23), per_shard=5)
+    table = from_rows(rows)
+    seen = []
+    for rank in range(2):
+        ds = ManifestDataset(
+            embedded_store.settings(),
+            table,
+            transform=lambda im: np.asarray(im).shape,
+            rank=rank,
+            world_size=2,
+            shuffle=True,
+            seed=3,
+        )
+        dl = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=list)
+        seen += [row for batch in dl for (_, _, row) in batch]
+    assert sorted(seen) == list(range(23))
+
+
+def test_load_images_in_manifest_order(store, bucket_uri):
+    arrays = [np.full((6, 6), i, dtype=np.uint8) for i in range(7)]
+    rows, _ = _write(store, f"{bucket_uri}/s", arrays, per_shard=3)
+    table = from_rows(rows[::-1])  # reversed order across shards
+    x, y = load_images(store, table)
+    assert x.shape == (7, 1, 6, 6) and x.dtype == torch.uint8
+    assert x[:, 0, 0, 0].tolist() == list(range(6, -1, -1))
+    assert y.tolist() == [r["label"] for r in rows[::-1]]
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty file"),
+        (b"hello, not an image", "not an image"),
+        (
+            encode_png(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8))[:300],
+            "corrupt or truncated",
+        ),
+    ],
+)
+def test_bad_image_bytes_have_reasons(data, reason):
+    with pytest.raises(BadImage, match=reason):
+        decode_image(data)
+
+
+def test_truncated_jpeg_is_rejected():
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    with pytest.raises(BadImage, match="corrupt or truncated"):
+        decode_image(buf.getvalue()[: len(buf.getvalue()) // 2])
