@@ -1,0 +1,34 @@
+"""KFP component: the curate stage (retrieval or k-means sampling of the pool)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Metrics, Output
+
+from dinoflow.kfp import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def curate(
+    spec_json: str,
+    output_root: str,
+    data_version: str,
+    result: Output[Artifact],
+    metrics: Output[Metrics],
+    output_name: str = "curate",
+    overrides_json: str = "{}",
+    pool: Input[Artifact] = None,
+    seed: Input[Artifact] = None,
+):
+    """Curate the (deduplicated) pool around the seed-set embeddings."""
+    from dinoflow.kfp import runtime
+
+    res = runtime.run_component(
+        "curate",
+        spec_json,
+        output_root,
+        data_version,
+        output_name,
+        result.path,
+        overrides_json=overrides_json,
+        inputs={"pool": pool.path if pool else None, "seed": seed.path if seed else None},
+    )
+    runtime.log_metrics(metrics, res)

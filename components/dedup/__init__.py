@@ -1,0 +1,39 @@
+"""KFP component: the dedup stage (near-duplicates and evaluation-set copies removed)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Metrics, Output
+
+from dinoflow.kfp import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def dedup(
+    spec_json: str,
+    output_root: str,
+    data_version: str,
+    result: Output[Artifact],
+    metrics: Output[Metrics],
+    output_name: str = "dedup",
+    overrides_json: str = "{}",
+    pool: Input[Artifact] = None,
+    eval_set: Input[Artifact] = None,
+    reference: Input[Artifact] = None,
+):
+    """Deduplicate the pool; drop copies of the eval set and of the reference (already curated) set."""
+    from dinoflow.kfp import runtime
+
+    res = runtime.run_component(
+        "dedup",
+        spec_json,
+        output_root,
+        data_version,
+        output_name,
+        result.path,
+        overrides_json=overrides_json,
+        inputs={
+            "pool": pool.path if pool else None,
+            "eval_set": eval_set.path if eval_set else None,
+            "reference": reference.path if reference else None,
+        },
+    )
+    runtime.log_metrics(metrics, res)

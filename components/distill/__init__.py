@@ -1,0 +1,39 @@
+"""KFP component: the distill stage (frozen teacher -> smaller students); multi-node specs run as a TrainJob."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Metrics, Output
+
+from dinoflow.kfp import GPU_IMAGE
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def distill(
+    spec_json: str,
+    output_root: str,
+    data_version: str,
+    result: Output[Artifact],
+    metrics: Output[Metrics],
+    output_name: str = "distill",
+    overrides_json: str = "{}",
+    split: str = "train",
+    manifest: Input[Artifact] = None,
+    teacher: Input[Artifact] = None,
+):
+    """Distill the teacher into the students named in the spec."""
+    from dinoflow.kfp import runtime
+
+    res = runtime.run_component(
+        "distill",
+        spec_json,
+        output_root,
+        data_version,
+        output_name,
+        result.path,
+        overrides_json=overrides_json,
+        inputs={
+            "manifest": manifest.path if manifest else None,
+            "teacher": teacher.path if teacher else None,
+        },
+        split=split,
+    )
+    runtime.log_metrics(metrics, res)

@@ -1,0 +1,41 @@
+"""KFP component: the embed stage (manifest + backbone -> float16 embeddings)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Metrics, Output
+
+from dinoflow.kfp import GPU_IMAGE
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def embed(
+    spec_json: str,
+    output_root: str,
+    data_version: str,
+    result: Output[Artifact],
+    metrics: Output[Metrics],
+    output_name: str = "embed",
+    overrides_json: str = "{}",
+    split: str = "train",
+    student: str = "",
+    manifest: Input[Artifact] = None,
+    backbone: Input[Artifact] = None,
+):
+    """Embed a manifest; without a backbone input or backbone_uri the stage bootstraps one."""
+    from dinoflow.kfp import runtime
+
+    res = runtime.run_component(
+        "embed",
+        spec_json,
+        output_root,
+        data_version,
+        output_name,
+        result.path,
+        overrides_json=overrides_json,
+        inputs={
+            "manifest": manifest.path if manifest else None,
+            "backbone": backbone.path if backbone else None,
+        },
+        split=split,
+        student=student,
+    )
+    runtime.log_metrics(metrics, res)

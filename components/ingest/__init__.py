@@ -1,0 +1,31 @@
+"""KFP component: the ingest stage (raw images -> shards + per-split manifests)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Metrics, Output
+
+from dinoflow.kfp import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def ingest(
+    spec_json: str,
+    output_root: str,
+    data_version: str,
+    result: Output[Artifact],
+    metrics: Output[Metrics],
+    output_name: str = "ingest",
+    overrides_json: str = "{}",
+):
+    """Ingest raw images; spec_json is an IngestSpec (dinoflow schema ingest)."""
+    from dinoflow.kfp import runtime
+
+    res = runtime.run_component(
+        "ingest",
+        spec_json,
+        output_root,
+        data_version,
+        output_name,
+        result.path,
+        overrides_json=overrides_json,
+    )
+    runtime.log_metrics(metrics, res)

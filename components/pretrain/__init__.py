@@ -1,0 +1,36 @@
+"""KFP component: the pretrain stage (DINOv2 / MAE / SplitMask); multi-node specs run as a TrainJob."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Metrics, Output
+
+from dinoflow.kfp import GPU_IMAGE
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def pretrain(
+    spec_json: str,
+    output_root: str,
+    data_version: str,
+    result: Output[Artifact],
+    metrics: Output[Metrics],
+    output_name: str = "pretrain",
+    overrides_json: str = "{}",
+    split: str = "train",
+    manifest: Input[Artifact] = None,
+    init: Input[Artifact] = None,
+):
+    """Pretrain a backbone on the manifest; init continues from an earlier backbone (retrain)."""
+    from dinoflow.kfp import runtime
+
+    res = runtime.run_component(
+        "pretrain",
+        spec_json,
+        output_root,
+        data_version,
+        output_name,
+        result.path,
+        overrides_json=overrides_json,
+        inputs={"manifest": manifest.path if manifest else None, "init": init.path if init else None},
+        split=split,
+    )
+    runtime.log_metrics(metrics, res)

@@ -1,0 +1,39 @@
+"""KFP component: the promote stage (challenger becomes champion when it wins)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Metrics, Output
+
+from dinoflow.kfp import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def promote(
+    spec_json: str,
+    output_root: str,
+    data_version: str,
+    result: Output[Artifact],
+    metrics: Output[Metrics],
+    output_name: str = "promote",
+    overrides_json: str = "{}",
+    student: str = "",
+    backbone: Input[Artifact] = None,
+    evaluation: Input[Artifact] = None,
+):
+    """Promote the evaluated backbone when it beats the registry's champion."""
+    from dinoflow.kfp import runtime
+
+    res = runtime.run_component(
+        "promote",
+        spec_json,
+        output_root,
+        data_version,
+        output_name,
+        result.path,
+        overrides_json=overrides_json,
+        inputs={
+            "backbone": backbone.path if backbone else None,
+            "evaluation": evaluation.path if evaluation else None,
+        },
+        student=student,
+    )
+    runtime.log_metrics(metrics, res)

@@ -1,0 +1,138 @@
+"""The full run: ingest -> embed (bootstrap when no embedder) -> dedup (+ decontamination against
+the evaluation set) -> curate -> pretrain -> distill -> evaluate -> promote."""
+
+from kfp import dsl
+
+from components.curate import curate
+from components.dedup import dedup
+from components.distill import distill
+from components.embed import embed
+from components.evaluate import evaluate
+from components.ingest import ingest
+from components.pretrain import pretrain
+from components.promote import promote
+from dinoflow.kfp.gpu import cpu_task, gpu_task
+from pipelines import params as P
+
+
+@dsl.pipeline(
+    name="dinoflow-full",
+    description="DINOv2 recipe end to end: curate a raw pool, pretrain, distill, evaluate, promote.",
+)
+def full(
+    output_root: str = P.OUTPUT_ROOT,
+    data_version: str = P.DATA_VERSION,
+    ingest_spec: str = P.INGEST,
+    embed_spec: str = P.EMBED,
+    dedup_spec: str = P.DEDUP,
+    curate_spec: str = P.CURATE,
+    pretrain_spec: str = P.PRETRAIN,
+    distill_spec: str = P.DISTILL,
+    evaluate_spec: str = P.EVALUATE,
+    promote_spec: str = P.PROMOTE,
+    pool_split: str = "train",
+    seed_split: str = "train",
+    eval_split: str = "test",
+    gpus: int = P.GPUS,
+    gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default)
+    gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
+    s3_secret_name: str = P.SECRET,
+):
+    """Run the whole factory.
+
+    Args:
+        output_root: s3:// prefix; each task writes under {output_root}/{data_version}/{task}/{spec hash}.
+        data_version: name of the input data's version; the cache keys on it, so bump it when inputs change.
+        ingest_spec: IngestSpec JSON (splits pool/seed/eval; `dinoflow schema ingest`).
+        embed_spec: EmbedSpec JSON; leave backbone_uri out to bootstrap an embedder on the pool.
+        dedup_spec: DedupSpec JSON (k, thresholds).
+        curate_spec: CurateSpec JSON (strategy, target_size).
+        pretrain_spec: PretrainSpec JSON (method, backbone, steps; nnodes>1 runs a TrainJob).
+        distill_spec: DistillSpec JSON (students, steps; nnodes>1 runs a TrainJob).
+        evaluate_spec: EvaluateSpec JSON (k-NN k and temperature).
+        promote_spec: PromoteSpec JSON (model_name, registry_uri, metric, margin).
+        pool_split: ingest split holding the raw pool.
+        seed_split: ingest split whose images seed retrieval curation (and train the probes).
+        eval_split: ingest split that is evaluated on and decontaminated against.
+        gpus: GPUs per GPU task (embed, pretrain, distill).
+        gpu_node_selector: node labels of the GPU pool.
+        gpu_tolerations: tolerations for the GPU pool's taints.
+        s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
+    """
+    common = {"output_root": output_root, "data_version": data_version}
+    gpu = {"gpus": gpus, "node_selector": gpu_node_selector, "tolerations": gpu_tolerations}
+
+    ing = cpu_task(ingest(spec_json=ingest_spec, **common), s3_secret_name)
+    pool = gpu_task(
+        embed(
+            spec_json=embed_spec,
+            output_name="embed-pool",
+            split=pool_split,
+            manifest=ing.outputs["result"],
+            **common,
+        ),
+        s3_secret_name,
+        display_name="embed-pool",
+        **gpu,
+    )
+    ev_emb = gpu_task(
+        embed(
+            spec_json=embed_spec,
+            output_name="embed-eval",
+            split=eval_split,
+            manifest=ing.outputs["result"],
+            backbone=pool.outputs["result"],
+            **common,
+        ),
+        s3_secret_name,
+        display_name="embed-eval",
+        **gpu,
+    )
+    seed_emb = gpu_task(
+        embed(
+            spec_json=embed_spec,
+            output_name="embed-seed",
+            split=seed_split,
+            manifest=ing.outputs["result"],
+            backbone=pool.outputs["result"],
+            **common,
+        ),
+        s3_secret_name,
+        display_name="embed-seed",
+        **gpu,
+    )
+    dd = cpu_task(
+        dedup(spec_json=dedup_spec, pool=pool.outputs["result"], eval_set=ev_emb.outputs["result"], **common),
+        s3_secret_name,
+    )
+    cu = cpu_task(
+        curate(spec_json=curate_spec, pool=dd.outputs["result"], seed=seed_emb.outputs["result"], **common),
+        s3_secret_name,
+    )
+    pt = gpu_task(
+        pretrain(spec_json=pretrain_spec, manifest=cu.outputs["result"], **common), s3_secret_name, **gpu
+    )
+    ds = gpu_task(
+        distill(
+            spec_json=distill_spec, manifest=cu.outputs["result"], teacher=pt.outputs["result"], **common
+        ),
+        s3_secret_name,
+        **gpu,
+    )
+    ev = cpu_task(
+        evaluate(
+            spec_json=evaluate_spec,
+            split=seed_split,
+            test_split=eval_split,
+            backbone=ds.outputs["result"],
+            dataset=ing.outputs["result"],
+            **common,
+        ),
+        s3_secret_name,
+    )
+    cpu_task(
+        promote(
+            spec_json=promote_spec, backbone=ds.outputs["result"], evaluation=ev.outputs["result"], **common
+        ),
+        s3_secret_name,
+    )

@@ -1,0 +1,25 @@
+"""The Kubeflow layer's shared pieces: images, secrets, component runtime, GPU settings, compile,
+local runs, cluster submission and multi-node TrainJobs.
+
+Only ``runtime`` is imported inside running components; nothing here is imported by a stage.
+"""
+
+from __future__ import annotations
+
+from dinoflow import __version__
+
+# The images the deployment issue builds: the same ``pip install .`` as the venv, kfp included.
+IMAGE = f"ghcr.io/dinoflow/dinoflow:{__version__}"
+GPU_IMAGE = f"ghcr.io/dinoflow/dinoflow:{__version__}-cuda"
+
+# Object-store credentials reach pods only through this Secret (keys -> env vars), never as values.
+S3_SECRET_NAME = "dinoflow-s3"
+S3_SECRET_KEYS = {
+    "endpoint": "DINOFLOW_S3_ENDPOINT",
+    "access_key": "DINOFLOW_S3_ACCESS_KEY",
+    "secret_key": "DINOFLOW_S3_SECRET_KEY",
+}
+
+GPU_STAGES = ("embed", "pretrain", "distill")
+
+__all__ = ["GPU_IMAGE", "GPU_STAGES", "IMAGE", "S3_SECRET_KEYS", "S3_SECRET_NAME"]

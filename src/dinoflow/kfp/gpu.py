@@ -1,0 +1,77 @@
+"""Pod settings for pipeline tasks: GPUs, node pools, ``/dev/shm``, requests, retries, credentials.
+
+Applied at pipeline-definition time with kfp-kubernetes. ``kfp.local`` only warns about them, so
+the same pipeline runs locally and on a cluster. Credentials always come from a Kubernetes Secret
+(``use_secret_as_env``); no value of them is ever written into a compiled YAML.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from kfp import kubernetes
+
+from dinoflow.kfp import S3_SECRET_KEYS
+
+# Local runs set this so that a failing stage fails at once instead of waiting out the backoff.
+NO_RETRY_ENV = "DINOFLOW_KFP_NO_RETRY"
+
+GPU_CPU_REQUEST = "8"
+GPU_MEMORY_REQUEST = "48G"
+CPU_CPU_REQUEST = "2"
+CPU_MEMORY_REQUEST = "8G"
+SHM_SIZE = "16Gi"  # PyTorch DataLoader workers pass batches through shared memory
+RETRIES = 2  # GPU nodes get preempted/evicted; a retry resumes from the newest checkpoint
+RETRY_BACKOFF = "60s"
+RETRY_BACKOFF_FACTOR = 2.0
+RETRY_BACKOFF_MAX = "900s"
+
+
+def with_credentials(task: Any, secret_name: Any) -> Any:
+    """Object-store endpoint and keys as env vars from the Secret ``secret_name`` (a parameter)."""
+    return kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=dict(S3_SECRET_KEYS))
+
+
+def _retries(task: Any) -> Any:
+    if os.environ.get(NO_RETRY_ENV):
+        return task
+    return task.set_retry(
+        num_retries=RETRIES,
+        backoff_duration=RETRY_BACKOFF,
+        backoff_factor=RETRY_BACKOFF_FACTOR,
+        backoff_max_duration=RETRY_BACKOFF_MAX,
+    )
+
+
+def cpu_task(task: Any, secret_name: Any, display_name: str | None = None) -> Any:
+    """A CPU stage: requests, credentials, caching on (keyed on the task's data_version input)."""
+    task.set_cpu_request(CPU_CPU_REQUEST).set_memory_request(CPU_MEMORY_REQUEST)
+    task.set_caching_options(enable_caching=True)
+    if display_name:
+        task.set_display_name(display_name)
+    return with_credentials(task, secret_name)
+
+
+def gpu_task(
+    task: Any,
+    secret_name: Any,
+    gpus: Any,
+    node_selector: Any,
+    tolerations: Any,
+    display_name: str | None = None,
+) -> Any:
+    """A GPU stage: ``nvidia.com/gpu`` x ``gpus``, pinned to the GPU pool, memory-backed /dev/shm,
+    requests, retries with exponential backoff, credentials from the Secret."""
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+    task.set_cpu_request(GPU_CPU_REQUEST).set_memory_request(GPU_MEMORY_REQUEST)
+    task.set_caching_options(enable_caching=True)
+    if display_name:
+        task.set_display_name(display_name)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE
+    )
+    _retries(task)
+    return with_credentials(task, secret_name)

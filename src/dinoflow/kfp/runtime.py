@@ -1,0 +1,278 @@
+"""What runs inside a component: spec JSON + upstream result artifacts -> one stage -> typed outputs.
+
+A component body is a few lines that call :func:`run_component`; everything it does lives here so
+that it is tested once. The component itself computes nothing: it wires URIs, calls
+``dinoflow.stages.get_stage(name).run(spec, store)`` and copies the stage's own outputs (result
+JSON, metrics, report HTML, model card) into KFP artifacts for the UI.
+
+Output locations are content-addressed: ``{output_root}/{data_version}/{output_name}/{spec_hash}``,
+where the hash covers the spec after the upstream URIs were filled in. A changed input or parameter
+therefore always writes a new prefix (never stale output), and an unchanged one finds the stage's
+``_SUCCESS`` marker and returns at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from dinoflow.errors import SpecError
+
+log = logging.getLogger(__name__)
+
+# Set by the local runner (``dinoflow demo``): one JSON line per executed task, for stage timings.
+EVENTS_ENV = "DINOFLOW_KFP_EVENTS"
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """Hash of a spec without its output location (the location is derived from it)."""
+    body = {k: v for k, v in spec.items() if k != "output_uri"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def output_uri_for(output_root: str, data_version: str, output_name: str, spec: dict[str, Any]) -> str:
+    if not output_root.startswith("s3://"):
+        raise SpecError(f"output_root must be an s3://bucket/prefix URI, got {output_root!r}")
+    if not data_version or "/" in data_version:
+        raise SpecError(f"data_version must be a non-empty name without '/', got {data_version!r}")
+    return f"{output_root.rstrip('/')}/{data_version}/{output_name}/{spec_hash(spec)}"
+
+
+# -- upstream results -> spec fields ---------------------------------------------------------------
+def manifest_of(result: dict[str, Any], split: str) -> str:
+    """The manifest a result offers: an ingest result's ``split``, else its ``manifest_uri``."""
+    if "manifests" in result:
+        manifests = result["manifests"]
+        if split not in manifests:
+            raise SpecError(f"upstream ingest has no split {split!r}; it has: {', '.join(sorted(manifests))}")
+        return manifests[split]
+    if "manifest_uri" in result:
+        return result["manifest_uri"]
+    raise SpecError(f"upstream result offers no manifest (keys: {', '.join(sorted(result))})")
+
+
+def backbone_of(result: dict[str, Any], student: str = "") -> str:
+    """The backbone a result offers: promote's champion, distill's student, else ``backbone_uri``."""
+    if "champion_uri" in result:
+        return result["champion_uri"]
+    if "backbone_uris" in result:
+        uris = result["backbone_uris"]
+        if student:
+            if student not in uris:
+                raise SpecError(f"upstream distill has no student {student!r}; it has: {', '.join(uris)}")
+            return uris[student]
+        return next(iter(uris.values()))
+    if "backbone_uri" in result:
+        return result["backbone_uri"]
+    raise SpecError(f"upstream result offers no backbone (keys: {', '.join(sorted(result))})")
+
+
+def teacher_of(result: dict[str, Any]) -> str:
+    """What distillation loads as teacher: the pretrain checkpoint when there is one (heads included)."""
+    for key in ("teacher_uri", "checkpoint_uri"):
+        if result.get(key):
+            return result[key]
+    return backbone_of(result)
+
+
+def _has(spec_fields: set[str], name: str) -> bool:
+    return name in spec_fields
+
+
+def fill_from_upstream(
+    stage: str,
+    spec: dict[str, Any],
+    inputs: dict[str, dict[str, Any] | None],
+    spec_fields: set[str],
+    split: str = "train",
+    test_split: str = "test",
+    student: str = "",
+) -> dict[str, Any]:
+    """Return ``spec`` with the fields that the given upstream results provide filled in.
+
+    ``inputs`` maps a role (``manifest``, ``backbone``, ``pool``, ``eval_set``, ``seed``, ``teacher``,
+    ``dataset``, ``evaluation``, ``init``, ``reference``) to an upstream result dict, or None when
+    not connected. Upstream values win over the spec: the DAG's wiring is the truth.
+    """
+    spec = dict(spec)
+    got = {k: v for k, v in inputs.items() if v is not None}
+    if "manifest" in got:
+        spec["manifest_uri"] = manifest_of(got["manifest"], split)
+    if "backbone" in got:
+        spec["backbone_uri"] = backbone_of(got["backbone"], student)
+    if "pool" in got:
+        spec["manifest_uri"] = manifest_of(got["pool"], split)
+        spec["embeddings_uri"] = got["pool"]["embeddings_uri"]
+    for role in ("eval_set", "reference"):  # both are sets whose copies leave the pool
+        if role in got:
+            spec["eval_manifest_uris"] = [
+                *spec.get("eval_manifest_uris", []),
+                manifest_of(got[role], test_split),
+            ]
+            spec["eval_embeddings_uris"] = [
+                *spec.get("eval_embeddings_uris", []),
+                got[role]["embeddings_uri"],
+            ]
+    if "seed" in got:
+        spec["seed_manifest_uris"] = [manifest_of(got["seed"], split)]
+        spec["seed_embeddings_uris"] = [got["seed"]["embeddings_uri"]]
+    if "teacher" in got:
+        spec["teacher_uri"] = teacher_of(got["teacher"])
+    if "dataset" in got:
+        spec["train_manifest_uri"] = manifest_of(got["dataset"], split)
+        spec["test_manifest_uri"] = manifest_of(got["dataset"], test_split)
+    if "evaluation" in got:
+        spec["evaluation_uri"] = got["evaluation"]["output_uri"]
+    if "init" in got:
+        # continue training from a champion: the pretrain spec names the field it accepts
+        for field in ("init_backbone_uri", "init_uri", "resume_from_uri", "init_from_uri"):
+            if _has(spec_fields, field):
+                spec[field] = backbone_of(got["init"])
+                break
+        else:
+            raise SpecError(f"{stage} spec has no field to start from a previous backbone")
+    return spec
+
+
+def read_result(path: str | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(f"upstream result artifact {path} is missing")
+    return json.loads(p.read_text())
+
+
+# -- the component body ----------------------------------------------------------------------------
+def run_component(
+    stage: str,
+    spec_json: str,
+    output_root: str,
+    data_version: str,
+    output_name: str,
+    result_path: str,
+    overrides_json: str = "{}",
+    inputs: dict[str, str | None] | None = None,
+    split: str = "train",
+    test_split: str = "test",
+    student: str = "",
+) -> dict[str, Any]:
+    """Parse and wire the spec (spec_json < overrides_json < upstream results), run the stage (or a multi-node TrainJob), write the result JSON."""
+    from dinoflow.stages import get_stage
+    from dinoflow.storage import ObjectStore
+
+    st = get_stage(stage)
+    try:
+        spec_dict = json.loads(spec_json or "{}")
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{stage} spec_json is not valid JSON: {e}") from None
+    if not isinstance(spec_dict, dict):
+        raise SpecError(f"{stage} spec_json must be a JSON object, got {type(spec_dict).__name__}")
+    try:
+        overrides = json.loads(overrides_json or "{}")
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{stage} overrides_json is not valid JSON: {e}") from None
+    if not isinstance(overrides, dict):
+        raise SpecError(f"{stage} overrides_json must be a JSON object")
+    # pipeline parameters (URIs) layered over the spec; empty values mean "not given";
+    # "@role" keys stand for an upstream result that offers only that URI (e.g. "@init": champion)
+    overrides = {k: v for k, v in overrides.items() if v not in ("", None)}
+    spec_dict.update({k: v for k, v in overrides.items() if not k.startswith("@")})
+    results = {role: read_result(p) for role, p in (inputs or {}).items()}
+    for k, v in overrides.items():
+        if k.startswith("@"):
+            results[k[1:]] = {"backbone_uri": v, "manifest_uri": v}
+    fields = set(st.spec_cls.model_fields)
+    spec_dict = fill_from_upstream(stage, spec_dict, results, fields, split, test_split, student)
+    if not spec_dict.get("output_uri"):
+        spec_dict["output_uri"] = output_uri_for(output_root, data_version, output_name, spec_dict)
+    spec = st.parse_spec(spec_dict)  # one-line SpecError naming the field
+    store = ObjectStore.from_env()
+
+    t0 = time.time()
+    nnodes = int(getattr(spec, "nnodes", 1) or 1)
+    if stage in ("pretrain", "distill") and nnodes > 1:
+        from dinoflow.kfp.trainjob import run_multinode
+
+        result = run_multinode(stage, spec, store)
+    else:
+        result = st.run(spec, store).model_dump(mode="json")
+    t1 = time.time()
+
+    Path(result_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(result_path).write_text(json.dumps(result, indent=2, sort_keys=True))
+    events = os.environ.get(EVENTS_ENV)
+    if events:
+        with open(events, "a") as f:
+            f.write(
+                json.dumps(
+                    {
+                        "task": output_name,
+                        "stage": stage,
+                        "started": t0,
+                        "finished": t1,
+                        "seconds": round(t1 - t0, 3),
+                        "result": result,
+                    }
+                )
+                + "\n"
+            )
+    log.info("%s finished in %.1fs: %s", stage, t1 - t0, result.get("output_uri"))
+    return result
+
+
+# -- UI artifacts ----------------------------------------------------------------------------------
+def scalar_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Numbers worth a KFP Metrics artifact: flat numeric fields and the ``metrics``/``counts`` maps."""
+    out: dict[str, float] = {}
+    for k, v in result.items():
+        if isinstance(v, bool):
+            out[k] = float(v)
+        elif isinstance(v, int | float):
+            out[k] = float(v)
+        elif k in ("metrics", "counts") and isinstance(v, dict):
+            for kk, vv in v.items():
+                if isinstance(vv, int | float) and not isinstance(vv, bool):
+                    out[f"{k}.{kk}" if k == "counts" else kk] = float(vv)
+    return out
+
+
+def log_metrics(metrics: Any, result: dict[str, Any]) -> None:
+    for k, v in sorted(scalar_metrics(result).items()):
+        metrics.log_metric(k, v)
+
+
+def copy_text(uri: str | None, path: str) -> bool:
+    """Copy a small text object (report HTML, model card) from the store into a KFP artifact file."""
+    if not uri:
+        return False
+    from dinoflow.storage import ObjectStore
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(ObjectStore.from_env().get_bytes(uri))
+    return True
+
+
+def log_confusion(classification: Any, result: dict[str, Any]) -> bool:
+    """Log a confusion matrix when the evaluate result carries one (or points to its JSON)."""
+    cm = result.get("confusion_matrix")
+    if cm is None and result.get("confusion_matrix_uri"):
+        from dinoflow.storage import ObjectStore
+
+        cm = ObjectStore.from_env().get_json(result["confusion_matrix_uri"])
+    if cm is None:
+        return False
+    if isinstance(cm, dict):
+        labels, matrix = cm.get("labels"), cm.get("matrix")
+    else:
+        matrix, labels = cm, None
+    if not matrix:
+        return False
+    labels = [str(x) for x in (labels or range(len(matrix)))]
+    classification.log_confusion_matrix(labels, [[int(x) for x in row] for row in matrix])
+    return True
