@@ -185,8 +185,12 @@ def test_build_context_holds_the_sources_and_nothing_secret():
 
 def test_plan_images_tags_and_fails_early():
     plans = images.plan_images(registry="ghcr.io/acme/", tag="1.2.3")
-    assert [p.ref for p in plans] == ["ghcr.io/acme/dinoflow-cpu:1.2.3", "ghcr.io/acme/dinoflow-cuda:1.2.3"]
-    assert images.plan_images(only=["cuda"])[0].tag == images.default_tag()
+    assert [p.ref for p in plans] == ["ghcr.io/acme/dinoflow:1.2.3", "ghcr.io/acme/dinoflow:1.2.3-cuda"]
+    assert images.plan_images(only=["cuda"])[0].tag == images.default_tag() + "-cuda"
+    # the references the compiled pipelines run (dinoflow.kfp) are the ones `make images` builds
+    from dinoflow.kfp import GPU_IMAGE, IMAGE
+
+    assert [p.ref for p in images.plan_images(registry="ghcr.io/dinoflow")] == [IMAGE, GPU_IMAGE]
     with pytest.raises(images.DinoflowError, match="unknown image gpu; choose from cpu, cuda"):
         images.plan_images(only=["gpu"])
     with pytest.raises(images.DinoflowError, match="tag 'a:b' is not valid"):
@@ -201,5 +205,5 @@ def test_no_docker_engine_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     assert images.main(["--only", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no Docker engine answers") and "\n" not in err
-    assert images.main(["--push"]) == 2
+    assert images.main(["--push", "--registry", ""]) == 2
     assert "--push needs --registry" in capsys.readouterr().err

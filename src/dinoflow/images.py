@@ -39,8 +39,8 @@ class ImagePlan:
 
     name: str
     dockerfile: str
-    repository: str  # e.g. ghcr.io/acme/dinoflow-cpu
-    tag: str
+    repository: str  # e.g. ghcr.io/acme/dinoflow
+    tag: str  # the CUDA image's tag ends in -cuda (dinoflow.kfp.GPU_IMAGE)
 
     @property
     def ref(self) -> str:
@@ -77,7 +77,8 @@ def plan_images(
         dockerfile = IMAGES[n][0]
         if not (root / dockerfile).is_file():
             raise DinoflowError(f"{dockerfile} not found under {root}: run from a dinoflow checkout")
-        plans.append(ImagePlan(n, dockerfile, f"{prefix}dinoflow-{n}", tag))
+        # One repository, flavour in the tag: the names the compiled pipelines use (dinoflow.kfp.IMAGE)
+        plans.append(ImagePlan(n, dockerfile, f"{prefix}dinoflow", tag if n == "cpu" else f"{tag}-{n}"))
     return plans
 
 
@@ -138,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only", action="append", choices=sorted(IMAGES), help="build only this image (repeatable)"
     )
-    p.add_argument("--registry", default=os.environ.get("DINOFLOW_IMAGE_REGISTRY"), help="e.g. ghcr.io/acme")
+    p.add_argument(
+        "--registry",
+        default=os.environ.get("DINOFLOW_IMAGE_REGISTRY", "ghcr.io/dinoflow"),
+        help="e.g. ghcr.io/acme",
+    )
     p.add_argument("--tag", default=None, help="image tag (default: the package version)")
     p.add_argument("--push", action="store_true", help="push after building (needs --registry)")
     args = p.parse_args(argv)

@@ -1,0 +1,124 @@
+{{/* Names */}}
+{{- define "dinoflow.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "dinoflow.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dinoflow.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "dinoflow.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: dinoflow
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "dinoflow.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "dinoflow.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "dinoflow.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "dinoflow.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Images: an immutable tag, the chart's appVersion by default. */}}
+{{- define "dinoflow.image" -}}
+{{- $img := index .root.Values.image .kind -}}
+{{- $default := ternary (printf "%s-cuda" .root.Chart.AppVersion) .root.Chart.AppVersion (eq .kind "cuda") -}}
+{{- printf "%s:%s" $img.repository (default $default $img.tag) -}}
+{{- end -}}
+
+{{/* Object store */}}
+{{- define "dinoflow.secretName" -}}
+{{- if .Values.objectStore.existingSecret -}}
+{{- .Values.objectStore.existingSecret -}}
+{{- else -}}
+{{- printf "%s-s3" (include "dinoflow.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dinoflow.minioName" -}}
+{{- printf "%s-minio" (include "dinoflow.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "dinoflow.s3Endpoint" -}}
+{{- if .Values.objectStore.endpoint -}}
+{{- .Values.objectStore.endpoint -}}
+{{- else if .Values.minio.enabled -}}
+{{- printf "http://%s.%s.svc:9000" (include "dinoflow.minioName" .) .Release.Namespace -}}
+{{- else if not .Values.objectStore.existingSecret -}}
+{{- fail "objectStore.endpoint is empty: set it to your S3 endpoint (http(s)://host:port), set minio.enabled=true, or name an existingSecret that holds it" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dinoflow.pushgatewayName" -}}
+{{- printf "%s-pushgateway" (include "dinoflow.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "dinoflow.pushgatewayUrl" -}}
+{{- if .Values.metrics.pushgateway.externalUrl -}}
+{{- .Values.metrics.pushgateway.externalUrl -}}
+{{- else if .Values.metrics.pushgateway.enabled -}}
+{{- printf "http://%s.%s.svc:9091" (include "dinoflow.pushgatewayName" .) .Release.Namespace -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The env every dinoflow container gets: the object store, credentials only by secretKeyRef. */}}
+{{- define "dinoflow.env" -}}
+- name: DINOFLOW_S3_ENDPOINT
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dinoflow.secretName" . }}
+      key: endpoint
+{{- with .Values.objectStore.region }}
+- name: DINOFLOW_S3_REGION
+  value: {{ . | quote }}
+{{- end }}
+- name: DINOFLOW_S3_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dinoflow.secretName" . }}
+      key: access_key
+- name: DINOFLOW_S3_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dinoflow.secretName" . }}
+      key: secret_key
+{{- with (include "dinoflow.pushgatewayUrl" .) }}
+- name: DINOFLOW_PUSHGATEWAY
+  value: {{ . | quote }}
+{{- end }}
+- name: DINOFLOW_CONFIG
+  value: /etc/dinoflow/dinoflow.yaml
+{{- end -}}
+
+{{/* Checks that need more than the JSON schema; they fail `helm template` with one clear line. */}}
+{{- define "dinoflow.validate" -}}
+{{- if and (not .Values.objectStore.existingSecret) (or (not .Values.objectStore.accessKey) (not .Values.objectStore.secretKey)) -}}
+{{- fail "objectStore: set existingSecret, or both accessKey and secretKey (the chart then creates the Secret)" -}}
+{{- end -}}
+{{- $tag := default .Chart.AppVersion .Values.image.cpu.tag -}}
+{{- if or (eq $tag "latest") (eq (default .Chart.AppVersion .Values.image.cuda.tag) "latest") -}}
+{{- fail "image tags must be immutable: 'latest' makes KFP reuse stale cached steps; use a version tag" -}}
+{{- end -}}
+{{- end -}}
