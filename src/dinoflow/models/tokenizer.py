@@ -59,7 +59,11 @@ class KMeansPatchTokenizer(nn.Module):
     # -- fitting ---------------------------------------------------------------------------------
     @torch.no_grad()
     def fit(
-        self, images: torch.Tensor, seed: int = 0, iters: int = 20, max_patches: int = 200_000,
+        self,
+        images: torch.Tensor,
+        seed: int = 0,
+        iters: int = 20,
+        max_patches: int = 200_000,
         chunk: int = 65_536,
     ) -> KMeansPatchTokenizer:
         """Fit the codebook on ``images`` (uint8 or float [B, C, H, W], pixel scale as given)."""
@@ -71,7 +75,9 @@ class KMeansPatchTokenizer(nn.Module):
         self.pixel_std.copy_(x.std(dim=(0, 2, 3)).clamp_min(1e-6))
         p = self._standardize_patches(x).reshape(-1, self.dim)
         if p.shape[0] < self.n_codes:
-            raise SpecError(f"{p.shape[0]} patches cannot seed {self.n_codes} codes; use more images or fewer codes")
+            raise SpecError(
+                f"{p.shape[0]} patches cannot seed {self.n_codes} codes; use more images or fewer codes"
+            )
         if p.shape[0] > max_patches:
             p = p[torch.randperm(p.shape[0], generator=g)[:max_patches]]
         c = self._kmeans_pp(p, g, chunk)
@@ -150,15 +156,21 @@ class KMeansPatchTokenizer(nn.Module):
 
     # -- storage ---------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
-        return {"kind": "kmeans_patch_tokenizer", "n_codes": self.n_codes, "patch_px": self.patch_px,
-                "in_chans": self.in_chans}
+        return {
+            "kind": "kmeans_patch_tokenizer",
+            "n_codes": self.n_codes,
+            "patch_px": self.patch_px,
+            "in_chans": self.in_chans,
+        }
 
     def save(self, store: Any, prefix: str) -> None:
         """``{prefix}/tokenizer.safetensors`` + ``{prefix}/tokenizer.json``."""
         from safetensors.torch import save
 
-        store.put_bytes(f"{prefix.rstrip('/')}/tokenizer.safetensors", save(
-            {k: v.contiguous() for k, v in self.state_dict().items()}))
+        store.put_bytes(
+            f"{prefix.rstrip('/')}/tokenizer.safetensors",
+            save({k: v.contiguous() for k, v in self.state_dict().items()}),
+        )
         store.put_json(f"{prefix.rstrip('/')}/tokenizer.json", self.metadata())
 
     @classmethod
