@@ -1,0 +1,67 @@
+"""Training configuration as data (pydantic, no torch import), shared by the pretrain stage, the
+launcher and the presets. Defaults follow DINOv2's ``ssl_default_config.yaml``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dinoflow.methods.config import CropsConfig, DINOv2Config
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lr_per_1024: float = Field(0.004, gt=0, description="peak LR = lr_per_1024 * sqrt(batch/1024) (DINOv2)")
+    min_lr: float = Field(1e-6, ge=0, description="final LR of the cosine (DINOv2 1e-6)")
+    warmup_steps: int = Field(0, ge=0, description="linear LR warm-up (DINOv2: 10 epochs)")
+    weight_decay_start: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    layer_decay: float = Field(0.9, gt=0, le=1, description="layer-wise LR decay")
+    patch_embed_lr_mult: float = Field(0.2, gt=0)
+    clip_grad: float = Field(3.0, ge=0, description="0 disables clipping")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+
+
+class TrainConfig(BaseModel):
+    """Everything the trainer needs besides the data."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    method: Literal["dinov2", "mae", "splitmask"] = "dinov2"
+    backbone: str = Field("vit_tiny_p4_28", description="a dinoflow backbone name (dinoflow.models)")
+    drop_path_rate: float = Field(
+        0.0, ge=0, lt=1, description="stochastic depth (DINOv2 0.3-0.4 for big models)"
+    )
+    dinov2: DINOv2Config = Field(default_factory=DINOv2Config)
+    crops: CropsConfig = Field(default_factory=CropsConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    steps: int | None = Field(100, ge=1, description="optimizer steps (or give epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the data; overrides steps when set")
+    batch_size: int = Field(64, ge=1, description="global batch size (all processes)")
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only)")
+    compile: bool = Field(False, description="torch.compile the backbone blocks")
+    distributed: Literal["ddp", "fsdp2"] = "ddp"
+    checkpoint_every_steps: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    log_every_steps: int = Field(10, ge=1)
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="serve /metrics from rank 0")
+    init_backbone_uri: str | None = Field(
+        None, description="start the student/teacher from an exported backbone"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.steps is None and self.epochs is None:
+            raise ValueError("give steps or epochs")
+        return self
+
+    def total_steps(self, n_images: int) -> int:
+        spe = max(1, n_images // self.batch_size)
+        return int(round(self.epochs * spe)) if self.epochs is not None else int(self.steps or 1)
+
+    def peak_lr(self) -> float:
+        return self.optim.lr_per_1024 * (self.batch_size / 1024) ** 0.5  # DINOv2 sqrt scaling
