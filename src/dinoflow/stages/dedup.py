@@ -1,20 +1,59 @@
-"""dedup: near-duplicate removal and test-set decontamination (DINOv2 Sec. 3)."""
+"""dedup: near-duplicate removal and test-set decontamination (DINOv2 Sec. 3).
+
+Rules, strongest first: ``exact`` (same sha256 of the stored bytes), ``phash`` (perceptual hashes
+within ``phash_max_bits``, mirror images included) and ``embedding`` (k-NN graph edges with cosine
+above ``threshold_cos``). Connected components of their union keep one image each: the largest
+(pixel area), then the earliest manifest row. Decontamination drops every component holding a pool
+image within ``decontam_threshold_cos`` of (or hash-equal to) an evaluation image.
+
+Outputs under ``output_uri``: ``manifest.parquet`` (kept rows, same shards), ``embeddings/`` (kept
+rows' embeddings), ``groups.parquet`` (every row in a multi-image component or dropped for
+contamination: key, group, representative key, reason) and ``report.json`` (counts per rule and
+per source, the index choice and its reason).
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import logging
+from typing import Literal
 
+from pydantic import Field, model_validator
+
+from dinoflow.errors import SpecError
 from dinoflow.stages.base import StageResult, StageSpec
+
+log = logging.getLogger(__name__)
 
 
 class DedupSpec(StageSpec):
-    manifest_uri: str
-    embeddings_uri: str
+    manifest_uri: str = Field(..., description="pool manifest")
+    embeddings_uri: str = Field(..., description="the pool's embeddings (embed stage output, row-aligned)")
     eval_manifest_uris: list[str] = Field(default_factory=list, description="sets to decontaminate against")
-    eval_embeddings_uris: list[str] = Field(default_factory=list)
+    eval_embeddings_uris: list[str] = Field(default_factory=list, description="their embeddings, same order")
     k: int = Field(64, ge=1, description="neighbours per image (DINOv2: 64)")
     threshold_cos: float = Field(0.6, gt=-1, le=1, description="self-dedup edge threshold (DINOv2: 0.6)")
     decontam_threshold_cos: float = Field(0.45, gt=-1, le=1, description="eval-copy threshold (DINOv2: 0.45)")
+    phash_max_bits: int = Field(
+        0, ge=-1, le=16, description="perceptual-hash pass: max Hamming distance of 64 bits (-1: off)"
+    )
+    exact_hash: bool = Field(True, description="pass on identical content (sha256 of stored bytes)")
+    center: bool = Field(
+        False,
+        description="subtract the pool's mean embedding before cosine (spreads the similarities "
+        "of embedders not trained for copy detection)",
+    )
+    index: Literal["auto", "flat", "ivf"] = Field("auto", description="auto: exact up to exact_max_pool")
+    exact_max_pool: int = Field(100_000, ge=1, description="largest pool searched exactly (IndexFlatIP)")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query (default min(nlist, 32))")
+
+    @model_validator(mode="after")
+    def _paired(self) -> DedupSpec:
+        if len(self.eval_manifest_uris) != len(self.eval_embeddings_uris):
+            raise ValueError(
+                f"eval_manifest_uris ({len(self.eval_manifest_uris)}) and eval_embeddings_uris "
+                f"({len(self.eval_embeddings_uris)}) must pair up one to one"
+            )
+        return self
 
 
 class DedupResult(StageResult):
@@ -24,7 +63,169 @@ class DedupResult(StageResult):
     report_uri: str
     input_count: int
     kept_count: int
+    removed_per_rule: dict[str, int] = Field(default_factory=dict)
+    contaminated_count: int = 0
+    index_kind: str = ""
+    index_reason: str = ""
+
+
+def _load_checked(store, manifest_uri: str, emb_uri: str, what: str):  # noqa: ANN001, ANN202
+    from dinoflow.curation.embeddings import read_meta
+    from dinoflow.data.manifest import read_manifest
+
+    table = read_manifest(store, manifest_uri)
+    if table.num_rows == 0:
+        raise SpecError(f"dedup: {what} manifest {manifest_uri} is empty")
+    meta = read_meta(store, emb_uri)
+    if meta["count"] != table.num_rows:
+        raise SpecError(
+            f"dedup: {what} embeddings {emb_uri} hold {meta['count']} rows but manifest {manifest_uri} has "
+            f"{table.num_rows}: embed this manifest first"
+        )
+    return table, meta
 
 
 def run(spec: DedupSpec, store):  # noqa: ANN001, ANN201
-    raise NotImplementedError("dedup stage: see issue 4")
+    import numpy as np
+    import pyarrow as pa
+
+    from dinoflow.curation import knn
+    from dinoflow.curation.dedup import dedup
+    from dinoflow.curation.embeddings import l2_normalize, read_embeddings, read_phash, write_embeddings
+    from dinoflow.curation.hashing import hash_pairs
+    from dinoflow.data.manifest import write_manifest
+    from dinoflow.metrics import IMAGES_PROCESSED
+
+    # -- validate everything before any heavy work
+    table, meta = _load_checked(store, spec.manifest_uri, spec.embeddings_uri, "pool")
+    n = table.num_rows
+    if spec.k >= n:
+        raise SpecError(f"dedup: k={spec.k} neighbours needs a pool larger than k, the pool has {n} images")
+    evals = []
+    for mu, eu in zip(spec.eval_manifest_uris, spec.eval_embeddings_uris, strict=True):
+        et, em = _load_checked(store, mu, eu, "evaluation")
+        if em["dim"] != meta["dim"]:
+            raise SpecError(
+                f"dedup: evaluation embeddings {eu} are {em['dim']}-d but the pool's are {meta['dim']}-d: "
+                "embed both with the same backbone"
+            )
+        evals.append((et, eu))
+
+    emb, _ = read_embeddings(store, spec.embeddings_uri)
+    mean = emb.mean(0, keepdims=True) if spec.center else None
+    x = l2_normalize(emb - mean) if mean is not None else l2_normalize(emb)
+    edges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)
+    if spec.exact_hash:
+        _, inv = np.unique(sha.astype(str), return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        same = inv[order][1:] == inv[order][:-1]
+        edges["exact"] = (order[:-1][same], order[1:][same])
+    ph = read_phash(store, spec.embeddings_uri)
+    if spec.phash_max_bits >= 0 and ph is not None:
+        i, j, _ = hash_pairs(ph, spec.phash_max_bits)
+        edges["phash"] = (i, j)
+    g = knn.knn_graph(x, spec.k, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe)
+    q, nb, _ = knn.edges_above(g, spec.threshold_cos)
+    edges["embedding"] = (q, nb)
+
+    # -- decontamination: a pool image touches an eval set by hash or by cosine
+    touched = np.zeros(n, bool)
+    for et, eu in evals:
+        e_emb, _ = read_embeddings(store, eu)
+        ex = l2_normalize(e_emb - mean) if mean is not None else l2_normalize(e_emb)
+        res = knn.knn_search(
+            ex, x, 1, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe
+        )
+        touched |= res.sims[:, 0] > spec.decontam_threshold_cos
+        touched |= np.isin(sha.astype(str), np.asarray(et.column("sha256").to_pylist(), dtype=str))
+        e_ph = read_phash(store, eu)
+        if spec.phash_max_bits >= 0 and ph is not None and e_ph is not None:
+            pi, _, _ = hash_pairs(ph, spec.phash_max_bits, other=e_ph)
+            touched[pi] = True
+    area = np.asarray(table.column("width").to_numpy(zero_copy_only=False), np.int64) * np.asarray(
+        table.column("height").to_numpy(zero_copy_only=False), np.int64
+    )
+    out = dedup(n, edges, area=area, touched_eval=np.flatnonzero(touched))
+
+    keep_rows = np.flatnonzero(out.keep)
+    kept = table.take(pa.array(keep_rows))
+    manifest_uri = spec.out("manifest.parquet")
+    write_manifest(store, manifest_uri, kept)
+    emb_out = spec.out("embeddings")
+    write_embeddings(
+        store,
+        emb_out,
+        emb[keep_rows],
+        phash=None if ph is None else ph[keep_rows],
+        meta={
+            "manifest_uri": manifest_uri,
+            "backbone_uri": meta.get("backbone_uri"),
+            "features": meta.get("features"),
+            "parent": spec.embeddings_uri,
+        },
+    )
+    keys = np.asarray(table.column("key").to_pylist(), dtype=object)
+    listed = np.flatnonzero((np.bincount(out.labels)[out.labels] > 1) | (out.reason == "contamination"))
+    groups = pa.table(
+        {
+            "key": keys[listed].tolist(),
+            "group": out.labels[listed],
+            "representative": [keys[r] if r >= 0 else "" for r in out.representative[listed]],
+            "reason": out.reason[listed].tolist(),
+        }
+    )
+    groups_uri = spec.out("groups.parquet")
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(groups, buf)
+    store.put_bytes(groups_uri, buf.getvalue())
+
+    sources = np.asarray(table.column("source").to_pylist(), dtype=object)
+    removed = {r: int((out.reason == r).sum()) for r in ("exact", "phash", "embedding", "contamination")}
+    per_source = {}
+    for s in sorted(set(sources.tolist())):
+        m = sources == s
+        per_source[s] = {
+            "input": int(m.sum()),
+            "kept": int((m & out.keep).sum()),
+            **{r: int((m & (out.reason == r)).sum()) for r in removed},
+        }
+    report = {
+        "input_count": n,
+        "kept_count": int(out.keep.sum()),
+        "components": out.n_components,
+        "duplicate_groups": int((np.bincount(out.labels) > 1).sum()),
+        "removed_per_rule": removed,
+        "edges_per_rule": out.edges_per_rule,
+        "per_source": per_source,
+        "index": {"kind": g.choice.kind, "reason": g.choice.reason, "gpu": g.on_gpu},
+        "keep_rule": "largest pixel area, then earliest manifest row",
+        "thresholds": {
+            "threshold_cos": spec.threshold_cos,
+            "decontam_threshold_cos": spec.decontam_threshold_cos,
+            "k": spec.k,
+            "phash_max_bits": spec.phash_max_bits,
+            "center": spec.center,
+        },
+    }
+    report_uri = spec.out("report.json")
+    store.put_json(report_uri, report)
+    IMAGES_PROCESSED.labels("dedup").inc(n)
+    log.info("dedup: kept %d of %d (%s)", report["kept_count"], n, removed)
+    return DedupResult(
+        output_uri=spec.output_uri,
+        manifest_uri=manifest_uri,
+        embeddings_uri=emb_out,
+        groups_uri=groups_uri,
+        report_uri=report_uri,
+        input_count=n,
+        kept_count=int(out.keep.sum()),
+        removed_per_rule=removed,
+        contaminated_count=out.contaminated_rows,
+        index_kind=g.choice.kind,
+        index_reason=g.choice.reason,
+    )
