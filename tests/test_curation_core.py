@@ -1,0 +1,134 @@
+"""Pure curation parts: union-find, keep rule, faiss k-NN (exact vs IVF), pHash pairs, sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dinoflow.curation.dedup import dedup, select_representatives
+from dinoflow.curation.hashing import hash_pairs, phash64, reduce_for_hash
+from dinoflow.curation.hkmeans import balanced_sample, hierarchical_kmeans
+from dinoflow.curation.knn import choose_index, edges_above, knn_graph, knn_search, recall_at_k
+from dinoflow.curation.retrieval import balanced_counts, cluster_sample, retrieve_topn
+from dinoflow.curation.unionfind import UnionFind, connected_components
+
+
+def _clustered(n, d, centers, seed=0, noise=0.15):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, d))
+    lab = rng.integers(0, centers, n)
+    x = (c[lab] + noise * rng.normal(size=(n, d))).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), lab
+
+
+def test_union_find_scalar_and_bulk_agree():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 500, 300), rng.integers(0, 500, 300)
+    uf = UnionFind(500)
+    for i, j in zip(a, b, strict=True):
+        uf.union(int(i), int(j))
+    bulk = connected_components(500, a, b)
+    scalar = uf.labels()
+    # same partition: labels map one to one
+    pairs = set(zip(bulk.tolist(), scalar.tolist(), strict=True))
+    assert len(pairs) == len(set(bulk.tolist())) == len(set(scalar.tolist()))
+    assert uf.find(int(a[0])) == uf.find(int(b[0]))
+
+
+def test_components_hand_built_graph():
+    # 0-1-2 chain, 3-4, 5 alone, 6-7-6 cycle
+    lab = connected_components(8, np.array([0, 1, 3, 6, 7]), np.array([1, 2, 4, 7, 6]))
+    assert lab.tolist() == [0, 0, 0, 1, 1, 2, 3, 3]
+    with pytest.raises(ValueError):
+        connected_components(3, np.array([0]), np.array([5]))
+
+
+def test_keep_rule_largest_area_then_earliest_row():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    area = np.array([100, 400, 400, 9, 9, 1])
+    assert select_representatives(labels, area).tolist() == [1, 1, 1, 3, 3, 5]
+
+
+def test_dedup_reasons_and_decontamination_drops_whole_component():
+    out = dedup(
+        7,
+        {"exact": (np.array([0]), np.array([1])), "embedding": (np.array([1, 3, 4]), np.array([2, 4, 5]))},
+        touched_eval=np.array([5]),
+    )
+    assert out.keep.tolist() == [True, False, False, False, False, False, True]
+    assert out.reason.tolist() == ["kept", "exact", "embedding"] + ["contamination"] * 3 + ["kept"]
+    assert out.contaminated_rows == 3
+    assert [g.tolist() for g in out.groups()] == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_index_choice_is_automatic_with_reason():
+    small = choose_index(1000, 64, exact_max_pool=5000)
+    big = choose_index(200_000, 64, exact_max_pool=5000)
+    assert small.kind == "flat" and "exact" in small.reason
+    assert big.kind == "ivf" and big.nlist > 1 and "5000" in big.reason
+
+
+def test_ivf_agrees_with_exact_on_a_small_pool():
+    x, _ = _clustered(4000, 32, 40)
+    exact = knn_graph(x, 10, force="flat")
+    approx = knn_graph(x, 10, force="ivf", nprobe=16)
+    assert exact.choice.kind == "flat" and approx.choice.kind == "ivf"
+    assert recall_at_k(approx.ids, exact.ids) > 0.9
+    assert not (exact.ids == np.arange(len(x))[:, None]).any()  # self excluded
+    q, nb, s = edges_above(exact, 0.9)
+    assert (s > 0.9).all() and len(q) == len(nb)
+
+
+def test_knn_search_checks_shapes():
+    with pytest.raises(ValueError, match="one d"):
+        knn_search(np.zeros((5, 4), np.float32), np.zeros((2, 3), np.float32), 1)
+
+
+def test_phash_finds_mirror_and_near_copies_only():
+    from dinoflow.data.idx import load_fashion_mnist
+
+    x, _ = load_fashion_mnist("test")
+    base = x[:300]
+    copies = np.concatenate(
+        [base[:20, :, ::-1], np.clip(base[20:40].astype(int) + 10, 0, 255).astype(np.uint8)]
+    )
+    h = phash64(reduce_for_hash(np.concatenate([base, copies])))
+    i, j, bits = hash_pairs(h, 2)
+    found = {(int(a), int(b)) for a, b in zip(i, j, strict=True)}
+    planted = {(k, 300 + k) for k in range(40)}
+    assert len(planted & found) >= 36
+    ci, cj, _ = hash_pairs(h[:300], 0, other=h[300:])
+    assert {(int(a), int(b)) for a, b in zip(ci, cj, strict=True)} >= {(k, k) for k in range(20)}
+
+
+def test_balanced_counts_water_fills():
+    assert balanced_counts(np.array([1, 10, 10]), 15).tolist() == [1, 7, 7]
+    assert balanced_counts(np.array([3, 3]), 6).tolist() == [3, 3]
+    with pytest.raises(ValueError):
+        balanced_counts(np.array([1]), 2)
+
+
+def test_hierarchical_kmeans_flattens_a_long_tail():
+    rng = np.random.default_rng(1)
+    sizes = [4000, 800, 150, 40]
+    c = rng.normal(size=(4, 16))
+    x = np.concatenate([c[i] + 0.25 * rng.normal(size=(s, 16)) for i, s in enumerate(sizes)]).astype(
+        np.float32
+    )
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    lab = np.repeat(np.arange(4), sizes)
+    h = hierarchical_kmeans(x, [60, 12, 4], resample_steps=1)
+    rows = balanced_sample(h, 400)
+    assert len(rows) == 400 and len(np.unique(rows)) == 400
+    got = np.bincount(lab[rows], minlength=4)
+    assert got[3] >= 30  # the 0.8% concept gets ~10% of the sample (random sampling: ~3)
+    assert got[2] + got[3] >= 45  # random sampling: ~15
+
+
+def test_retrieval_and_cluster_sampling_follow_the_seeds():
+    x, lab = _clustered(3000, 16, 12, seed=3)
+    seeds = x[lab == 5][:40]
+    rows, sims, _ = retrieve_topn(x, seeds, 150)
+    assert len(rows) == 150 and (lab[rows] == 5).mean() > 0.95
+    rows, info = cluster_sample(x, x[lab == 7][:3], 100, n_clusters=24)
+    assert info["seed_clusters"] >= 1 and (lab[rows] == 7).mean() > 0.8
