@@ -65,7 +65,7 @@ def choose_index(
         return IndexChoice("flat", f"exact IndexFlatIP: {why} (~{gflop:.0f} GFLOP for a self-graph)")
     nl = nlist or int(min(max(4 * math.sqrt(n_pool), 1), 65536))
     nl = max(1, min(nl, n_pool // 39 if n_pool >= 39 else 1))  # faiss wants >= 39 training points per list
-    npb = nprobe or max(1, min(nl, 32))
+    npb = nprobe or max(1, min(nl, 16))
     why = "forced by spec" if force == "ivf" else f"pool of {n_pool} > exact_max_pool={exact_max_pool}"
     return IndexChoice(
         "ivf", f"approximate IndexIVFFlat: {why}; nlist={nl} (~4*sqrt(n)), nprobe={npb}", nlist=nl, nprobe=npb

@@ -44,7 +44,7 @@ class DedupSpec(StageSpec):
     )
     index: Literal["auto", "flat", "ivf"] = Field("auto", description="auto: exact up to exact_max_pool")
     exact_max_pool: int = Field(100_000, ge=1, description="largest pool searched exactly (IndexFlatIP)")
-    nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query (default min(nlist, 32))")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query (default min(nlist, 16))")
 
     @model_validator(mode="after")
     def _paired(self) -> DedupSpec:
