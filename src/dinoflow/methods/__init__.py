@@ -12,7 +12,11 @@ from typing import Any
 from dinoflow.errors import SpecError
 
 # name -> "module:Class"; other engineers add their methods here.
-METHODS: dict[str, str] = {"dinov2": "dinoflow.methods.dinov2:DINOv2"}
+METHODS: dict[str, str] = {
+    "dinov2": "dinoflow.methods.dinov2:DINOv2",
+    "mae": "dinoflow.methods.mae:MAE",
+    "splitmask": "dinoflow.methods.splitmask:SplitMask",
+}
 
 
 def method_class(name: str) -> Any:

@@ -1,0 +1,47 @@
+"""MAE (He et al. 2021): hide 75 % of the patches at random, encode the visible ones, and let a light
+decoder reconstruct the per-patch-normalised pixels of the hidden ones; only hidden patches count.
+
+On ViT the encoder sees the visible tokens only; on XCiT the hidden patches are zeroed and replaced
+by a mask token in place (see ``dinoflow.methods.mim``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dinoflow.losses.reconstruction import masked_mse, normalize_patches, patchify
+from dinoflow.methods.base import BatchView, StepState
+from dinoflow.methods.masking import random_masking
+from dinoflow.methods.mim import MaskedImageModel
+from dinoflow.methods.mim_config import MAEConfig
+from dinoflow.models.backbone import Backbone
+
+
+class MAE(MaskedImageModel):
+    name = "mae"
+
+    def __init__(self, backbone: Backbone, cfg: MAEConfig | None = None):
+        self.cfg = cfg = cfg or MAEConfig()
+        out_dim = backbone.patch_size**2 * backbone.in_chans
+        super().__init__(backbone, cfg.aug, cfg.encoder_masking, cfg.decoder, out_dim)
+
+    def prepare(self, images: torch.Tensor, view: BatchView) -> dict[str, Any]:
+        x01 = self.augment(images, view)
+        mask, _ = random_masking(view.global_batch, self.n_patches, self.cfg.mask_ratio, view.generator)
+        b = images.shape[0]
+        return {"x": self.normalize(x01), "mask": mask[view.offset : view.offset + b].to(images.device)}
+
+    def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, dict[str, float]]:
+        x, mask = batch["x"], batch["mask"]
+        target = patchify(x, self.patch_px)
+        if self.cfg.norm_pix_loss:
+            target = normalize_patches(target)
+        _, pred = self.decode(self.encode(x, mask), mask)
+        loss = masked_mse(pred, target, mask)
+        return loss, {
+            "loss": float(loss.detach()),
+            "mae_loss": float(loss.detach()),
+            "masked_ratio": float(mask.float().mean()),
+        }
