@@ -50,7 +50,5 @@ PROMOTE = _j(
 GPUS = 1
 # GPU pool selection and taint toleration (GKE/EKS NVIDIA device-plugin conventions)
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
-GPU_TOLERATIONS = [
-    {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}
-]  # keys sorted: KFP sorts them in place
+GPU_TOLERATIONS = [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
 SECRET = S3_SECRET_NAME

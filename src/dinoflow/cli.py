@@ -121,6 +121,98 @@ def bench(ctx: typer.Context, name: str) -> None:
     mod.main(list(ctx.args))
 
 
+# -- the Kubeflow layer -------------------------------------------------------------------------
+HostOpt = Annotated[
+    str, typer.Option("--host", envvar="KFP_HOST", help="KFP API URL, e.g. http://localhost:8080")
+]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="KF_PIPELINES_TOKEN", help="bearer token")]
+NsOpt = Annotated[str | None, typer.Option("--namespace", help="Kubeflow profile namespace (multi-user)")]
+ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="pipeline parameter k=v (repeatable)")]
+
+
+@app.command("compile")
+def compile_cmd(
+    check: Annotated[bool, typer.Option("--check", help="only report YAMLs that are out of date")] = False,
+) -> None:
+    """Compile every component and pipeline to components/*/component.yaml and pipelines/*.yaml."""
+    from dinoflow.kfp import compile as kc
+
+    if check:
+        stale = kc.stale()
+        if stale:
+            raise DinoflowError(f"out of date: {', '.join(stale)} (run `dinoflow compile`)")
+        typer.echo("all compiled YAMLs are up to date")
+        return
+    for path in kc.compile_all():
+        typer.echo(str(path))
+
+
+@app.command()
+def submit(
+    host: HostOpt,
+    pipeline: Annotated[str, typer.Option(help="full, retrain, small_data or stage-<stage>")] = "full",
+    param: ParamOpt = None,
+    token: TokenOpt = None,
+    namespace: NsOpt = None,
+    experiment: Annotated[str, typer.Option(help="KFP experiment")] = "dinoflow",
+) -> None:
+    """Start a run of a compiled pipeline on a KFP cluster."""
+    from dinoflow.kfp import client
+
+    run_id = client.submit(
+        host, pipeline, param or [], token=token, namespace=namespace, experiment=experiment
+    )
+    typer.echo(f"submitted {pipeline}: run {run_id}")
+
+
+@app.command()
+def schedule(
+    host: HostOpt,
+    cron: Annotated[str, typer.Option(help="6 fields, seconds first: '0 0 3 * * *' = daily 03:00")],
+    param: ParamOpt = None,
+    token: TokenOpt = None,
+    namespace: NsOpt = None,
+    name: Annotated[str, typer.Option(help="recurring run name")] = "dinoflow-retrain",
+    experiment: Annotated[str, typer.Option(help="KFP experiment")] = "dinoflow",
+) -> None:
+    """Create a recurring run of the retrain pipeline (max_concurrency=1)."""
+    from dinoflow.kfp import client
+
+    rid = client.schedule(
+        host, cron, param or [], token=token, namespace=namespace, name=name, experiment=experiment
+    )
+    typer.echo(f"scheduled retrain '{name}' at '{cron}': recurring run {rid}")
+
+
+@app.command()
+def runs(
+    host: HostOpt,
+    limit: Annotated[int, typer.Option(help="how many")] = 20,
+    token: TokenOpt = None,
+    namespace: NsOpt = None,
+) -> None:
+    """List recent runs."""
+    from dinoflow.kfp import client
+
+    rows = client.list_runs(host, limit, token=token, namespace=namespace)
+    for r in rows:
+        typer.echo(f"{r['created_at']:<26} {r['state'] or '':<10} {r['run_id']}  {r['name']}")
+    if not rows:
+        typer.echo("no runs")
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default $DINOFLOW_DEMO_OUT or ./demo-out)")
+    ] = None,
+) -> None:
+    """Run the full pipeline locally (kfp.local, embedded store, CPU sizes); write summary.json."""
+    from dinoflow.demo import run_demo
+
+    run_demo(out)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -242,18 +242,28 @@ def scalar_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _touch(artifact: Any, payload: dict[str, Any]) -> None:
+    """Give a metadata-only artifact a file too: kfp.local's cache treats a missing file as a miss."""
+    path = Path(artifact.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+
 def log_metrics(metrics: Any, result: dict[str, Any]) -> None:
-    for k, v in sorted(scalar_metrics(result).items()):
+    values = scalar_metrics(result)
+    for k, v in sorted(values.items()):
         metrics.log_metric(k, v)
+    _touch(metrics, values)
 
 
 def copy_text(uri: str | None, path: str) -> bool:
     """Copy a small text object (report HTML, model card) from the store into a KFP artifact file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     if not uri:
+        Path(path).write_text("(the stage produced none)\n")
         return False
     from dinoflow.storage import ObjectStore
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(ObjectStore.from_env().get_bytes(uri))
     return True
 
@@ -266,13 +276,17 @@ def log_confusion(classification: Any, result: dict[str, Any]) -> bool:
 
         cm = ObjectStore.from_env().get_json(result["confusion_matrix_uri"])
     if cm is None:
+        _touch(classification, {})
         return False
     if isinstance(cm, dict):
         labels, matrix = cm.get("labels"), cm.get("matrix")
     else:
         matrix, labels = cm, None
     if not matrix:
+        _touch(classification, {})
         return False
     labels = [str(x) for x in (labels or range(len(matrix)))]
-    classification.log_confusion_matrix(labels, [[int(x) for x in row] for row in matrix])
+    matrix = [[int(x) for x in row] for row in matrix]
+    classification.log_confusion_matrix(labels, matrix)
+    _touch(classification, {"labels": labels, "matrix": matrix})
     return True

@@ -1,0 +1,73 @@
+"""Arguments of the full pipeline for local runs: ``tiny`` (the end-to-end test, seconds per stage)
+and ``demo`` (``dinoflow demo``: CPU-sized, minutes). Cluster defaults live in ``pipelines/params.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+_J = json.dumps
+
+
+def _ingest(
+    paths: dict[str, tuple[Path, Path]], limits: int | None, extra: dict[str, list[str]] | None = None
+) -> str:
+    splits = {split: [str(p[0]), str(p[1])] for split, p in paths.items()}
+    spec: dict[str, Any] = {
+        "kind": "idx",
+        "source": "fashion-mnist",
+        "splits": splits,
+        "samples_per_shard": 5000,
+    }
+    if limits:
+        spec["limit_per_split"] = limits
+    return _J(spec, sort_keys=True)
+
+
+def tiny_arguments(
+    paths: dict[str, tuple[Path, Path]], output_root: str, data_version: str = "v1"
+) -> dict[str, Any]:
+    """The smallest full run that still exercises every stage: 256 images per split, 2-layer ViTs."""
+    student = "vit_test_p4_28"
+    return {
+        "output_root": output_root,
+        "data_version": data_version,
+        "ingest_spec": _ingest(paths, 256),
+        "embed_spec": _J({"batch_size": 128, "num_workers": 0, "device": "cpu"}),
+        "dedup_spec": _J({"k": 8}),
+        "curate_spec": _J({"strategy": "retrieval", "target_size": 128}),
+        "pretrain_spec": _J(
+            {
+                "method": "dinov2",
+                "backbone": "vit_test_p4_28",
+                "steps": 2,
+                "batch_size": 16,
+                "checkpoint_every_steps": 2,
+            }
+        ),
+        "distill_spec": _J({"students": [student], "steps": 2, "batch_size": 16}),
+        "evaluate_spec": _J({"knn_k": [10, 20]}),
+        "promote_spec": _J({"model_name": "tiny", "registry_uri": f"{output_root}/registry"}),
+    }
+
+
+def demo_arguments(
+    paths: dict[str, tuple[Path, Path]], output_root: str, data_version: str = "demo"
+) -> dict[str, Any]:
+    """``dinoflow demo``: all of Fashion-MNIST, the DEMO training preset, a CPU budget of ~10 minutes."""
+    return {
+        "output_root": output_root,
+        "data_version": data_version,
+        "ingest_spec": _ingest(paths, None),
+        "embed_spec": _J({"batch_size": 512, "num_workers": 0, "device": "cpu"}),
+        "dedup_spec": _J({"k": 16}),
+        "curate_spec": _J({"strategy": "retrieval", "target_size": 40000}),
+        "pretrain_spec": _J(
+            {"method": "dinov2", "backbone": "vit_mini_p4_28", "steps": 300, "batch_size": 128}
+        ),
+        "distill_spec": _J({"students": ["vit_test_p4_28"], "steps": 100, "batch_size": 128}),
+        "evaluate_spec": _J({"knn_k": [10, 20]}),
+        "promote_spec": _J({"model_name": "fmnist-demo", "registry_uri": f"{output_root}/registry"}),
+    }
