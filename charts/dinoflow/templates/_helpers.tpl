@@ -122,3 +122,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- fail "image tags must be immutable: 'latest' makes KFP reuse stale cached steps; use a version tag" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Pipeline parameters set from the values (names of pipelines/retrain.py's parameters). */}}
+{{- define "dinoflow.runParameters" -}}
+s3_secret_name: {{ include "dinoflow.secretName" . }}
+gpus: {{ .Values.gpuPool.gpusPerNode }}
+gpu_node_selector: {{ toJson .Values.gpuPool.nodeSelector }}
+gpu_tolerations: {{ toJson .Values.gpuPool.tolerations }}
+{{- range $k, $v := .Values.schedule.parameters }}
+{{ $k }}: {{ toJson $v }}
+{{- end }}
+{{- end -}}
