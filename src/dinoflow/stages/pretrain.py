@@ -1,33 +1,145 @@
-"""pretrain: self-supervised pretraining of a backbone on a manifest (DINOv2 / MAE / SplitMask)."""
+"""pretrain: self-supervised pretraining of a backbone on a manifest (DINOv2; MAE / SplitMask plug in
+as methods).
+
+Writes under ``output_uri``: ``checkpoints/step-XXXXXXXX.pt`` (student, teacher, heads, optimizer,
+schedule position, RNG states, data position; newest ``keep_checkpoints`` kept), ``backbone/`` (the
+final TEACHER in the shared export format, plus ``heads.safetensors`` with the teacher's DINO/iBOT
+heads for distillation) and ``curves.jsonl`` (one JSON object per step). A rerun after a crash
+resumes from the newest checkpoint. ``nproc > 1`` re-launches under
+``torchrun --standalone --nproc_per_node=N -m dinoflow.train.launch``.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import os
+import subprocess
+import sys
+import tempfile
 
 from pydantic import Field
 
+from dinoflow.errors import DinoflowError, SpecError
 from dinoflow.stages.base import StageResult, StageSpec
+from dinoflow.train.config import TrainConfig
 
 
-class PretrainSpec(StageSpec):
-    manifest_uri: str
-    method: Literal["dinov2", "mae", "splitmask"] = "dinov2"
-    backbone: str = Field("vit_tiny_p4_28", description="a dinoflow backbone name (dinoflow.models)")
-    steps: int = Field(100, ge=1)
-    batch_size: int = Field(64, ge=1, description="global batch size")
+class PretrainSpec(TrainConfig, StageSpec):
+    manifest_uri: str = Field(..., description="Parquet manifest of the training images (s3://)")
+    split: str | None = Field(None, description="keep only manifest rows of this split (e.g. 'train')")
+    image_px: int | None = Field(None, ge=4, description="resize images to this square size on load")
     nproc: int = Field(1, ge=1, description="processes (torchrun) on this node")
-    nnodes: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    checkpoint_every_steps: int = Field(100, ge=1)
+    nnodes: int = Field(1, ge=1, description="nodes (multi-node runs go through a TrainJob)")
 
 
 class PretrainResult(StageResult):
-    backbone_uri: str
-    checkpoint_uri: str
-    curves_uri: str
+    backbone_uri: str = Field(..., description="exported teacher backbone prefix")
+    heads_uri: str = Field("", description="teacher DINO/iBOT heads (safetensors)")
+    checkpoint_uri: str = Field(..., description="newest checkpoint")
+    curves_uri: str = Field(..., description="JSON lines, one per step")
     steps: int
     final_loss: float
+    n_images: int = 0
+    resumed_from_step: int = 0
 
 
-def run(spec: PretrainSpec, store):  # noqa: ANN001, ANN201
-    raise NotImplementedError("pretrain stage: see issue 3")
+def load_training_images(spec: PretrainSpec, store, channels: int):  # noqa: ANN001, ANN201
+    import pyarrow.compute as pc
+
+    from dinoflow.data.dataset import load_images
+    from dinoflow.data.manifest import read_manifest
+
+    table = read_manifest(store, spec.manifest_uri)
+    if spec.split is not None:
+        table = table.filter(pc.equal(table.column("split"), spec.split))
+        if table.num_rows == 0:
+            raise SpecError(f"manifest {spec.manifest_uri} has no rows with split == {spec.split!r}")
+    return load_images(store, table, channels=channels, size_px=spec.image_px)
+
+
+def train_from_spec(spec: PretrainSpec, store) -> PretrainResult:  # noqa: ANN001
+    """The in-process body (also what each torchrun worker runs)."""
+    from dinoflow.models.registry import get_entry
+    from dinoflow.storage.client import join_uri
+    from dinoflow.train.dist import init_distributed, shutdown
+    from dinoflow.train.trainer import train
+
+    entry = get_entry(spec.backbone)
+    images, _ = load_training_images(spec, store, entry.in_chans)
+    ctx = init_distributed()
+    try:
+        out = train(
+            TrainConfig.model_validate(spec.model_dump(include=set(TrainConfig.model_fields))),
+            images,
+            store,
+            spec.output_uri,
+            ctx,
+        )
+    finally:
+        shutdown(ctx)
+    return PretrainResult(
+        output_uri=spec.output_uri,
+        backbone_uri=out.backbone_uri or "",
+        heads_uri=join_uri(out.backbone_uri, "heads.safetensors") if out.backbone_uri else "",
+        checkpoint_uri=out.checkpoint_uri or "",
+        curves_uri=out.curves_uri or "",
+        steps=out.steps,
+        final_loss=out.final_loss,
+        n_images=int(images.shape[0]),
+        resumed_from_step=out.resumed_from_step,
+    )
+
+
+def _check(spec: PretrainSpec) -> None:
+    from dinoflow.methods import method_class
+    from dinoflow.models.registry import get_entry
+
+    get_entry(spec.backbone)
+    method_class(spec.method)
+    if spec.batch_size % (spec.nproc * spec.nnodes):
+        raise SpecError(
+            f"batch_size {spec.batch_size} must be divisible by nproc*nnodes = {spec.nproc * spec.nnodes}"
+        )
+    if spec.nnodes > 1:
+        raise SpecError("nnodes > 1 runs as a Kubeflow TrainJob (pipeline component), not from this stage")
+
+
+def run(spec: PretrainSpec, store) -> PretrainResult:  # noqa: ANN001
+    _check(spec)
+    if spec.nproc == 1 or "WORLD_SIZE" in os.environ:
+        return train_from_spec(spec, store)
+    return _torchrun(spec, store)
+
+
+def _torchrun(spec: PretrainSpec, store) -> PretrainResult:  # noqa: ANN001
+    s = store.settings
+    env = dict(os.environ)
+    env.update(
+        DINOFLOW_S3_ENDPOINT=s.endpoint,
+        DINOFLOW_S3_ACCESS_KEY=s.access_key.get_secret_value(),
+        DINOFLOW_S3_SECRET_KEY=s.secret_key.get_secret_value(),
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
+        with open(spec_path, "w") as f:
+            f.write(spec.model_dump_json())
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={spec.nproc}",
+            "-m",
+            "dinoflow.train.launch",
+            "--spec",
+            spec_path,
+            "--result",
+            result_path,
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(result_path):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+            raise DinoflowError(f"torchrun pretrain failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        with open(result_path) as f:
+            return PretrainResult.model_validate(json.load(f))
