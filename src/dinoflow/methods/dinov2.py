@@ -11,6 +11,7 @@ from torch import nn
 
 from dinoflow.data.augment import MultiCrop, MultiCropConfig
 from dinoflow.data.masks import ibot_masks
+from dinoflow.errors import SpecError
 from dinoflow.losses import DINOHead, DINOLoss, EMACenter, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 from dinoflow.losses.schedules import cosine, teacher_temperature
 from dinoflow.methods.base import BatchView, Method, StepState, param_groups_for_backbone, param_groups_plain
@@ -41,6 +42,13 @@ class DINOv2(Method):
         super().__init__()
         self.cfg = cfg = cfg or DINOv2Config()
         self.crops = crops = crops or CropsConfig()
+        if backbone.family == "vit":
+            for field in ("global_crop_px", "local_crop_px"):
+                if getattr(crops, field) % backbone.patch_size:
+                    raise SpecError(
+                        f"crops.{field} = {getattr(crops, field)} is not a multiple of {backbone.name}'s "
+                        f"patch size {backbone.patch_size}"
+                    )
         d = backbone.embed_dim
         student: dict[str, nn.Module] = {
             "backbone": backbone,
