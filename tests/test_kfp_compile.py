@@ -88,3 +88,14 @@ def test_retrain_continues_from_champion_and_dedups_against_curated():
     assert {"pool", "eval_set", "reference"} <= set(dedup_inputs)
     over = tasks["pretrain"]["inputs"]["parameters"]["overrides_json"]["runtimeValue"]["constant"]
     assert '"@init"' in over and "champion_uri" in over
+
+
+def test_local_runs_lift_retries_and_put_them_back():
+    from dinoflow.kfp.local import _no_retries
+    from pipelines.full import full
+
+    tasks = lambda: full.pipeline_spec.root.dag.tasks  # noqa: E731
+    assert tasks()["pretrain"].retry_policy.max_retry_count == 2
+    with _no_retries(full):
+        assert not any(t.HasField("retry_policy") for t in tasks().values())
+    assert tasks()["pretrain"].retry_policy.max_retry_count == 2

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dinoflow.kfp.gpu import NO_RETRY_ENV
-
 
 def pipelines() -> dict[str, Any]:
     """Pipeline name (YAML file stem) -> pipeline function."""
@@ -50,23 +48,17 @@ def compile_all(
     cdir, pdir = default_dirs()
     cdir = Path(components_dir) if components_dir else cdir
     pdir = Path(pipelines_dir) if pipelines_dir else pdir
-    # the checked-in YAMLs are the cluster form: retries on, whatever the local runner set
-    saved = os.environ.pop(NO_RETRY_ENV, None)
     written: list[Path] = []
-    try:
-        for name, comp in components().items():
-            path = cdir / name / "component.yaml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            compiler.Compiler().compile(comp, str(path))
-            written.append(path)
-        pdir.mkdir(parents=True, exist_ok=True)
-        for name, fn in pipelines().items():
-            path = pdir / f"{name}.yaml"
-            compiler.Compiler().compile(fn, str(path))
-            written.append(path)
-    finally:
-        if saved is not None:
-            os.environ[NO_RETRY_ENV] = saved
+    for name, comp in components().items():
+        path = cdir / name / "component.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        compiler.Compiler().compile(comp, str(path))
+        written.append(path)
+    pdir.mkdir(parents=True, exist_ok=True)
+    for name, fn in pipelines().items():
+        path = pdir / f"{name}.yaml"
+        compiler.Compiler().compile(fn, str(path))
+        written.append(path)
     return written
 
 

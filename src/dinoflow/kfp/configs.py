@@ -35,7 +35,16 @@ def tiny_arguments(
         "output_root": output_root,
         "data_version": data_version,
         "ingest_spec": _ingest(paths, 256),
-        "embed_spec": _J({"batch_size": 128, "num_workers": 0, "device": "cpu"}),
+        "embed_spec": _J(
+            {
+                "batch_size": 128,
+                "num_workers": 0,
+                "device": "cpu",
+                "bootstrap_backbone": "vit_test_p4_28",
+                "bootstrap_sample": 128,
+                "bootstrap_steps": 2,
+            }
+        ),
         "dedup_spec": _J({"k": 8}),
         "curate_spec": _J({"strategy": "retrieval", "target_size": 128}),
         "pretrain_spec": _J(
@@ -48,7 +57,16 @@ def tiny_arguments(
             }
         ),
         "distill_spec": _J({"students": [student], "steps": 2, "batch_size": 16}),
-        "evaluate_spec": _J({"knn_k": [10, 20]}),
+        "evaluate_spec": _J(
+            {
+                "knn_k": [10, 20],
+                "linear_epochs": 2,
+                "linear_lrs": [0.01],
+                "logreg_cs": [1.0],
+                "baseline": False,
+                "report_examples": 2,
+            }
+        ),
         "promote_spec": _J({"model_name": "tiny", "registry_uri": f"{output_root}/registry"}),
     }
 

@@ -7,15 +7,11 @@ the same pipeline runs locally and on a cluster. Credentials always come from a 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from kfp import kubernetes
 
 from dinoflow.kfp import S3_SECRET_KEYS
-
-# Local runs set this so that a failing stage fails at once instead of waiting out the backoff.
-NO_RETRY_ENV = "DINOFLOW_KFP_NO_RETRY"
 
 GPU_CPU_REQUEST = "8"
 GPU_MEMORY_REQUEST = "48G"
@@ -34,8 +30,6 @@ def with_credentials(task: Any, secret_name: Any) -> Any:
 
 
 def _retries(task: Any) -> Any:
-    if os.environ.get(NO_RETRY_ENV):
-        return task
     return task.set_retry(
         num_retries=RETRIES,
         backoff_duration=RETRY_BACKOFF,

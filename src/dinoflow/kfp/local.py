@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from dinoflow.errors import DinoflowError
-from dinoflow.kfp.gpu import NO_RETRY_ENV
 from dinoflow.kfp.runtime import EVENTS_ENV
 
 log = logging.getLogger(__name__)
@@ -43,6 +42,31 @@ class LocalRun:
             if e["task"] == task:
                 return e["result"]
         raise KeyError(f"task {task!r} did not execute in this run (ran: {', '.join(self.executed)})")
+
+
+@contextlib.contextmanager
+def _no_retries(pipeline_fn: Any) -> Iterator[None]:
+    """Locally a failing stage should fail at once: lift the cluster's retry policies for this run.
+
+    The DAG is built when ``@dsl.pipeline`` decorates the function, so the policies are taken off the
+    built spec and put back afterwards (the compiled YAMLs keep them).
+    """
+    graph = getattr(getattr(pipeline_fn, "component_spec", None), "implementation", None)
+    graph = getattr(graph, "graph", None)
+    if graph is None:
+        yield
+        return
+    saved = {}
+    for name, task in graph.root.dag.tasks.items():
+        if task.HasField("retry_policy"):
+            saved[name] = type(task.retry_policy)()
+            saved[name].CopyFrom(task.retry_policy)
+            task.ClearField("retry_policy")
+    try:
+        yield
+    finally:
+        for name, policy in saved.items():
+            graph.root.dag.tasks[name].retry_policy.CopyFrom(policy)
 
 
 @contextlib.contextmanager
@@ -95,9 +119,9 @@ def run_pipeline(
         enable_caching=caching,
         cache_root=str(cache_root) if cache_root else None,
     )
-    env = {**s3_env(settings), EVENTS_ENV: str(events_file), NO_RETRY_ENV: "1"}
+    env = {**s3_env(settings), EVENTS_ENV: str(events_file)}
     t0 = time.perf_counter()
-    with _env(env):
+    with _env(env), _no_retries(pipeline_fn):
         try:
             pipeline_fn(**arguments)
         except RuntimeError as e:  # kfp.local: "Pipeline '...' finished with status FAILURE ..."

@@ -73,10 +73,7 @@ def backbone_of(result: dict[str, Any], student: str = "") -> str:
 
 
 def teacher_of(result: dict[str, Any]) -> str:
-    """What distillation loads as teacher: the pretrain checkpoint when there is one (heads included)."""
-    for key in ("teacher_uri", "checkpoint_uri"):
-        if result.get(key):
-            return result[key]
+    """What distillation loads as teacher: the pretrain export (its DINO/iBOT heads lie beside it)."""
     return backbone_of(result)
 
 
@@ -105,6 +102,9 @@ def fill_from_upstream(
         spec["manifest_uri"] = manifest_of(got["manifest"], split)
     if "backbone" in got:
         spec["backbone_uri"] = backbone_of(got["backbone"], student)
+        # evaluate reads the training run's record (curves, budget) when the backbone came from one
+        if _has(spec_fields, "training_uri") and "steps" in got["backbone"]:
+            spec["training_uri"] = got["backbone"]["output_uri"]
     if "pool" in got:
         spec["manifest_uri"] = manifest_of(got["pool"], split)
         spec["embeddings_uri"] = got["pool"]["embeddings_uri"]
