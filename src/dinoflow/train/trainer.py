@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,9 +105,11 @@ def train(
     ctx: DistContext | None = None,
     progress: bool = True,
     max_steps_this_run: int | None = None,
+    method_factory: Callable[[], Method] | None = None,
 ) -> TrainOutcome:
     """Train ``cfg.method`` on ``images`` (uint8 ``[N, C, H, W]``); checkpoints, curves and the final
-    backbone go under ``output_uri``. Resumes from the newest checkpoint found there."""
+    backbone go under ``output_uri``. Resumes from the newest checkpoint found there.
+    ``method_factory`` builds the method when it needs more than ``cfg`` (distillation: a teacher)."""
     ctx = ctx or DistContext()
     n = images.shape[0]
     if images.dtype != torch.uint8 or images.ndim != 4:
@@ -122,7 +125,8 @@ def train(
     total = cfg.total_steps(n)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    method = build_method(cfg, store).to(ctx.device)
+    make = method_factory or (lambda: build_method(cfg, store))
+    method = make().to(ctx.device)
     if images.shape[1] != method.export_backbone().in_chans:
         raise SpecError(
             f"images have {images.shape[1]} channels but {cfg.backbone} wants {method.export_backbone().in_chans}"
@@ -185,7 +189,12 @@ def train(
                     torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
         opt.step()
         method.after_step(state)
-        loss_val = float(loss.detach())
+        if ctx.enabled:  # log the global-batch mean, not rank 0's half
+            keys = sorted(k for k in logs if k.endswith("loss"))
+            vals = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(vals)
+            logs.update({k: float(v) / ctx.world_size for k, v in zip(keys, vals, strict=True)})
+        loss_val = float(logs.get("loss", float(loss.detach())))
         dt = time.perf_counter() - t0
         row = {"step": step + 1, "lr": lr, "wd": wd, "step_seconds": dt, **logs}
         curves.append(row)
@@ -211,7 +220,7 @@ def train(
         if ctx.is_main:
             _write_curves(store, out.curves_uri, curves)
             sharded = cfg.distributed == "fsdp2" and ctx.enabled
-            full = _unsharded_copy(method, cfg, store, ctx) if sharded else method
+            full = _unsharded_copy(method, make, ctx) if sharded else method
             assert full is not None
             export_backbone(
                 store, out.backbone_uri, full.export_backbone(), {"method": cfg.method, "steps": total}
@@ -222,21 +231,21 @@ def train(
 
                 store.put_bytes(join_uri(out.backbone_uri, "heads.safetensors"), save(heads))
         elif cfg.distributed == "fsdp2" and ctx.enabled:
-            _unsharded_copy(method, cfg, store, ctx)
+            _unsharded_copy(method, make, ctx)
         ctx.barrier()
     if curves:
         out.final_loss = float(curves[-1]["loss"])
     return out
 
 
-def _unsharded_copy(method: Method, cfg: TrainConfig, store: ObjectStore, ctx: DistContext) -> Method | None:
+def _unsharded_copy(method: Method, make: Callable[[], Method], ctx: DistContext) -> Method | None:
     """Gather FSDP2 shards into a plain copy of the method on rank 0 (every rank must call it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not ctx.is_main:
         return None
-    plain = build_method(cfg, store)
+    plain = make()
     plain.load_state_dict(sd)
     return plain
 
