@@ -26,6 +26,15 @@ def _ingest(
     return _J(spec, sort_keys=True)
 
 
+def _demo_preset() -> dict[str, Any]:
+    """The issue-3 DEMO training preset (~5 min of CPU training), as pretrain spec fields."""
+    from dinoflow.stages import get_stage
+    from dinoflow.train.presets import DEMO
+
+    fields = set(get_stage("pretrain").spec_cls.model_fields)
+    return {k: v for k, v in DEMO.items() if k in fields}
+
+
 def tiny_arguments(
     paths: dict[str, tuple[Path, Path]], output_root: str, data_version: str = "v1"
 ) -> dict[str, Any]:

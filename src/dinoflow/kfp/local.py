@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -125,7 +126,8 @@ def run_pipeline(
         try:
             pipeline_fn(**arguments)
         except RuntimeError as e:  # kfp.local: "Pipeline '...' finished with status FAILURE ..."
-            raise DinoflowError(f"local pipeline run failed: {str(e).splitlines()[0]}") from None
+            first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])  # drop kfp's terminal colours
+            raise DinoflowError(f"local pipeline run failed: {first}") from None
     wall = time.perf_counter() - t0
     events = (
         [json.loads(line) for line in events_file.read_text().splitlines()] if events_file.exists() else []
