@@ -8,14 +8,16 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: help venv data tools demo test test-slow lint format compile images clean
+.PHONY: help venv data tools demo test test-slow lint format compile check-yamls images manifests checkov clean
 
 help:
 	@echo "make demo      run the full pipeline locally (kfp.local + embedded S3 store)"
 	@echo "make test      run the test suite (fast tests; 'make test-slow' for the long ones)"
 	@echo "make lint      ruff + mypy on the typed edges"
 	@echo "make compile   recompile components/ and pipelines/ YAMLs"
-	@echo "make images    build the Docker images (needs a Docker engine)"
+	@echo "make images    build the Docker images (needs a Docker engine; IMAGES_ARGS='--registry R --push')"
+	@echo "make manifests regenerate manifests/ (kustomize) from the chart"
+	@echo "make checkov   policy checks on the rendered chart and the Dockerfiles"
 
 # The same install step the images use (tests/test_deploy_* compares them).
 $(STAMP): pyproject.toml constraints.txt
@@ -60,8 +62,21 @@ format: venv
 compile: venv
 	$(BIN)/dinoflow compile
 
+check-yamls: venv
+	$(BIN)/dinoflow compile --check
+
+IMAGES_ARGS ?=
 images: venv
-	$(BIN)/python -m dinoflow.images
+	$(BIN)/python -m dinoflow.images $(IMAGES_ARGS)
+
+manifests: venv tools
+	$(BIN)/python scripts/render-manifests.py
+
+checkov: venv tools
+	@test -x .tools/checkov-venv/bin/checkov || ($(PYTHON) -m venv .tools/checkov-venv && .tools/checkov-venv/bin/pip install -q checkov)
+	.tools/bin/helm template dinoflow charts/dinoflow -f charts/dinoflow/ci/external-s3-values.yaml > .tools/dinoflow-chart.yaml
+	.tools/checkov-venv/bin/checkov -f .tools/dinoflow-chart.yaml --framework kubernetes --config-file charts/dinoflow/.checkov.yaml --compact
+	.tools/checkov-venv/bin/checkov -f images/Dockerfile.cpu -f images/Dockerfile.cuda --framework dockerfile --compact
 
 clean:
 	rm -rf demo-out .pytest_cache .ruff_cache .mypy_cache
