@@ -139,7 +139,9 @@ def _torchrun(spec: PretrainSpec, store) -> PretrainResult:  # noqa: ANN001
         ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.exists(result_path):
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+            lines = (proc.stderr + proc.stdout).splitlines()
+            errors = [ln for ln in lines if "Error" in ln and "elastic" not in ln][-3:]
+            tail = errors or lines[-15:]
             raise DinoflowError(f"torchrun pretrain failed (exit {proc.returncode}):\n" + "\n".join(tail))
         with open(result_path) as f:
             return PretrainResult.model_validate(json.load(f))

@@ -74,16 +74,20 @@ def _wrap(method: Method, cfg: TrainConfig, ctx: DistContext) -> nn.Module:
     if not ctx.enabled:
         return method
     if cfg.distributed == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for part in ("student", "teacher"):
             tree = getattr(method, part, None)
-            if tree is None:
+            if not isinstance(tree, nn.ModuleDict):
                 continue
-            for mod in tree.modules():
-                if type(mod).__name__ in ("Block", "XCABlock", "ClassAttentionBlock"):
-                    fully_shard(mod)
-            fully_shard(tree)
+            for child in tree.values():
+                for mod in child.modules():
+                    if type(mod).__name__ in ("Block", "XCABlock", "ClassAttentionBlock"):
+                        fully_shard(mod)
+                fully_shard(child)
+                if hasattr(child, "encode"):
+                    register_fsdp_forward_method(child, "encode")  # backbones run through encode()
+        fully_shard(method)
         return method
     from torch.nn.parallel import DistributedDataParallel as DDP
 
