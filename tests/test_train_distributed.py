@@ -104,7 +104,7 @@ def test_two_processes_match_one(store, bucket_uri, manifest, mode):
     meta = store.get_json(two.backbone_uri + "/backbone.json")
     assert meta["dinoflow_backbone"] == "vit_test_p4_28" and meta["method"] == "dinov2"
     assert store.exists(two.heads_uri)
-    curves = [json.loads(l) for l in store.get_bytes(two.curves_uri).decode().splitlines()]
+    curves = [json.loads(line) for line in store.get_bytes(two.curves_uri).decode().splitlines()]
     assert [c["step"] for c in curves] == [1, 2, 3]
 
 
@@ -138,7 +138,7 @@ def test_kill_and_resume_reproduces_trajectory(store, bucket_uri, manifest, s3_e
 
     resumed = stage.run(stage.parse_spec(_spec(out, manifest, **kw)), store)
     assert resumed.resumed_from_step == killed_at
-    load = lambda uri: [json.loads(l) for l in store.get_bytes(uri).decode().splitlines()]  # noqa: E731
+    load = lambda uri: [json.loads(line) for line in store.get_bytes(uri).decode().splitlines()]  # noqa: E731
     a, b = load(ref.curves_uri), load(resumed.curves_uri)
     assert [r["step"] for r in b] == list(range(1, 25))
     torch.testing.assert_close(
