@@ -60,8 +60,12 @@ def test_kmeans_codes_are_the_tokenizer_codes_of_the_crop_and_loss_terms_are_wei
 
 def test_kmeans_target_needs_a_matching_tokenizer():
     bb = create_backbone("vit_test_p4_28")
-    with pytest.raises(SpecError, match="fitted tokenizer"):
-        SplitMask(bb, SplitMaskConfig(decoder=DEC, target="kmeans"))
+    lazy = SplitMask(bb, SplitMaskConfig(decoder=DEC, target="kmeans", n_codes=16, tokenizer_iters=2))
+    view = BatchView(torch.Generator().manual_seed(0), 0, 4)
+    with pytest.raises(SpecError, match="fit_data"):
+        lazy.prepare(fmnist_images()[:4], view)
+    lazy.fit_data(fmnist_images())
+    assert lazy.prepare(fmnist_images()[:4], view)["codes"].shape == (4, 49)
     other = fit_tokenizer(
         fmnist_images(), create_backbone("xcit_test_p8_28"), SplitMaskConfig(n_codes=8, tokenizer_iters=1)
     )

@@ -27,6 +27,14 @@ class MAE(MaskedImageModel):
         out_dim = backbone.patch_size**2 * backbone.in_chans
         super().__init__(backbone, cfg.aug, cfg.encoder_masking, cfg.decoder, out_dim)
 
+    @classmethod
+    def from_config(cls, backbone: Backbone, train_cfg: Any) -> MAE:
+        """Build from the trainer's ``TrainConfig`` (its ``mae`` section when it has one)."""
+        return cls(backbone, getattr(train_cfg, "mae", None) or MAEConfig())
+
+    def fit_data(self, images: torch.Tensor, seed: int = 0) -> None:
+        """Nothing to fit before training (kept for symmetry with SplitMask)."""
+
     def prepare(self, images: torch.Tensor, view: BatchView) -> dict[str, Any]:
         x01 = self.augment(images, view)
         mask, _ = random_masking(view.global_batch, self.n_patches, self.cfg.mask_ratio, view.generator)

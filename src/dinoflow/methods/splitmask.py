@@ -36,10 +36,8 @@ class SplitMask(MaskedImageModel):
     ):
         self.cfg = cfg = cfg or SplitMaskConfig()
         if cfg.target == "kmeans":
-            if tokenizer is None:
-                raise SpecError(
-                    "SplitMask with target='kmeans' needs a fitted tokenizer (fit_tokenizer(images, ...))"
-                )
+            if tokenizer is None:  # fitted later on the training images: fit_data(images)
+                tokenizer = KMeansPatchTokenizer(cfg.n_codes, backbone.patch_size, backbone.in_chans)
             if tokenizer.patch_px != backbone.patch_size or tokenizer.in_chans != backbone.in_chans:
                 raise SpecError(
                     f"tokenizer patches ({tokenizer.patch_px} px, {tokenizer.in_chans} ch) do not match "
@@ -51,7 +49,25 @@ class SplitMask(MaskedImageModel):
         super().__init__(backbone, cfg.aug, cfg.encoder_masking, cfg.decoder, out_dim)
         self.tokenizer = tokenizer if cfg.target == "kmeans" else None
 
+    @classmethod
+    def from_config(cls, backbone: Backbone, train_cfg: Any) -> SplitMask:
+        """Build from the trainer's ``TrainConfig`` (its ``splitmask`` section when it has one)."""
+        return cls(backbone, getattr(train_cfg, "splitmask", None) or SplitMaskConfig())
+
+    def fit_data(self, images: torch.Tensor, seed: int = 0) -> None:
+        """Fit the k-means tokenizer on the training images (uint8 [N, C, H, W]) before training;
+        deterministic for a seed, so every rank fits the same codebook. No-op for pixel targets or
+        when the tokenizer is already fitted (e.g. restored from a checkpoint)."""
+        if self.tokenizer is None or bool(self.tokenizer.fitted):
+            return
+        fitted = fit_tokenizer(images.cpu(), self.backbone, self.cfg, seed)
+        self.tokenizer.load_state_dict(fitted.state_dict())
+
     def prepare(self, images: torch.Tensor, view: BatchView) -> dict[str, Any]:
+        if self.tokenizer is not None and not bool(self.tokenizer.fitted):
+            raise SpecError(
+                "SplitMask with target='kmeans': fit the tokenizer first (method.fit_data(images))"
+            )
         x01 = self.augment(images, view)
         mask_a, mask_b = split_masks(view.global_batch, self.n_patches, view.generator)
         sl = slice(view.offset, view.offset + images.shape[0])
