@@ -30,7 +30,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    method: Literal["dinov2", "mae", "splitmask"] = "dinov2"
+    method: Literal["dinov2", "mae", "splitmask", "distill"] = "dinov2"
     backbone: str = Field("vit_tiny_p4_28", description="a dinoflow backbone name (dinoflow.models)")
     drop_path_rate: float = Field(
         0.0, ge=0, lt=1, description="stochastic depth (DINOv2 0.3-0.4 for big models)"
