@@ -195,7 +195,14 @@ def run(spec: EvaluateSpec, store: Any) -> EvaluateResult:
     from dinoflow.data.manifest import read_manifest
     from dinoflow.errors import SpecError
     from dinoflow.eval.card import CardData, render_card
-    from dinoflow.eval.features import FeatureSet, cache_key, cached_features, extract_features, patch_tokens
+    from dinoflow.eval.features import (
+        FeatureSet,
+        available_blocks,
+        cache_key,
+        cached_features,
+        extract_features,
+        patch_tokens,
+    )
     from dinoflow.eval.knn import knn_classify
     from dinoflow.eval.linear import linear_protocol, select_logistic_regression
     from dinoflow.eval.report import ReportData, pca_panel, pca_rgb, render_report, retrieval_grid
@@ -229,8 +236,7 @@ def run(spec: EvaluateSpec, store: Any) -> EvaluateResult:
     torch.manual_seed(spec.seed)
 
     # -- features, extracted once per (backbone, data) and cached ---------------------------------
-    max_blocks = len(backbone.model.cls_attn_blocks) if backbone.family == "xcit" else backbone.depth
-    n_last = min(4, max_blocks)  # DINOv2 linear eval: last 1 or 4 blocks
+    n_last = min(4, available_blocks(backbone))  # DINOv2 linear eval: last 1 or 4 blocks
     cache = spec.feature_cache_uri or spec.out("features")
     bb_version = [
         store.stat(join_uri(spec.backbone_uri, f))["etag"] for f in ("backbone.safetensors", "backbone.json")
