@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from html.parser import HTMLParser
 
 import pytest
@@ -76,7 +77,11 @@ def _spec(out, fmnist, backbone_uri, **kw):
 
 def test_evaluate_writes_metrics_report_card_and_caches_features(store, bucket_uri, fmnist, backbone_uri):
     stage = get_stage("evaluate")
-    res = stage.run(stage.parse_spec(_spec(bucket_uri + "/a", fmnist, backbone_uri)), store)
+    # Training curves in the trainer's JSON Lines format.
+    rows = [{"step": i + 1, "loss": 5.0 / (i + 1), "dino_loss": 4.0 / (i + 1), "lr": 1e-3} for i in range(20)]
+    store.put_bytes(bucket_uri + "/curves.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    spec = _spec(bucket_uri + "/a", fmnist, backbone_uri, curves_uri=bucket_uri + "/curves.jsonl")
+    res = stage.run(stage.parse_spec(spec), store)
     assert res.num_train == 600 and res.num_test == 200
     assert {"knn_top1", "knn_top1_k10", "knn_top1_k200", "linear_top1", "logreg_top1"} <= set(res.metrics)
     assert all(0 <= v <= 1 for v in res.metrics.values())
@@ -93,7 +98,8 @@ def test_evaluate_writes_metrics_report_card_and_caches_features(store, bucket_u
     p.feed(html)
     assert p.sections == ["metrics", "curves", "confusion", "retrieval", "pca"]
     assert {"metrics-table", "confusion-table"} <= set(p.tables)
-    assert len(p.images) >= 2
+    assert len(p.images) == 3  # curves, retrieval, PCA
+    assert "No training curves" not in html
     for src in p.images:
         assert src.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()

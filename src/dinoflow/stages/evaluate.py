@@ -133,6 +133,16 @@ def _class_names(spec: EvaluateSpec, store: Any, n: int) -> list[str]:
     return [f"class {i}" for i in range(n)]
 
 
+def _read_json_or_lines(data: bytes) -> Any:
+    """A JSON document, or JSON Lines (the trainer's ``curves.jsonl``) as a list of rows."""
+    import json
+
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
 def _parse_curves(obj: Any) -> dict[str, tuple[list[float], list[float]]]:
     """Accept {"step": [...], "loss": [...]} or [{"step": s, "loss": l, ...}, ...]."""
     if isinstance(obj, dict) and "curves" in obj:
@@ -148,7 +158,19 @@ def _parse_curves(obj: Any) -> dict[str, tuple[list[float], list[float]]]:
     for i, r in enumerate(rows):
         step = r.get("step", i)
         for k, v in r.items():
-            if k in ("step", "time", "seconds", "epoch", "lr", "wd") or not isinstance(v, int | float):
+            if k in (
+                "step",
+                "time",
+                "seconds",
+                "step_seconds",
+                "epoch",
+                "lr",
+                "wd",
+                "teacher_temp",
+                "ema_momentum",
+            ):
+                continue
+            if not isinstance(v, int | float) or isinstance(v, bool):
                 continue
             xs, ys = out.setdefault(k, ([], []))
             xs.append(float(step))
@@ -341,7 +363,7 @@ def run(spec: EvaluateSpec, store: Any) -> EvaluateResult:
     curves: dict[str, tuple[list[float], list[float]]] = {}
     if curves_uri:
         try:
-            curves = _parse_curves(store.get_json(curves_uri))
+            curves = _parse_curves(_read_json_or_lines(store.get_bytes(curves_uri)))
         except Exception as e:  # noqa: BLE001 — a missing curve file must not sink the evaluation
             log.warning("could not read training curves at %s: %s", curves_uri, e)
     details = {
