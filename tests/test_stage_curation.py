@@ -190,3 +190,25 @@ def test_embed_stage_rows_aligned_and_normalised(store, demo, bucket_uri):
             ),
             store,
         )
+
+
+def test_embed_bootstraps_a_backbone_when_none_is_given(store, demo, bucket_uri, caplog):
+    import logging
+
+    from dinoflow.curation.embeddings import read_embeddings
+
+    stage = get_stage("embed")
+    spec = {
+        "output_uri": bucket_uri,
+        "manifest_uri": demo["seed_manifest_uri"],
+        "num_workers": 0,
+        "bootstrap_sample": 32,
+        "bootstrap_steps": 2,
+    }
+    with caplog.at_level(logging.WARNING, logger="dinoflow.stages.embed"):
+        res = stage.run(stage.parse_spec(spec), store)
+    assert "no backbone_uri given" in caplog.text
+    assert res.bootstrapped and res.backbone_uri.startswith(bucket_uri + "/bootstrap/")
+    assert store.exists(res.backbone_uri + "/backbone.json")
+    emb, _ = read_embeddings(store, res.embeddings_uri)
+    assert emb.shape == (100, res.dim) and np.isfinite(emb).all()

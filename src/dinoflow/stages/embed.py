@@ -36,7 +36,9 @@ class EmbedSpec(StageSpec):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     rows_per_shard: int = Field(262_144, ge=1, description="embedding rows per .npy shard")
-    bootstrap_backbone: str = Field("vit_mini_p4_28", description="backbone the bootstrap pretrain trains")
+    bootstrap_backbone: str | None = Field(
+        None, description="backbone the bootstrap pretrain trains (default: the DEMO preset's)"
+    )
     bootstrap_sample: int = Field(5000, ge=16, description="pool images the bootstrap pretrain sees")
     bootstrap_steps: int = Field(200, ge=1, description="optimizer steps of the bootstrap pretrain")
     bootstrap_method: Literal["dinov2", "mae", "splitmask"] = "dinov2"
@@ -107,7 +109,7 @@ def _bootstrap(spec: EmbedSpec, store, table) -> str:  # noqa: ANN001
         "embed: no backbone_uri given; bootstrapping one (DESIGN.md): %s pretrain of %s for %d steps "
         "on %d of %d pool images",
         spec.bootstrap_method,
-        spec.bootstrap_backbone,
+        spec.bootstrap_backbone or "the DEMO preset's backbone",
         spec.bootstrap_steps,
         m,
         n,
@@ -115,17 +117,21 @@ def _bootstrap(spec: EmbedSpec, store, table) -> str:  # noqa: ANN001
     rows = np.sort(np.random.default_rng(0).choice(n, m, replace=False))
     sample_uri = spec.out("bootstrap", "sample.parquet")
     write_manifest(store, sample_uri, table.take(rows))
+    from dinoflow.train.presets import DEMO
+
     stage = get_stage("pretrain")
-    pspec = stage.parse_spec(
-        {
-            "output_uri": spec.out("bootstrap", "pretrain"),
-            "manifest_uri": sample_uri,
-            "method": spec.bootstrap_method,
-            "backbone": spec.bootstrap_backbone,
-            "steps": spec.bootstrap_steps,
-            "batch_size": min(64, m),
-        }
+    # the issue-3 DEMO preset (28 px crops, small head) with our step count instead of its epochs
+    fields = {k: v for k, v in DEMO.items() if k in stage.spec_cls.model_fields and k != "epochs"}
+    fields.update(
+        output_uri=spec.out("bootstrap", "pretrain"),
+        manifest_uri=sample_uri,
+        method=spec.bootstrap_method,
+        steps=spec.bootstrap_steps,
+        batch_size=min(int(fields.get("batch_size", 64)), m),
     )
+    if spec.bootstrap_backbone:
+        fields["backbone"] = spec.bootstrap_backbone
+    pspec = stage.parse_spec(fields)
     return stage.run(pspec, store).backbone_uri
 
 
