@@ -40,3 +40,23 @@ def test_up_status_down_cli(tmp_path):
         [*cli, "status", "--home", str(home)], capture_output=True, text=True, env=env, timeout=60
     )
     assert st.returncode == 1 and "not running" in st.stdout
+
+
+def test_concurrent_up_starts_one_server_and_a_stray_is_reaped(tmp_path):
+    import threading
+
+    es = EmbeddedStore(tmp_path / "s")
+    states = []
+    threads = [threading.Thread(target=lambda: states.append(EmbeddedStore(tmp_path / "s").up())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({s.pid for s in states}) == 1
+    pid = states[0].pid
+    # a caller killed between spawn and readiness leaves only the pid file behind
+    es.state_file.unlink()
+    assert es.status() is None and _alive(pid)
+    fresh = es.up()
+    assert fresh.pid != pid and not _alive(pid)
+    assert es.down() and not _alive(fresh.pid)

@@ -9,6 +9,7 @@ side when given different state directories (tests use their own).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -101,6 +102,25 @@ class EmbeddedStore:
     def __init__(self, home: str | os.PathLike[str] | None = None):
         self.home = Path(home) if home else default_cache_dir() / "store"
         self.state_file = self.home / "state.json"
+        # written right after the spawn, before readiness: a caller killed mid-start leaves a pid
+        # that the next `up`/`down` stops instead of a stray server holding the data directory
+        self.pid_file = self.home / "weed.pid"
+
+    def _locked(self):  # noqa: ANN202 - serialises concurrent up/down on one home
+        self.home.mkdir(parents=True, exist_ok=True)
+        f = open(self.home / ".lock", "w")  # noqa: SIM115
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return f
+
+    def _reap_stray(self) -> None:
+        if self.pid_file.exists():
+            try:
+                pid = int(self.pid_file.read_text().strip())
+            except ValueError:
+                pid = 0
+            if pid and _alive(pid):
+                self._kill(pid)
+            self.pid_file.unlink(missing_ok=True)
 
     def status(self) -> StoreState | None:
         if not self.state_file.exists():
@@ -111,10 +131,15 @@ class EmbeddedStore:
             return None
         return state
 
-    def up(self, timeout_seconds: float = 60.0) -> StoreState:
-        running = self.status()
-        if running is not None:
-            return running
+    def up(self, timeout_seconds: float = 180.0) -> StoreState:
+        with self._locked():
+            running = self.status()
+            if running is not None:
+                return running
+            self._reap_stray()
+            return self._start(timeout_seconds)
+
+    def _start(self, timeout_seconds: float) -> StoreState:
         data_dir = self.home / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
         access_key = "df" + secrets.token_hex(8)
@@ -160,6 +185,7 @@ class EmbeddedStore:
             proc = subprocess.Popen(
                 cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
+        self.pid_file.write_text(str(proc.pid))
         state = StoreState(
             endpoint=f"127.0.0.1:{ports['s3']}",
             access_key=access_key,
@@ -172,6 +198,7 @@ class EmbeddedStore:
             self._wait_ready(state, proc, timeout_seconds)
         except BaseException:
             self._kill(proc.pid)
+            self.pid_file.unlink(missing_ok=True)
             raise
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(state.model_dump_json(indent=2))
@@ -200,12 +227,15 @@ class EmbeddedStore:
         raise StorageError(f"embedded store not ready after {timeout_seconds:.0f}s: {last}")
 
     def down(self) -> bool:
-        state = self.status()
-        if state is None:
-            return False
-        self._kill(state.pid)
-        self.state_file.unlink(missing_ok=True)
-        return True
+        with self._locked():
+            state = self.status()
+            if state is None:
+                self._reap_stray()
+                return False
+            self._kill(state.pid)
+            self.state_file.unlink(missing_ok=True)
+            self.pid_file.unlink(missing_ok=True)
+            return True
 
     @staticmethod
     def _kill(pid: int, grace_seconds: float = 10.0) -> None:
