@@ -14,20 +14,52 @@ from dinoflow.train.trainer import build_method, train
 torch.set_num_threads(2)
 
 
-def _run(store, uri, n_train, n_test, steps):
+def _data(n_train, n_test):
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
     tr_x, tr_y = torch.from_numpy(xtr[:n_train].copy()).unsqueeze(1), torch.from_numpy(ytr[:n_train].copy())
     te_x, te_y = torch.from_numpy(xte[:n_test].copy()).unsqueeze(1), torch.from_numpy(yte[:n_test].copy())
-    cfg = get_preset("demo", steps=steps, batch_size=32, optim={"lr_per_1024": 0.004, "warmup_steps": 3})
-    cfg = cfg.model_copy(update={"crops": cfg.crops.model_copy(update={"local_crops_number": 2})})
+    return tr_x, tr_y, te_x, te_y
+
+
+def _run(store, uri, n_train, n_test, steps, **over):
+    tr_x, tr_y, te_x, te_y = _data(n_train, n_test)
+    dinov2 = over.pop("dinov2", {})
+    cfg = get_preset("demo", steps=steps, batch_size=32, **over)
+    cfg = cfg.model_copy(
+        update={
+            "crops": cfg.crops.model_copy(update={"local_crops_number": 2}),
+            "dinov2": cfg.dinov2.model_copy(update=dinov2),
+        }
+    )
     torch.manual_seed(cfg.seed)
     init = knn_top1(build_method(cfg).export_backbone(), tr_x, tr_y, te_x, te_y)
     out = train(cfg, tr_x, store, uri, progress=False)
     return init, knn_top1(out.method.export_backbone(), tr_x, tr_y, te_x, te_y)
 
 
+def test_teacher_knn_rises_in_12_steps():
+    """12 steps of 32 images (~10 s on 2 free cores); no object store (``store=None``: nothing is
+    persisted). The teacher's EMA horizon is scaled to the run (momentum 0.9 instead of DINOv2's
+    0.992, whose teacher would barely move in 12 steps) and the LR raised for so short a run.
+    Seen (seeds 0, 1, 2): init 0.104 / 0.137 / 0.098 -> 0.541 / 0.548 / 0.551."""
+    init, trained = _run(
+        None,
+        "",
+        2000,
+        1000,
+        12,
+        seed=0,
+        optim={"lr_per_1024": 0.01, "warmup_steps": 3},
+        dinov2={"momentum_start": 0.9},
+    )
+    assert init < 0.2, init  # near chance (10 classes): the untrained CLS token ignores the image
+    assert trained > init + 0.25 and trained > 0.4, (init, trained)
+
+
 @pytest.mark.slow
 def test_teacher_knn_rises(store, bucket_uri):
-    init, trained = _run(store, bucket_uri, 2000, 1000, 30)  # seen: 0.104 -> 0.457
+    init, trained = _run(
+        store, bucket_uri, 2000, 1000, 30, optim={"lr_per_1024": 0.004, "warmup_steps": 3}
+    )  # seen: 0.104 -> 0.457 (DINOv2's own momentum schedule via the demo preset, 0.99 start)
     assert trained > init + 0.25 and trained > 0.4, (init, trained)

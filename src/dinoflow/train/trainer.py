@@ -94,6 +94,51 @@ def _wrap(method: Method, cfg: TrainConfig, ctx: DistContext) -> nn.Module:
     return DDP(method, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
+def make_optimizer(method: Method, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over few merged groups (one per (lr_mult, wd_mult)), with the fused kernel where it runs
+    (plain/DDP parameters on CPU or CUDA) and the multi-tensor ``foreach`` path otherwise (FSDP2)."""
+    groups = merge_groups(method.param_groups(cfg.optim.layer_decay, cfg.optim.patch_embed_lr_mult))
+    sharded = cfg.distributed == "fsdp2" and torch.distributed.is_initialized()
+    impl = {"foreach": True} if sharded or device.type not in ("cpu", "cuda") else {"fused": True}
+    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2), **impl)
+
+
+def student_modules(method: Method) -> list[nn.Module]:
+    """The modules whose gradients are clipped separately (official DINOv2: each student part)."""
+    student = getattr(method, "student", None)
+    return list(student.values()) if isinstance(student, nn.ModuleDict) else [method]
+
+
+def train_step(
+    method: Method,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    view: BatchView,
+    state: StepState,
+    autocast: bool = False,
+    clip_grad: float = 0.0,
+    clip_modules: list[nn.Module] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimizer step on this rank's uint8 images ``x``: augment (``prepare``), forward, backward,
+    clip, AdamW, EMA (``after_step``). ``model`` is ``method`` or its DDP/FSDP2 wrapper. The trainer
+    and ``dinoflow bench train-step`` both run exactly this."""
+    batch = method.prepare(x, view)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss, logs = model(batch, state)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    method.after_backward(state)
+    if clip_grad > 0:
+        for mod in clip_modules if clip_modules is not None else [method]:
+            params = [p for p in mod.parameters() if p.grad is not None]
+            if params:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    opt.step()
+    method.after_step(state)
+    return loss, logs
+
+
 def global_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
     spe = n // batch
     epoch, i = divmod(step, spe)
@@ -104,7 +149,7 @@ def global_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
 def train(
     cfg: TrainConfig,
     images: torch.Tensor,
-    store: ObjectStore,
+    store: ObjectStore | None,
     output_uri: str,
     ctx: DistContext | None = None,
     progress: bool = True,
@@ -113,6 +158,8 @@ def train(
 ) -> TrainOutcome:
     """Train ``cfg.method`` on ``images`` (uint8 ``[N, C, H, W]``); checkpoints, curves and the final
     backbone go under ``output_uri``. Resumes from the newest checkpoint found there.
+    ``store=None`` persists nothing (no resume, no checkpoint, no export; the trained method is in the
+    outcome): for benchmarks and device smoke checks that have no object store.
     ``method_factory`` builds the method when it needs more than ``cfg`` (distillation: a teacher)."""
     ctx = ctx or DistContext()
     n = images.shape[0]
@@ -135,12 +182,14 @@ def train(
         raise SpecError(
             f"images have {images.shape[1]} channels but {cfg.backbone} wants {method.export_backbone().in_chans}"
         )
+    fit_data = getattr(method, "fit_data", None)
+    if fit_data is not None:  # e.g. SplitMask's k-means tokenizer; deterministic, so equal on every rank
+        fit_data(images, seed=cfg.seed)
     model = _wrap(method, cfg, ctx)
-    groups = merge_groups(method.param_groups(cfg.optim.layer_decay, cfg.optim.patch_embed_lr_mult))
-    opt = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    opt = make_optimizer(method, cfg, ctx.device)
 
     start, curves = 0, []
-    found = ckpt.list_checkpoints(store, output_uri)
+    found = ckpt.list_checkpoints(store, output_uri) if store is not None else []
     if found:
         step0, uri = found[-1]
         state = ckpt.load_checkpoint(store, uri)
@@ -154,11 +203,7 @@ def train(
         metrics.serve_metrics(cfg.metrics_port)
     autocast = cfg.precision == "bf16" and ctx.device.type == "cuda"
     peak_lr = cfg.peak_lr()
-    clip_modules = (
-        [m for _, m in getattr(method, "student", {"all": method}).items()]
-        if hasattr(method, "student")
-        else [method]
-    )
+    clip_modules = student_modules(method)
     bar = None
     if progress and ctx.is_main:
         from tqdm import tqdm
@@ -180,19 +225,10 @@ def train(
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # shared by all ranks
         idx = global_indices(step, n, cfg.batch_size, cfg.seed)[ctx.rank * local_b : (ctx.rank + 1) * local_b]
         x = images[idx].to(ctx.device, non_blocking=True)
-        batch = method.prepare(x, BatchView(gen, ctx.rank * local_b, cfg.batch_size))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss, logs = model(batch, state)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward(state)
-        if cfg.optim.clip_grad > 0:
-            for mod in clip_modules:  # official: clip each student module separately
-                params = [p for p in mod.parameters() if p.grad is not None]
-                if params:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-        opt.step()
-        method.after_step(state)
+        view = BatchView(gen, ctx.rank * local_b, cfg.batch_size)
+        loss, logs = train_step(
+            method, model, opt, x, view, state, autocast, cfg.optim.clip_grad, clip_modules
+        )
         if ctx.enabled:  # log the global-batch mean, not rank 0's half
             keys = sorted(k for k in logs if k.endswith("loss"))
             vals = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
@@ -212,13 +248,13 @@ def train(
             bar.update(1)
             if (step + 1) % cfg.log_every_steps == 0:
                 bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}")
-        if (step + 1) % cfg.checkpoint_every_steps == 0 or step + 1 == total:
+        if store is not None and ((step + 1) % cfg.checkpoint_every_steps == 0 or step + 1 == total):
             last_ckpt_uri = _save(store, output_uri, cfg, method, opt, step + 1, curves, ctx)
     if bar is not None:
         bar.close()
 
     out = TrainOutcome(stop, loss_val, curves, start, checkpoint_uri=last_ckpt_uri, method=method)
-    if stop == total:
+    if stop == total and store is not None:
         out.curves_uri = join_uri(output_uri, "curves.jsonl")
         out.backbone_uri = join_uri(output_uri, "backbone")
         if ctx.is_main:
