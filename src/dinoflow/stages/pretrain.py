@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dinoflow.errors import DinoflowError, SpecError
 from dinoflow.stages.base import StageResult, StageSpec
@@ -30,6 +30,17 @@ class PretrainSpec(TrainConfig, StageSpec):
     image_px: int | None = Field(None, ge=4, description="resize images to this square size on load")
     nproc: int = Field(1, ge=1, description="processes (torchrun) on this node")
     nnodes: int = Field(1, ge=1, description="nodes (multi-node runs go through a TrainJob)")
+    target_only: bool = Field(
+        False,
+        description="small-data mode (SplitMask paper): pretrain on a labelled target dataset's own "
+        "train split, no curation; requires a labelled manifest and uses split 'train' unless set",
+    )
+
+    @model_validator(mode="after")
+    def _target_only(self) -> PretrainSpec:
+        if self.target_only and self.split is None:
+            self.split = "train"
+        return self
 
 
 class PretrainResult(StageResult):
@@ -54,6 +65,11 @@ def load_training_images(spec: PretrainSpec, store, channels: int):  # noqa: ANN
         table = table.filter(pc.equal(table.column("split"), spec.split))
         if table.num_rows == 0:
             raise SpecError(f"manifest {spec.manifest_uri} has no rows with split == {spec.split!r}")
+    if spec.target_only and pc.any(pc.less(table.column("label"), 0)).as_py():
+        raise SpecError(
+            f"target_only: manifest {spec.manifest_uri} has unlabelled rows; target-only pretraining "
+            "takes a labelled dataset's own train split (use target_only=false for an uncurated pool)"
+        )
     return load_images(store, table, channels=channels, size_px=spec.image_px)
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dinoflow.methods.config import CropsConfig, DINOv2Config
+from dinoflow.methods.mim_config import MAEConfig, SplitMaskConfig
 
 
 class OptimConfig(BaseModel):
@@ -37,6 +38,10 @@ class TrainConfig(BaseModel):
     )
     dinov2: DINOv2Config = Field(default_factory=DINOv2Config)
     crops: CropsConfig = Field(default_factory=CropsConfig)
+    mae: MAEConfig = Field(default_factory=MAEConfig, description="used when method == 'mae'")
+    splitmask: SplitMaskConfig = Field(
+        default_factory=SplitMaskConfig, description="used when method == 'splitmask'"
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     steps: int | None = Field(100, ge=1, description="optimizer steps (or give epochs)")
     epochs: float | None = Field(None, gt=0, description="passes over the data; overrides steps when set")
