@@ -130,7 +130,16 @@ def _bootstrap(spec: EmbedSpec, store, table) -> str:  # noqa: ANN001
         batch_size=min(int(fields.get("batch_size", 64)), m),
     )
     if spec.bootstrap_backbone:
+        from dinoflow.models.registry import get_entry
+
         fields["backbone"] = spec.bootstrap_backbone
+        # the preset's crops suit its own patch size; snap them to the chosen backbone's patch grid
+        patch = get_entry(spec.bootstrap_backbone).patch_size
+        crops = dict(fields.get("crops", {}))
+        for key in ("global_crop_px", "local_crop_px"):
+            if key in crops:
+                crops[key] = max(patch, int(round(crops[key] / patch)) * patch)
+        fields["crops"] = crops
     pspec = stage.parse_spec(fields)
     return stage.run(pspec, store).backbone_uri
 
