@@ -32,7 +32,7 @@ CROPS = {
 
 @pytest.fixture(scope="module")
 def data(store):
-    uri = f"s3://distill-{uuid.uuid4().hex[:10]}/ingest"
+    uri = f"s3://dinoflow-eval-tests/{uuid.uuid4().hex[:10]}/ingest"
     manifests = get_stage("ingest").run(fashion_mnist_spec(uri, limit_per_split=1000), store).manifests
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
@@ -54,7 +54,7 @@ def teacher_uri(store):
     benchmark's job, too slow for the default test run.
     """
     torch.manual_seed(0)
-    uri = f"s3://distill-{uuid.uuid4().hex[:10]}/pretrain/backbone"
+    uri = f"s3://dinoflow-eval-tests/{uuid.uuid4().hex[:10]}/pretrain/backbone"
     bb = create_backbone("vit_mini_p4_28", init_values=1.0)
     export_backbone(store, uri, bb)
     from safetensors.torch import save

@@ -24,7 +24,7 @@ def fmnist(store):
     """A small labelled Fashion-MNIST ingest (train 600, test 200), shared by this module's tests."""
     import uuid
 
-    uri = f"s3://eval-{uuid.uuid4().hex[:10]}/ingest"
+    uri = f"s3://dinoflow-eval-tests/{uuid.uuid4().hex[:10]}/ingest"
     res = get_stage("ingest").run(fashion_mnist_spec(uri, limit_per_split=600), store)
     return res.manifests
 
@@ -34,7 +34,7 @@ def backbone_uri(store):
     import uuid
 
     torch.manual_seed(0)
-    uri = f"s3://eval-{uuid.uuid4().hex[:10]}/backbone"
+    uri = f"s3://dinoflow-eval-tests/{uuid.uuid4().hex[:10]}/backbone"
     export_backbone(store, uri, create_backbone("vit_test_p4_28"))
     return uri
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
+import sys
 import time
 from typing import Any
 
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
+    import shutil
     import tempfile
 
     import torch
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     from dinoflow.train.presets import get_preset
     from dinoflow.train.trainer import train
 
+    # A SIGTERM (e.g. a timeout) still runs the finally below, which stops the embedded store.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(a.seed)
     xtr_all, ytr_all = load_fashion_mnist("train")
@@ -94,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     if S3Settings().endpoint:
         store = ObjectStore.from_env()
     else:
-        embedded = EmbeddedStore(tempfile.mkdtemp(prefix="dinoflow-bench-distill-"))
+        embedded_dir = tempfile.mkdtemp(prefix="dinoflow-bench-distill-")
+        embedded = EmbeddedStore(embedded_dir)
         store = ObjectStore(embedded.up().settings())
     root = f"s3://bench-distill/{int(time.time())}"
     rows: dict[str, dict[str, Any]] = {}
@@ -199,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if embedded is not None:
             embedded.down()
+            shutil.rmtree(embedded_dir, ignore_errors=True)
 
     print(
         f"\nFashion-MNIST: train on {a.train_images} images, k-NN memory {a.eval_train_images}, test {a.eval_test_images}"
