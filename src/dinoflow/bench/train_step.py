@@ -43,35 +43,45 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def build_config(a: argparse.Namespace) -> Any:
-    """The TrainConfig of the measured step: the preset's head for tiny models, DINOv2's otherwise."""
+def step_config(
+    backbone: str,
+    batch: int,
+    precision: str = "fp32",
+    global_px: int | None = None,
+    local_px: int | None = None,
+    local_crops: int | None = None,
+    head_prototypes: int | None = None,
+    compile: bool = False,
+    steps: int = 1000,
+) -> Any:
+    """The TrainConfig of the measured step: for tiny (<= 32 px) backbones the ``fashion-mnist-cpu``
+    preset's crops and small head; otherwise DINOv2's defaults (2 x 224 + 8 x 98 px, 65,536
+    prototypes). The prototype layer is trained from step 0, so its update is part of the cost."""
     from dinoflow.models.registry import get_entry
     from dinoflow.train.config import TrainConfig
     from dinoflow.train.presets import PRESETS
 
-    entry = get_entry(a.backbone)
-    tiny = entry.img_size <= 32
-    global_px = a.global_px or (28 if tiny else 224)
-    local_px = a.local_px or (14 if tiny else 98)  # DINOv2: 98 px local crops for patch-14 models
+    tiny = get_entry(backbone).img_size <= 32
     dinov2: dict[str, Any] = dict(PRESETS[TINY_HEAD]["dinov2"]) if tiny else {}
-    if a.head_prototypes:
-        dinov2["head_prototypes"] = a.head_prototypes
-    dinov2["freeze_prototypes_epochs"] = 0  # measure the step that updates the prototypes too
+    if head_prototypes:
+        dinov2["head_prototypes"] = head_prototypes
+    dinov2["freeze_prototypes_epochs"] = 0
     crops = {
         **(PRESETS[TINY_HEAD]["crops"] if tiny else {}),
-        "global_crop_px": global_px,
-        "local_crop_px": local_px,
-        "local_crops_number": a.local_crops if a.local_crops is not None else (6 if tiny else 8),
+        "global_crop_px": global_px or (28 if tiny else 224),
+        "local_crop_px": local_px or (14 if tiny else 98),  # DINOv2: 98 px local crops for /14
+        "local_crops_number": local_crops if local_crops is not None else (6 if tiny else 8),
     }
     return TrainConfig(
         method="dinov2",
-        backbone=a.backbone,
-        batch_size=a.batch,
-        steps=1000,
-        precision=a.precision,
-        compile=a.compile,
+        backbone=backbone,
+        batch_size=batch,
+        steps=steps,
+        precision=precision,
+        compile=compile,
         dinov2=dinov2,
         crops=crops,
+        checkpoint_every_steps=10**9,
     )
 
 
@@ -111,7 +121,9 @@ def main(argv: list[str]) -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    cfg = build_config(a)
+    cfg = step_config(
+        a.backbone, a.batch, a.precision, a.global_px, a.local_px, a.local_crops, a.head_prototypes, a.compile
+    )
     torch.manual_seed(0)
     method = build_method(cfg).to(dev)
     if cfg.compile:

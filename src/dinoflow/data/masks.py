@@ -9,15 +9,19 @@ patches so it holds exactly ``int(ratio * N)`` patches. All draws come from the 
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import torch
 
 
 def block_mask(
-    g: torch.Generator, grid: tuple[int, int], n_mask: int, min_block: int = 4, max_attempts: int = 10
-):
+    rng: random.Random, grid: tuple[int, int], n_mask: int, min_block: int = 4, max_attempts: int = 10
+) -> np.ndarray:
+    """bool ``[H*W]`` with exactly ``n_mask`` patches set. Plain Python/numpy (no per-draw tensor
+    calls): masks are drawn on the step's critical path, before the forward is launched."""
     h, w = grid
-    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask = np.zeros((h, w), dtype=bool)
     count = 0
     log_lo, log_hi = math.log(0.3), math.log(1 / 0.3)
     while count < n_mask:
@@ -25,27 +29,27 @@ def block_mask(
         added = 0
         for _ in range(max_attempts):
             lo = min(min_block, left)
-            area = lo + (left - lo) * float(torch.rand(1, generator=g))
-            ar = math.exp(log_lo + (log_hi - log_lo) * float(torch.rand(1, generator=g)))
+            area = rng.uniform(lo, left)
+            ar = math.exp(rng.uniform(log_lo, log_hi))
             bh = int(round(math.sqrt(area * ar)))
             bw = int(round(math.sqrt(area / ar)))
             if 1 <= bh <= h and 1 <= bw <= w:
-                top = int(torch.randint(0, h - bh + 1, (1,), generator=g))
-                lft = int(torch.randint(0, w - bw + 1, (1,), generator=g))
+                top = rng.randint(0, h - bh)
+                lft = rng.randint(0, w - bw)
                 region = mask[top : top + bh, lft : lft + bw]
-                new = int((~region).sum())
+                new = region.size - int(region.sum())
                 if 0 < new <= left:
-                    region.fill_(True)
+                    region[...] = True
                     added = new
                     break
         if added == 0:
             break
         count += added
+    flat = mask.reshape(-1)
     if count < n_mask:  # top up with random single patches: exact count
-        free = (~mask.flatten()).nonzero().flatten()
-        pick = free[torch.randperm(free.numel(), generator=g)[: n_mask - count]]
-        mask.view(-1)[pick] = True
-    return mask.flatten()
+        free = np.flatnonzero(~flat).tolist()
+        flat[rng.sample(free, n_mask - count)] = True
+    return flat
 
 
 def ibot_masks(
@@ -58,11 +62,10 @@ def ibot_masks(
     """bool ``[n_samples, H*W]``: ``int(n_samples * sample_p)`` masked rows, shuffled."""
     n = grid[0] * grid[1]
     n_masked = int(n_samples * sample_p)
+    rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))  # shared seed: same on all ranks
     edges = torch.linspace(ratio_min_max[0], ratio_min_max[1], n_masked + 1)
-    rows = []
-    for i in range(n_masked):
-        r = float(edges[i] + (edges[i + 1] - edges[i]) * torch.rand(1, generator=g))
-        rows.append(block_mask(g, grid, int(n * r)))
-    rows += [torch.zeros(n, dtype=torch.bool)] * (n_samples - n_masked)
-    out = torch.stack(rows) if rows else torch.zeros(0, n, dtype=torch.bool)
-    return out[torch.randperm(n_samples, generator=g)]
+    ratios = edges[:-1] + (edges[1:] - edges[:-1]) * torch.rand(n_masked, generator=g)  # one per bin
+    out = np.zeros((n_samples, n), dtype=bool)
+    for i, r in enumerate(ratios.tolist()):
+        out[i] = block_mask(rng, grid, int(n * r))
+    return torch.from_numpy(out)[torch.randperm(n_samples, generator=g)]
