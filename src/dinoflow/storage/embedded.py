@@ -177,13 +177,23 @@ class EmbeddedStore:
             f"-iam.port={ports['iam']}",
             f"-metricsPort={ports['metrics']}",
             f"-s3.config={ident_file}",
-            "-master.volumeSizeLimitMB=1024",
-            "-volume.max=0",
+            "-master.volumeSizeLimitMB=256",
+            "-volume.max=4000",
         ]
+        # SeaweedFS maps each bucket to a collection and grows 7 volumes per new collection by default;
+        # a test suite makes many buckets, so grow one volume at a time (read from the cwd's master.toml)
+        (self.home / "master.toml").write_text(
+            "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 1\ncopy_3 = 1\ncopy_other = 1\nthreshold = 0.9\n"
+        )
         log_file = self.home / "weed.log"
         with open(log_file, "ab") as logf:
             proc = subprocess.Popen(
-                cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                cmd,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.home,
             )
         self.pid_file.write_text(str(proc.pid))
         state = StoreState(
