@@ -19,8 +19,11 @@ prototypes) is used and images/s, peak memory and model-FLOPs utilisation (MFU) 
 FLOPs of one full step are counted with ``torch.utils.flop_counter`` (attention through the math
 kernel so that it is counted), divided by the step time and the GPU's dense bf16 peak.
 
+On a CPU shared with other busy processes, ``--threads 1`` gives steadier figures: with 2 OpenMP
+threads the many small ops of the full step (augmentation, AdamW, EMA) stall on preempted threads.
+
 Last output line: one JSON object (``train_step_seconds``, ``backbone_seconds``,
-``train_step_ratio``, ``images_per_second``, ``mfu``, ...).
+``train_step_ratio``, ``flops_ratio``, ``images_per_second``, ``mfu``, ...).
 """
 
 from __future__ import annotations
@@ -243,6 +246,7 @@ def main(argv: list[str]) -> None:
     if flops is not None and backbone_flops is not None:
         row["step_model_flops"] = flops
         row["backbone_model_flops"] = backbone_flops
+        row["flops_ratio"] = round(flops / backbone_flops, 3)  # the ratio's noise-free floor (heads)
         row["step_tflops_per_second"] = round(flops / full_s / 1e12, 3)
     if dev.type == "cuda":
         row["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
