@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dinoflow.curation.dedup import dedup, select_representatives
+from dinoflow.curation.dedup import dedup, select_representatives, star_groups
 from dinoflow.curation.hashing import hash_pairs, phash64, reduce_for_hash
 from dinoflow.curation.hkmeans import balanced_sample, hierarchical_kmeans
 from dinoflow.curation.knn import choose_index, edges_above, knn_graph, knn_search, recall_at_k
@@ -54,6 +54,7 @@ def test_dedup_reasons_and_decontamination_drops_whole_component():
         7,
         {"exact": (np.array([0]), np.array([1])), "embedding": (np.array([1, 3, 4]), np.array([2, 4, 5]))},
         touched_eval=np.array([5]),
+        grouping="connected",
     )
     assert out.keep.tolist() == [True, False, False, False, False, False, True]
     assert out.reason.tolist() == ["kept", "exact", "embedding"] + ["contamination"] * 3 + ["kept"]
@@ -132,3 +133,49 @@ def test_retrieval_and_cluster_sampling_follow_the_seeds():
     assert len(rows) == 150 and (lab[rows] == 5).mean() > 0.95
     rows, info = cluster_sample(x, x[lab == 7][:3], 100, n_clusters=24)
     assert info["seed_clusters"] >= 1 and (lab[rows] == 7).mean() > 0.8
+
+
+def test_star_groups_do_not_chain():
+    # a chain 0-1-2-3-4-5 and a triangle 6-7-8: star groups remove only direct duplicates of a kept row
+    a, b = np.array([0, 1, 2, 3, 4, 6, 7, 6]), np.array([1, 2, 3, 4, 5, 7, 8, 8])
+    out = dedup(9, {"embedding": (a, b)})
+    assert out.keep.tolist() == [True, False, True, False, True, False, True, False, False]
+    assert (out.representative[[1, 3, 5]] == [0, 2, 4]).all() and (out.representative[[7, 8]] == 6).all()
+    assert set(out.reason[~out.keep]) == {"embedding"}
+    connected = dedup(9, {"embedding": (a, b)}, grouping="connected")
+    assert connected.keep.sum() == 2  # the chain collapses to one image
+    # decontamination drops the touching row's star (3 is a duplicate of 2), not the whole chain
+    out = dedup(9, {"embedding": (a, b)}, touched_eval=np.array([3]))
+    assert out.reason.tolist().count("contamination") == 2 and out.keep[[0, 4, 5]].tolist() == [
+        True,
+        True,
+        False,
+    ]
+    connected = dedup(9, {"embedding": (a, b)}, touched_eval=np.array([3]), grouping="connected")
+    assert connected.contaminated_rows == 6
+
+
+def test_star_groups_keep_rule_and_strongest_rule():
+    # 2 has the largest area: it is kept and claims 0 (by exact, the stronger of two edges) and 1
+    rep, via = star_groups(
+        4, np.array([0, 0, 2]), np.array([2, 2, 1]), np.array([2, 0, 2]), np.array([1, 2, 0, 3])
+    )
+    assert rep.tolist() == [2, 2, 2, 3] and via.tolist() == [0, 2, -1, -1]
+
+
+def test_generated_base_has_no_near_duplicates():
+    from dinoflow.curation.pool import DISTINCT_CORR, build_pool_arrays, near_pairs
+
+    p = build_pool_arrays(600, eval_size=200, seed_size=50, contamination=20, seed=3)
+    base = p.images[(p.copy_of < 0) & (p.contamination_of < 0)]
+    copies = p.copy_of >= 0
+    assert len(near_pairs(base)[0]) == 0 and len(near_pairs(base, other=p.eval_images)[0]) == 0
+    # a mirrored base image is found as a pair; so are the planted pixel-preserving copies
+    i, j = near_pairs(np.concatenate([base[:50], base[:50, :, ::-1]]))
+    assert {(k, k + 50) for k in range(50) if base[k].std() > 0} <= set(
+        zip(i.tolist(), j.tolist(), strict=True)
+    )
+    bright = copies & (p.transform == "brightness")
+    pi, pj = near_pairs(p.images[bright], other=p.images[p.copy_of[bright]])
+    assert (pi == pj).sum() >= 0.9 * bright.sum() and DISTINCT_CORR < 1
+    assert sum(v > 0 for v in {s: (p.source == s).sum() for s in set(p.source)}.values()) == 5

@@ -39,9 +39,10 @@ def _dedup_spec(demo, out, **kw):
         "embeddings_uri": demo["pool_emb"],
         "eval_manifest_uris": [demo["eval_manifest_uri"]],
         "eval_embeddings_uris": [demo["eval_emb"]],
-        # pixel-correlation descriptors need a higher bar than DINOv2's 0.6/0.45 copy-detection embeddings
-        "threshold_cos": 0.9,
-        "decontam_threshold_cos": 0.9,
+        # pixel-correlation descriptors need a higher bar than DINOv2's 0.6/0.45 copy-detection
+        # embeddings: Fashion-MNIST neighbours correlate > 0.9 (bench dedup, README)
+        "threshold_cos": 0.97,
+        "decontam_threshold_cos": 0.95,
         **kw,
     }
 
@@ -74,11 +75,16 @@ def test_dedup_finds_planted_copies_and_decontaminates(store, demo, bucket_uri):
     groups = pq.read_table(io.BytesIO(store.get_bytes(res.groups_uri)))
     sc = score_dedup(read_ground_truth(store, demo["ground_truth_uri"]), keys, kept, groups)
     per = sc["per_transform"]
-    for t in ("flip", "blur", "brightness", "jpeg"):  # pixel-preserving copies: all linked
+    for t in ("flip", "brightness", "jpeg"):  # pixel-preserving copies: all linked
         assert per[t]["copy_recall"] >= 0.9, (t, per[t])
+    assert per["blur"]["copy_recall"] >= 0.6, per["blur"]  # a strong blur falls below 0.97
+    # every planted test copy that keeps pixel positions is removed (crop/rotate/text need a
+    # trained embedder: bench dedup reports them)
     for t in ("exact", "flip", "blur", "brightness", "jpeg"):
         assert per[f"contamination:{t}"]["recall"] == 1.0, (t, per)
-    assert sc["dup_recall"] > 0.6
+    assert sc["dup_recall"] > 0.5 and sc["dup_precision"] > 0.8, sc
+    # star groups do not chain: decontamination drops a few groups, not the pool's dense core
+    assert sc["dropped_for_contamination"] < 0.15 * 1200 and sc["contamination_recall"] >= 0.6, sc
     report = store.get_json(res.report_uri)
     assert set(report["removed_per_rule"]) == {"exact", "phash", "embedding", "contamination"}
     assert sum(v["input"] for v in report["per_source"].values()) == 1200

@@ -43,23 +43,34 @@ IMAGE_DIRS = ("/usr/share/icons", "/usr/share/doc", "/usr/share/pixmaps", "/usr/
 # Unicode blocks with many distinct shapes: Latin, Greek, Cyrillic, arrows, maths, box drawing,
 # geometric shapes, miscellaneous symbols, dingbats, Braille
 _BLOCKS = [
-    (0x21, 0x24F),
-    (0x370, 0x3FF),
-    (0x400, 0x4FF),
-    (0x2190, 0x22FF),
-    (0x2500, 0x27BF),
-    (0x2800, 0x28FF),
+    (0x21, 0x2FF),  # Latin, Latin extended, IPA
+    (0x370, 0x52F),  # Greek, Cyrillic
+    (0x531, 0x58F),  # Armenian
+    (0x5D0, 0x5EA),  # Hebrew
+    (0x10A0, 0x10FF),  # Georgian
+    (0x1400, 0x167F),  # Canadian syllabics
+    (0x16A0, 0x16FF),  # Runic
+    (0x2190, 0x2BFF),  # arrows, maths, technical, box drawing, shapes, symbols, dingbats, Braille
+    (0x2D30, 0x2D7F),  # Tifinagh
+    (0xA640, 0xA69F),  # Cyrillic extended-B
+    (0xE000, 0xE2FF),  # private use: the glyphicons font's icons
 ]
 
 
 # -- base sources ---------------------------------------------------------------------------------
 def _to_px(img, px: int = PX) -> np.ndarray:  # noqa: ANN001
+    """28 px grayscale, light on dark. Transparent images are composited on black; one that is
+    then nearly blank (a dark symbolic icon on transparency) becomes its alpha silhouette."""
     from PIL import Image
 
-    if img.mode in ("RGBA", "LA", "P"):
+    if img.mode in ("RGBA", "LA", "P", "PA"):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(bg, img)
+        flat = Image.alpha_composite(bg, img).convert("L").resize((px, px), Image.BILINEAR)
+        a = np.asarray(flat, dtype=np.uint8)
+        if a.std() < 10:  # the Adwaita symbolic icons are #2e3436-ish shapes: invisible on black
+            a = np.asarray(img.getchannel("A").resize((px, px), Image.BILINEAR), dtype=np.uint8)
+        return a
     return np.asarray(img.convert("L").resize((px, px), Image.BILINEAR), dtype=np.uint8)
 
 
@@ -92,6 +103,9 @@ def glyph_images(limit: int | None = None) -> np.ndarray:
 
 
 def photo_crops(limit: int | None = None) -> np.ndarray:
+    """Crops of the photos bundled with scikit-learn. Windows double in side from one scale to the
+    next and step by half a window, so no crop holds another at >= 70 % of its side: none is a
+    "crop" near-duplicate of another in the sense of ``apply_transform``."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
@@ -99,7 +113,7 @@ def photo_crops(limit: int | None = None) -> np.ndarray:
     for photo in load_sample_images().images:
         g = Image.fromarray(photo).convert("L")
         w, h = g.size
-        for win in (28, 40, 56, 80, 112, 160):  # crop side in px, each resized to 28
+        for win in (24, 48, 96, 192, 384):  # crop side in px, each resized to 28
             step = win // 2
             for y in range(0, h - win + 1, step):
                 for x in range(0, w - win + 1, step):
@@ -148,7 +162,7 @@ def icon_images(limit: int | None = None) -> np.ndarray:
 def _cache_path() -> Path:
     from dinoflow.storage.client import default_cache_dir
 
-    return default_cache_dir() / "curation" / "demo_sources_v1.npz"
+    return default_cache_dir() / "curation" / "demo_sources_v2.npz"
 
 
 def other_sources() -> dict[str, np.ndarray]:
@@ -175,6 +189,72 @@ def _unique_rows(x: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(x.reshape(len(x), -1))
     _, first = np.unique(flat.view(np.dtype((np.void, flat.shape[1]))).ravel(), return_index=True)
     return np.sort(first)
+
+
+# -- a base set without unrecorded near-duplicates ------------------------------------------------
+# Two base images are near-duplicates when the Pearson correlation of their 28 px pixels (one of them
+# mirrored, or not) exceeds this: JPEG, brightness and most blur copies score above it (measured on
+# Fashion-MNIST and glyphs), and so do e.g. the same glyph in two DejaVu variants or two plain
+# Fashion-MNIST t-shirts. The base set keeps none of these pairs, and no base image lies this close
+# to an evaluation image, so every duplicate and contamination in the pool is a recorded one.
+DISTINCT_CORR = 0.95
+_CAND_PX, _CAND_CORR = 14, 0.93  # candidate search on 14 px (recall 1.0 of 28 px pairs > 0.95, measured)
+
+
+def _range_pairs(
+    index_desc: np.ndarray, query_desc: np.ndarray, min_sim: float
+) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    index = faiss.IndexFlatIP(index_desc.shape[1])
+    index.add(np.ascontiguousarray(index_desc, np.float32))
+    lims, _, ids = index.range_search(np.ascontiguousarray(query_desc, np.float32), min_sim)
+    q = np.repeat(np.arange(len(query_desc), dtype=np.int64), np.diff(lims).astype(np.int64))
+    return q, ids.astype(np.int64)
+
+
+def near_pairs(
+    x: np.ndarray, threshold: float = DISTINCT_CORR, *, other: np.ndarray | None = None, chunk: int = 100_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j) of uint8 [N, 28, 28] images whose 28 px correlation, either one mirrored or not,
+    exceeds ``threshold``: within ``x`` (i < j), or between ``x`` (i) and ``other`` (j)."""
+    from dinoflow.curation.embeddings import pixel_descriptor
+
+    y = x if other is None else other
+    ai, aj = [], []
+    for mirror in (False, True):
+        xq = np.ascontiguousarray(x[:, :, ::-1]) if mirror else x
+        qi, qj = _range_pairs(pixel_descriptor(y, _CAND_PX), pixel_descriptor(xq, _CAND_PX), _CAND_CORR)
+        if other is None:
+            keep = qi != qj
+            qi, qj = qi[keep], qj[keep]
+        fq, fy = pixel_descriptor(xq, PX), pixel_descriptor(y, PX)
+        for s in range(0, len(qi), chunk):
+            i, j = qi[s : s + chunk], qj[s : s + chunk]
+            hit = np.einsum("nd,nd->n", fq[i], fy[j]) > threshold
+            ai.append(i[hit])
+            aj.append(j[hit])
+    i = np.concatenate(ai) if ai else np.zeros(0, np.int64)
+    j = np.concatenate(aj) if aj else np.zeros(0, np.int64)
+    if other is None:
+        i, j = np.minimum(i, j), np.maximum(i, j)
+    if not len(i):
+        return i, j
+    pair = np.unique(np.stack([i, j], 1), axis=0)
+    return pair[:, 0], pair[:, 1]
+
+
+def greedy_distinct(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """bool [n]: walking rows in order, keep a row unless it is paired with an earlier kept row."""
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], hi[order]
+    alive = np.ones(n, bool)
+    cuts = np.flatnonzero(np.r_[True, lo[1:] != lo[:-1], True]) if len(lo) else np.zeros(1, np.int64)
+    for s, e in zip(cuts[:-1], cuts[1:], strict=True):
+        if alive[lo[s]]:
+            alive[hi[s:e]] = False
+    return alive
 
 
 # -- planted transforms ---------------------------------------------------------------------------
@@ -227,6 +307,61 @@ class PoolArrays:
     seed_labels: np.ndarray
 
 
+def _shares(
+    sizes: dict[str, int], n_base: int, fmnist_fraction: float, offer: dict[str, float]
+) -> dict[str, int]:
+    """Images wanted per source: ``fmnist_fraction`` Fashion-MNIST, the rest shared by the other
+    sources in proportion to what each ``offer``s; at most ``sizes``, shortfalls move to sources
+    with spare images."""
+    n_fm = int(round(n_base * fmnist_fraction))
+    rest = {k: v for k, v in offer.items() if k != "fashion_mnist"}
+    total = max(1.0, sum(rest.values()))
+    want = {"fashion_mnist": n_fm, **{k: int((n_base - n_fm) * v / total) for k, v in rest.items()}}
+    want = {k: min(w, sizes[k]) for k, w in want.items()}
+    short = n_base - sum(want.values())
+    for k in sorted(sizes, key=lambda k: -(sizes[k] - want[k])):
+        extra = min(short, sizes[k] - want[k])
+        want[k] += extra
+        short -= extra
+    return want
+
+
+def _distinct_base(avail, n_base, fmnist_fraction, eval_x, corr, rng) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """Rows per source of a base set with no near-duplicate pair and no near-copy of ``eval_x``.
+
+    Candidates are drawn at random (twice what is wanted, plus a margin; all of a source when that
+    is not enough) and walked in a random order across sources; the first of a near-duplicate pair
+    stays. Counts per source follow ``_shares`` over what survives."""
+    order = {k: rng.permutation(len(v)) for k, v in avail.items()}
+    factor = 2.0
+    while True:
+        draw = {k: order[k][: min(len(v), int(factor * n_base) + 64)] for k, v in avail.items()}
+        tag = np.concatenate([np.full(len(r), k, dtype=object) for k, r in draw.items()])
+        row = np.concatenate(list(draw.values()))
+        imgs = np.concatenate([avail[k][r] for k, r in draw.items()])
+        mix = rng.permutation(len(imgs))
+        tag, row, imgs = tag[mix], row[mix], imgs[mix]
+        alive = np.zeros(len(imgs), bool)
+        alive[_unique_rows(imgs)] = True
+        alive &= greedy_distinct(len(imgs), *near_pairs(imgs, corr))
+        bad, _ = near_pairs(imgs, corr, other=eval_x)
+        alive[bad] = False
+        sizes = {k: int((alive & (tag == k)).sum()) for k in avail}
+        complete = all(len(draw[k]) == len(avail[k]) for k in avail)
+        if sum(sizes.values()) >= n_base or complete:
+            break
+        factor *= 2
+    if sum(sizes.values()) < n_base:
+        raise ValueError(
+            f"the sources hold only {sum(sizes.values())} distinct base images (no two with 28 px "
+            f"correlation > {corr}), {n_base} are needed: lower the pool size or raise dup_fraction"
+        )
+    # distinct images each source would offer in full (survival rate of its draw x its size)
+    offer = {k: sizes[k] * len(avail[k]) / max(1, len(draw[k])) for k in avail}
+    want = _shares(sizes, n_base, fmnist_fraction, offer)
+    return {k: row[alive & (tag == k)][: want[k]] for k in avail}
+
+
 def build_pool_arrays(
     size: int,
     *,
@@ -236,8 +371,13 @@ def build_pool_arrays(
     eval_size: int = 2000,
     seed_size: int = 500,
     seed: int = 0,
+    distinct_corr: float = DISTINCT_CORR,
 ) -> PoolArrays:
-    """All pixels of the demo pool in memory (no storage): vectorised where it matters."""
+    """All pixels of the demo pool in memory (no storage): vectorised where it matters.
+
+    The base images are drawn at random per source, then thinned to a set without near-duplicate
+    pairs (``near_pairs`` above ``distinct_corr``, first drawn wins) and without images that near-
+    duplicate an evaluation image; raises ValueError when the sources cannot fill ``size``."""
     from dinoflow.data.idx import load_fashion_mnist
 
     if size < 50:
@@ -246,36 +386,25 @@ def build_pool_arrays(
     n_copies = int(round(size * dup_fraction))
     n_contam = min(contamination, eval_size, size // 10)
     n_base = size - n_copies - n_contam
-    tr_x, _ = load_fashion_mnist("train")
+    tr_x, tr_y = load_fashion_mnist("train")
     te_x, te_y = load_fashion_mnist("test")
-    tr_y = load_fashion_mnist("train")[1]
     perm = rng.permutation(len(tr_x))
     seed_rows, fm_rows = perm[:seed_size], perm[seed_size:]
+    ev = rng.choice(len(te_x), eval_size, replace=False)
+    eval_x, eval_y = te_x[ev], te_y[ev]
 
     others = other_sources()
-    n_fm = min(int(round(n_base * fmnist_fraction)), len(fm_rows))
-    n_other = n_base - n_fm
-    avail = {k: v[_unique_rows(v)] for k, v in others.items()}
-    total_avail = sum(len(v) for v in avail.values())
-    if n_other > total_avail:  # not enough non-Fashion-MNIST material: fill with Fashion-MNIST
-        n_other, n_fm = total_avail, n_base - total_avail
-    # share the other sources in proportion to what each offers
-    want = {k: int(n_other * len(v) / total_avail) for k, v in avail.items()}
-    short = n_other - sum(want.values())
-    for k in sorted(avail, key=lambda k: -len(avail[k])):
-        extra = min(short, len(avail[k]) - want[k])
-        want[k] += extra
-        short -= extra
-    parts = [tr_x[fm_rows[:n_fm]]]
-    src = ["fashion_mnist"] * n_fm
-    for k, v in avail.items():
-        take = rng.choice(len(v), want[k], replace=False)
-        parts.append(v[take])
-        src += [k] * want[k]
-    base = np.concatenate(parts)
-    base_src = np.array(src, dtype=object)
-    keep = _unique_rows(base)  # a Fashion-MNIST image may equal another source's by chance
-    base, base_src = base[keep], base_src[keep]
+    avail = {"fashion_mnist": tr_x[fm_rows]}
+    for k, v in others.items():
+        v = v[_unique_rows(v)]
+        if k == "photo_crops":  # flat sky/wall crops carry no content and all look alike
+            v = v[v.reshape(len(v), -1).std(1) >= 10]
+        avail[k] = v
+    kept = _distinct_base(avail, n_base, fmnist_fraction, eval_x, distinct_corr, rng)
+    base = np.concatenate([avail[k][rows] for k, rows in kept.items()])
+    base_src = np.concatenate([np.full(len(rows), k, dtype=object) for k, rows in kept.items()])
+    order0 = rng.permutation(len(base))
+    base, base_src = base[order0], base_src[order0]
     n_base = len(base)
 
     # planted near-duplicates of pool images, transforms spread evenly
@@ -287,8 +416,6 @@ def build_pool_arrays(
         else np.zeros((0, PX, PX), np.uint8)
     )
     # contamination: near-copies of eval (Fashion-MNIST test) images, identity copies included
-    ev = rng.choice(len(te_x), eval_size, replace=False)
-    eval_x, eval_y = te_x[ev], te_y[ev]
     c_rows = rng.choice(eval_size, n_contam, replace=False)
     c_kinds = np.array(("exact",) + TRANSFORMS, dtype=object)[np.arange(n_contam) % (len(TRANSFORMS) + 1)]
     contam = (

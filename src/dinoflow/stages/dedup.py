@@ -2,9 +2,11 @@
 
 Rules, strongest first: ``exact`` (same sha256 of the stored bytes), ``phash`` (perceptual hashes
 within ``phash_max_bits``, mirror images included) and ``embedding`` (k-NN graph edges with cosine
-above ``threshold_cos``). Connected components of their union keep one image each: the largest
-(pixel area), then the earliest manifest row. Decontamination drops every component holding a pool
-image within ``decontam_threshold_cos`` of (or hash-equal to) an evaluation image.
+above ``threshold_cos``). Each duplicate group keeps one image: the largest (pixel area), then the
+earliest manifest row. Groups are ``star``s by default (every removed image is a direct duplicate
+of the kept one; no chains) or DINOv2's ``connected`` components (see dinoflow.curation.dedup).
+Decontamination: a pool image whose nearest evaluation image is above ``decontam_threshold_cos``
+(or hash-equal to one) is dropped with its whole duplicate group.
 
 Outputs under ``output_uri``: ``manifest.parquet`` (kept rows, same shards), ``embeddings/`` (kept
 rows' embeddings), ``groups.parquet`` (every row in a multi-image component or dropped for
@@ -15,6 +17,7 @@ per source, the index choice and its reason).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -37,6 +40,11 @@ class DedupSpec(StageSpec):
         0, ge=-1, le=16, description="perceptual-hash pass: max Hamming distance of 64 bits (-1: off)"
     )
     exact_hash: bool = Field(True, description="pass on identical content (sha256 of stored bytes)")
+    grouping: Literal["star", "connected"] = Field(
+        "star",
+        description="star: each removed image is a direct duplicate of the kept one (no chaining); "
+        "connected: DINOv2's connected components of the k-NN graph, which chain on dense pools",
+    )
     center: bool = Field(
         False,
         description="subtract the pool's mean embedding before cosine (spreads the similarities "
@@ -85,18 +93,61 @@ def _load_checked(store, manifest_uri: str, emb_uri: str, what: str):  # noqa: A
     return table, meta
 
 
-def run(spec: DedupSpec, store):  # noqa: ANN001, ANN201
+@dataclass
+class SimilarityGraph:
+    """What the thresholds act on (computed once; benches sweep thresholds over it)."""
+
+    graph: object  # knn.KnnResult: each pool row's k nearest other rows
+    hash_edges: dict  # rule -> (a, b) for the exact and phash rules
+    eval_top1: object  # float32 [n]: cosine of each pool row's nearest evaluation image (-1: none)
+    touched_hash: object  # bool [n]: hash-equal to an evaluation image
+    phash: object  # uint64 [n, 2] or None
+
+
+def similarity_graph(spec: DedupSpec, store, table, emb, evals) -> SimilarityGraph:  # noqa: ANN001
+    """Hash edges, the embedding k-NN graph and each pool row's nearest evaluation cosine."""
     import numpy as np
-    import pyarrow as pa
 
     from dinoflow.curation import knn
-    from dinoflow.curation.dedup import dedup
-    from dinoflow.curation.embeddings import l2_normalize, read_embeddings, read_phash, write_embeddings
+    from dinoflow.curation.embeddings import l2_normalize, read_embeddings, read_phash
     from dinoflow.curation.hashing import hash_pairs
-    from dinoflow.data.manifest import write_manifest
-    from dinoflow.metrics import IMAGES_PROCESSED
 
-    # -- validate everything before any heavy work
+    n = table.num_rows
+    mean = emb.mean(0, keepdims=True) if spec.center else None
+    x = l2_normalize(emb - mean) if mean is not None else l2_normalize(emb)
+    edges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sha = np.asarray(table.column("sha256").to_pylist(), dtype=object).astype(str)
+    if spec.exact_hash:
+        # every member of a hash group to the group's first row (a star, so no member is missed)
+        _, first, inv = np.unique(sha, return_index=True, return_inverse=True)
+        head = first[inv.ravel()]
+        dup = np.flatnonzero(head != np.arange(n))
+        edges["exact"] = (head[dup], dup)
+    ph = read_phash(store, spec.embeddings_uri)
+    if spec.phash_max_bits >= 0 and ph is not None:
+        i, j, _ = hash_pairs(ph, spec.phash_max_bits)
+        edges["phash"] = (i, j)
+    g = knn.knn_graph(x, spec.k, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe)
+    top1 = np.full(n, -1.0, np.float32)
+    touched = np.zeros(n, bool)
+    for et, eu in evals:
+        e_emb, _ = read_embeddings(store, eu)
+        ex = l2_normalize(e_emb - mean) if mean is not None else l2_normalize(e_emb)
+        # each pool row's nearest evaluation image (the eval set is the index, the pool the queries)
+        res = knn.knn_search(
+            ex, x, 1, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe
+        )
+        top1 = np.maximum(top1, res.sims[:, 0])
+        touched |= np.isin(sha, np.asarray(et.column("sha256").to_pylist(), dtype=str))
+        e_ph = read_phash(store, eu)
+        if spec.phash_max_bits >= 0 and ph is not None and e_ph is not None:
+            pi, _, _ = hash_pairs(ph, spec.phash_max_bits, other=e_ph)
+            touched[pi] = True
+    return SimilarityGraph(g, edges, top1, touched, ph)
+
+
+def load_inputs(spec: DedupSpec, store):  # noqa: ANN001, ANN201
+    """Validated pool table, embedding metadata and evaluation (table, embeddings uri) pairs."""
     table, meta = _load_checked(store, spec.manifest_uri, spec.embeddings_uri, "pool")
     n = table.num_rows
     if spec.k >= n:
@@ -110,43 +161,35 @@ def run(spec: DedupSpec, store):  # noqa: ANN001, ANN201
                 "embed both with the same backbone"
             )
         evals.append((et, eu))
+    return table, meta, evals
 
+
+def run(spec: DedupSpec, store):  # noqa: ANN001, ANN201
+    import numpy as np
+    import pyarrow as pa
+
+    from dinoflow.curation import knn
+    from dinoflow.curation.dedup import dedup
+    from dinoflow.curation.embeddings import read_embeddings, write_embeddings
+    from dinoflow.data.manifest import write_manifest
+    from dinoflow.metrics import IMAGES_PROCESSED
+
+    # -- validate everything before any heavy work
+    table, meta, evals = load_inputs(spec, store)
+    n = table.num_rows
     emb, _ = read_embeddings(store, spec.embeddings_uri)
-    mean = emb.mean(0, keepdims=True) if spec.center else None
-    x = l2_normalize(emb - mean) if mean is not None else l2_normalize(emb)
-    edges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)
-    if spec.exact_hash:
-        _, inv = np.unique(sha.astype(str), return_inverse=True)
-        order = np.argsort(inv, kind="stable")
-        same = inv[order][1:] == inv[order][:-1]
-        edges["exact"] = (order[:-1][same], order[1:][same])
-    ph = read_phash(store, spec.embeddings_uri)
-    if spec.phash_max_bits >= 0 and ph is not None:
-        i, j, _ = hash_pairs(ph, spec.phash_max_bits)
-        edges["phash"] = (i, j)
-    g = knn.knn_graph(x, spec.k, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe)
+    sim = similarity_graph(spec, store, table, emb, evals)
+    g = sim.graph
+    edges = dict(sim.hash_edges)
     q, nb, _ = knn.edges_above(g, spec.threshold_cos)
     edges["embedding"] = (q, nb)
-
-    # -- decontamination: a pool image touches an eval set by hash or by cosine
-    touched = np.zeros(n, bool)
-    for et, eu in evals:
-        e_emb, _ = read_embeddings(store, eu)
-        ex = l2_normalize(e_emb - mean) if mean is not None else l2_normalize(e_emb)
-        res = knn.knn_search(
-            ex, x, 1, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe
-        )
-        touched |= res.sims[:, 0] > spec.decontam_threshold_cos
-        touched |= np.isin(sha.astype(str), np.asarray(et.column("sha256").to_pylist(), dtype=str))
-        e_ph = read_phash(store, eu)
-        if spec.phash_max_bits >= 0 and ph is not None and e_ph is not None:
-            pi, _, _ = hash_pairs(ph, spec.phash_max_bits, other=e_ph)
-            touched[pi] = True
+    # -- decontamination: a pool image touches an eval set by hash or by its nearest eval cosine
+    touched = sim.touched_hash | (sim.eval_top1 > spec.decontam_threshold_cos)
+    ph = sim.phash
     area = np.asarray(table.column("width").to_numpy(zero_copy_only=False), np.int64) * np.asarray(
         table.column("height").to_numpy(zero_copy_only=False), np.int64
     )
-    out = dedup(n, edges, area=area, touched_eval=np.flatnonzero(touched))
+    out = dedup(n, edges, area=area, touched_eval=np.flatnonzero(touched), grouping=spec.grouping)
 
     keep_rows = np.flatnonzero(out.keep)
     kept = table.take(pa.array(keep_rows))
@@ -204,6 +247,9 @@ def run(spec: DedupSpec, store):  # noqa: ANN001, ANN201
         "per_source": per_source,
         "index": {"kind": g.choice.kind, "reason": g.choice.reason, "gpu": g.on_gpu},
         "keep_rule": "largest pixel area, then earliest manifest row",
+        "grouping": spec.grouping,
+        "decontamination_rule": "pool images whose nearest evaluation image is above "
+        "decontam_threshold_cos (or hash-equal), with their whole duplicate group",
         "thresholds": {
             "threshold_cos": spec.threshold_cos,
             "decontam_threshold_cos": spec.decontam_threshold_cos,
