@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_check.sh              # on a CUDA machine
 #   bash scripts/gpu_check.sh --cpu-smoke  # tiny sizes on the CPU: imports, arguments, code paths
+#   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh  # ~3 min: trainer CUDA path + bench ViT-S/14, ViT-L/14
 #
 # Parts: (0) environment; (a) the trainer's CUDA path, a few bf16 steps, tiny ViT and ViT-S/14 at
 # 224/98 px, no object store (store=None: no checkpoint written); (b) the bench: full DINOv2 step vs
@@ -71,7 +72,14 @@ EOF
 
 TRAIN=(scripts/gpu_check_train.py)
 BENCH=(-m dinoflow.bench.train_step)
-if [[ $MODE == gpu ]]; then
+if [[ $MODE == gpu && "${GPU_CHECK_QUICK:-0}" == 1 ]]; then
+  # a short lease (~3 min): the trainer's CUDA path once, then the bench for ViT-S/14 and ViT-L/14
+  DEV=(--device cuda --precision bf16)
+  BARGS=(--global-px 224 --local-px 98 --local-crops 8 --reps 3 --warmup 1)
+  part train_tiny 45 "$PY" "${TRAIN[@]}" "${DEV[@]}" --backbone vit_small_p7_28 --batch 128 --steps 5
+  part bench_vits14_b128 60 "$PY" "${BENCH[@]}" "${DEV[@]}" --backbone vit_small_p14 "${BARGS[@]}" --batch 128
+  part bench_vitl14_b32 70 "$PY" "${BENCH[@]}" "${DEV[@]}" --backbone vit_large_p14 "${BARGS[@]}" --batch 32
+elif [[ $MODE == gpu ]]; then
   DEV=(--device cuda --precision bf16)
   # (a) the trainer's CUDA path (5 / 4 steps, bf16 autocast, single process)
   part train_tiny 60 "$PY" "${TRAIN[@]}" "${DEV[@]}" --backbone vit_small_p7_28 --batch 128 --steps 5
