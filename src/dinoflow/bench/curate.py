@@ -15,13 +15,17 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--backbone-uri", default=None)
     ap.add_argument("--target", type=int, default=10_000, help="curated images per strategy")
     a = ap.parse_args(argv)
-    from dinoflow.cli import _ensure_store
     from dinoflow.stages import get_stage
 
-    from ._pool import pool_and_embeddings
+    from ._pool import default_prefix, pool_and_embeddings
+    from ._store import bench_store
 
-    store = _ensure_store()
-    prefix = a.prefix or f"s3://bench-curation/pool-{a.size}"
+    with bench_store() as store:
+        _run(a, store, get_stage, default_prefix, pool_and_embeddings)
+
+
+def _run(a, store, get_stage, default_prefix, pool_and_embeddings) -> None:  # noqa: ANN001
+    prefix = a.prefix or default_prefix(a.size)
     info = pool_and_embeddings(store, prefix, a.size, a.embedder, a.backbone_uri)
     base_rate = info["per_source"]["fashion_mnist"] / info["size"]
     stage = get_stage("curate")

@@ -38,6 +38,7 @@ class KnnResult:
     ids: np.ndarray  # int64 [n_query, k], -1 where fewer than k neighbours were found
     choice: IndexChoice
     on_gpu: bool = False
+    index: object = None  # the faiss index, only when asked for (keep_index=True)
 
 
 def faiss_gpu_available() -> bool:
@@ -121,6 +122,7 @@ def knn_search(
     seed: int = 0,
     batch: int = 65536,
     use_gpu: bool | None = None,
+    keep_index: bool = False,
 ) -> KnnResult:
     """Top-``k`` pool neighbours of each query (cosine on L2-normalised rows)."""
     pool, queries = _as_f32(pool), _as_f32(queries)
@@ -140,7 +142,7 @@ def knn_search(
     ids = np.empty((len(queries), kk), np.int64)
     for s in range(0, len(queries), batch):
         sims[s : s + batch], ids[s : s + batch] = index.search(queries[s : s + batch], kk)
-    return KnnResult(sims, ids, choice, gpu)
+    return KnnResult(sims, ids, choice, gpu, index if keep_index else None)
 
 
 def knn_graph(x: np.ndarray, k: int, **kw) -> KnnResult:  # noqa: ANN003
@@ -153,7 +155,9 @@ def knn_graph(x: np.ndarray, k: int, **kw) -> KnnResult:  # noqa: ANN003
     keep = np.ones_like(own)
     keep[np.arange(n), drop] = False
     kk = res.ids.shape[1] - 1
-    return KnnResult(res.sims[keep].reshape(n, kk), res.ids[keep].reshape(n, kk), res.choice, res.on_gpu)
+    return KnnResult(
+        res.sims[keep].reshape(n, kk), res.ids[keep].reshape(n, kk), res.choice, res.on_gpu, res.index
+    )
 
 
 def edges_above(
