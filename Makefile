@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: help venv data tools demo test test-slow lint format compile check-yamls images manifests checkov clean
+.PHONY: help venv data tools demo test test-slow lint format compile check-yamls images manifests checkov gpu-check gpu-check-smoke clean
 
 help:
 	@echo "make demo      run the full pipeline locally (kfp.local + embedded S3 store)"
@@ -77,6 +77,12 @@ checkov: venv tools
 	.tools/bin/helm template dinoflow charts/dinoflow -f charts/dinoflow/ci/external-s3-values.yaml > .tools/dinoflow-chart.yaml
 	.tools/checkov-venv/bin/checkov -f .tools/dinoflow-chart.yaml --framework kubernetes --config-file charts/dinoflow/.checkov.yaml --compact
 	.tools/checkov-venv/bin/checkov -f images/Dockerfile.cpu -f images/Dockerfile.cuda --framework dockerfile --compact
+
+gpu-check:  ## one-shot GPU check (needs CUDA): trainer bf16 steps + bench ViT-S/L 224/98, MFU, peak memory
+	bash scripts/gpu_check.sh
+
+gpu-check-smoke: venv  ## the same script on the CPU with tiny sizes
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh --cpu-smoke
 
 clean:
 	rm -rf demo-out .pytest_cache .ruff_cache .mypy_cache
