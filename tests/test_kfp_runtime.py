@@ -101,3 +101,15 @@ def test_ingest_component_runs_alone_through_kfp_local(store, bucket_uri, tmp_pa
     assert result["counts"] == {"train": 256, "test": 256}
     assert store.read_success(result["output_uri"])["result"]["counts"] == result["counts"]
     assert task.outputs["metrics"].metadata["counts.train"] == 256.0
+
+
+def test_confusion_matrix_carries_class_names(tmp_path):
+    from kfp.dsl import ClassificationMetrics
+
+    from dinoflow.kfp.runtime import log_confusion
+
+    cm = ClassificationMetrics(name="classification", uri=str(tmp_path / "cm"))
+    assert log_confusion(cm, {"confusion_matrix": [[3, 1], [0, 4]], "class_names": ["Coat", "Bag"]})
+    spec = cm.metadata["confusionMatrix"]
+    assert [a["displayName"] for a in spec["annotationSpecs"]] == ["Coat", "Bag"]
+    assert spec["rows"] == [{"row": [3, 1]}, {"row": [0, 4]}]

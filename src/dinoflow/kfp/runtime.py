@@ -285,7 +285,7 @@ def log_confusion(classification: Any, result: dict[str, Any]) -> bool:
     if not matrix:
         _touch(classification, {})
         return False
-    labels = [str(x) for x in (labels or range(len(matrix)))]
+    labels = [str(x) for x in (labels or result.get("class_names") or range(len(matrix)))]
     matrix = [[int(x) for x in row] for row in matrix]
     classification.log_confusion_matrix(labels, matrix)
     _touch(classification, {"labels": labels, "matrix": matrix})
