@@ -36,6 +36,12 @@ class DedupSpec(StageSpec):
     k: int = Field(64, ge=1, description="neighbours per image (DINOv2: 64)")
     threshold_cos: float = Field(0.6, gt=-1, le=1, description="self-dedup edge threshold (DINOv2: 0.6)")
     decontam_threshold_cos: float = Field(0.45, gt=-1, le=1, description="eval-copy threshold (DINOv2: 0.45)")
+    max_removed_fraction: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="refuse to remove more than this share of the pool (a degenerate embedder)",
+    )
     phash_max_bits: int = Field(
         0, ge=-1, le=16, description="perceptual-hash pass: max Hamming distance of 64 bits (-1: off)"
     )
@@ -190,6 +196,15 @@ def run(spec: DedupSpec, store):  # noqa: ANN001, ANN201
         table.column("height").to_numpy(zero_copy_only=False), np.int64
     )
     out = dedup(n, edges, area=area, touched_eval=np.flatnonzero(touched), grouping=spec.grouping)
+    removed_share = 1.0 - float(out.keep.sum()) / n
+    if removed_share > spec.max_removed_fraction:
+        by_rule = {r: int((out.reason == r).sum()) for r in ("exact", "phash", "embedding", "contamination")}
+        raise SpecError(
+            f"dedup would remove {n - int(out.keep.sum())} of {n} pool images ({removed_share:.0%} > "
+            f"max_removed_fraction {spec.max_removed_fraction}; by rule {by_rule}): the embedder does not "
+            "separate images at threshold_cos / decontam_threshold_cos; use a better-trained embedder "
+            "or higher thresholds (nothing was written)"
+        )
 
     keep_rows = np.flatnonzero(out.keep)
     kept = table.take(pa.array(keep_rows))

@@ -129,6 +129,12 @@ def _bootstrap(spec: EmbedSpec, store, table) -> str:  # noqa: ANN001
         steps=spec.bootstrap_steps,
         batch_size=min(int(fields.get("batch_size", 64)), m),
     )
+    # The exported backbone is the EMA teacher: keep its horizon 1/(1-m) within a tenth of the run,
+    # or a short bootstrap exports a teacher that has barely left its (image-blind) initialisation.
+    dinov2 = dict(fields.get("dinov2", {}))
+    horizon_m = max(0.9, 1.0 - 10.0 / spec.bootstrap_steps)
+    dinov2["momentum_start"] = min(float(dinov2.get("momentum_start", 0.992)), horizon_m)
+    fields["dinov2"] = dinov2
     if spec.bootstrap_backbone:
         from dinoflow.models.registry import get_entry
 
