@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: help venv data tools demo test test-slow lint format compile check-yamls images manifests checkov gpu-check gpu-check-smoke clean
+.PHONY: help venv data tools demo test test-slow lint format compile check-yamls images manifests checkov gpu-check gpu-check-smoke bench-curation clean
 
 help:
 	@echo "make demo      run the full pipeline locally (kfp.local + embedded S3 store)"
@@ -83,6 +83,13 @@ gpu-check:  ## one-shot GPU check (needs CUDA): trainer bf16 steps + bench ViT-S
 
 gpu-check-smoke: venv  ## the same script on the CPU with tiny sizes
 	PYTHON=$(BIN)/python bash scripts/gpu_check.sh --cpu-smoke
+
+bench-curation: venv data  ## dedup (pixel and bootstrapped-backbone embedders), curate, dedup at 1M, embed
+	$(BIN)/dinoflow bench dedup --size 100000
+	$(BIN)/dinoflow bench dedup --size 100000 --embedder backbone
+	$(BIN)/dinoflow bench curate --size 100000
+	$(BIN)/dinoflow bench dedup-scale
+	$(BIN)/dinoflow bench embed
 
 clean:
 	rm -rf demo-out .pytest_cache .ruff_cache .mypy_cache
