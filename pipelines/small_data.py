@@ -13,7 +13,8 @@ from dinoflow.kfp.gpu import cpu_task, gpu_task
 from pipelines import params as P
 
 PRETRAIN = json.dumps(
-    {"method": "splitmask", "steps": 10000, "batch_size": 256, "precision": "bf16"}, sort_keys=True
+    {"method": "splitmask", "target_only": True, "steps": 10000, "batch_size": 256, "precision": "bf16"},
+    sort_keys=True,
 )
 
 

@@ -35,6 +35,10 @@ def _demo_preset() -> dict[str, Any]:
     return {k: v for k, v in DEMO.items() if k in fields}
 
 
+# 28 px images, patch 4: 2 global crops at 28 px and 2 local crops at 12 px
+_TINY_CROPS = {"global_crop_px": 28, "local_crop_px": 12, "local_crops_number": 2}
+
+
 def tiny_arguments(
     paths: dict[str, tuple[Path, Path]], output_root: str, data_version: str = "v1"
 ) -> dict[str, Any]:
@@ -57,7 +61,7 @@ def tiny_arguments(
         # the 2-step bootstrap embedder maps every image to ~one point (LayerScale 1e-5 leaves its
         # CLS token image-blind), so this wiring test disables the cosine rules; hash rules still run
         "dedup_spec": _J({"k": 8, "threshold_cos": 1.0, "decontam_threshold_cos": 1.0}),
-        "curate_spec": _J({"strategy": "retrieval", "target_size": 128}),
+        "curate_spec": _J({"strategy": "retrieval", "target_size": 64}),
         "pretrain_spec": _J(
             {
                 "method": "dinov2",
@@ -65,9 +69,10 @@ def tiny_arguments(
                 "steps": 2,
                 "batch_size": 16,
                 "checkpoint_every_steps": 2,
+                "crops": _TINY_CROPS,
             }
         ),
-        "distill_spec": _J({"students": [student], "steps": 2, "batch_size": 16}),
+        "distill_spec": _J({"students": [student], "steps": 2, "batch_size": 16, "crops": _TINY_CROPS}),
         "evaluate_spec": _J(
             {
                 "knn_k": [10, 20],
@@ -85,18 +90,32 @@ def tiny_arguments(
 def demo_arguments(
     paths: dict[str, tuple[Path, Path]], output_root: str, data_version: str = "demo"
 ) -> dict[str, Any]:
-    """``dinoflow demo``: all of Fashion-MNIST, the DEMO training preset, a CPU budget of ~10 minutes."""
+    """``dinoflow demo``: all of Fashion-MNIST through every stage on 2 CPU cores.
+
+    Patch-7 ViTs (4x4 tokens at 28 px) keep each stage to minutes; the pretrain stage uses the DEMO
+    preset. The dedup thresholds suit our short-trained embedder, not DINOv2's copy-detection one
+    (whose 0.6 / 0.45 would put most same-class Fashion-MNIST images in one group)."""
+    pretrain = {**_demo_preset(), "epochs": 0.5, "checkpoint_every_steps": 100}
     return {
         "output_root": output_root,
         "data_version": data_version,
         "ingest_spec": _ingest(paths, None),
-        "embed_spec": _J({"batch_size": 512, "num_workers": 0, "device": "cpu"}),
-        "dedup_spec": _J({"k": 16}),
-        "curate_spec": _J({"strategy": "retrieval", "target_size": 40000}),
-        "pretrain_spec": _J(
-            {"method": "dinov2", "backbone": "vit_mini_p4_28", "steps": 300, "batch_size": 128}
+        "embed_spec": _J(
+            {
+                "batch_size": 512,
+                "num_workers": 1,
+                "device": "cpu",
+                "bootstrap_backbone": "vit_mini_p7_28",
+                "bootstrap_sample": 10000,
+                "bootstrap_steps": 80,
+            }
         ),
-        "distill_spec": _J({"students": ["vit_test_p4_28"], "steps": 100, "batch_size": 128}),
-        "evaluate_spec": _J({"knn_k": [10, 20]}),
+        "dedup_spec": _J({"k": 16, "threshold_cos": 0.97, "decontam_threshold_cos": 0.97}),
+        "curate_spec": _J({"strategy": "retrieval", "target_size": 30000}),
+        "pretrain_spec": _J(pretrain),
+        "distill_spec": _J({"students": ["vit_micro_p7_28"], "steps": 60, "batch_size": 128}),
+        "evaluate_spec": _J(
+            {"knn_k": [10, 20], "linear_lrs": [0.01, 0.1], "linear_epochs": 5, "logreg_cs": [0.1, 1.0]}
+        ),
         "promote_spec": _J({"model_name": "fmnist-demo", "registry_uri": f"{output_root}/registry"}),
     }

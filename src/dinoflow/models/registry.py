@@ -57,6 +57,8 @@ BACKBONES: dict[str, BackboneEntry] = {
     "vit_mini_p4_28": _vit("vit_small_patch14_dinov2", 28, 4, 1, embed_dim=128, depth=4, num_heads=4),
     "vit_mini_p7_28": _vit("vit_small_patch14_dinov2", 28, 7, 1, embed_dim=128, depth=4, num_heads=4),
     "vit_small_p7_28": _vit("vit_small_patch14_dinov2", 28, 7, 1, embed_dim=192, depth=6, num_heads=3),
+    # a distillation student for the 28 px p7 teachers (same patch grid, so iBOT can be distilled)
+    "vit_micro_p7_28": _vit("vit_small_patch14_dinov2", 28, 7, 1, embed_dim=64, depth=3, num_heads=2),
     "vit_test_p4_28": _vit("vit_small_patch14_dinov2", 28, 4, 1, embed_dim=32, depth=2, num_heads=2),
     "vit_test_p4_28_reg2": _vit(
         "vit_small_patch14_reg4_dinov2", 28, 4, 1, embed_dim=32, depth=2, num_heads=2, reg_tokens=2
