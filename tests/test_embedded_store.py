@@ -47,7 +47,9 @@ def test_concurrent_up_starts_one_server_and_a_stray_is_reaped(tmp_path):
 
     es = EmbeddedStore(tmp_path / "s")
     states = []
-    threads = [threading.Thread(target=lambda: states.append(EmbeddedStore(tmp_path / "s").up())) for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: states.append(EmbeddedStore(tmp_path / "s").up())) for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -17,8 +17,9 @@ class IngestSpec(StageSpec):
     """
 
     kind: Literal["idx", "folder", "shards", "files"] = Field(
-        ..., description="idx: [images.gz, labels.gz] per split; folder: one dir per split (class "
-        "sub-folders become labels); shards: tar files; files: image files or .txt lists of them"
+        ...,
+        description="idx: [images.gz, labels.gz] per split; folder: one dir per split (class "
+        "sub-folders become labels); shards: tar files; files: image files or .txt lists of them",
     )
     splits: dict[str, list[str]] = Field(
         ..., min_length=1, description="split name -> input paths (local or s3://) for that split"
