@@ -35,6 +35,7 @@ def summarise(run: Any, out: Path, store: Any) -> dict[str, Any]:
     counts: dict[str, Any] = {}
     if "ingest" in res:
         counts["ingested"] = res["ingest"].get("counts", {})
+        counts["ingested_by_label"] = res["ingest"].get("label_counts", {})
     if "dedup" in res:
         counts["dedup_input"] = res["dedup"].get("input_count")
         counts["dedup_kept"] = res["dedup"].get("kept_count")
@@ -107,5 +108,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         f"\nk-NN top-1 {fmt(summary['knn_top1'])}   linear top-1 {fmt(summary['linear_top1'])}   "
         f"(raw-pixel k-NN baseline 84.30%)"
     )
-    print(f"counts: {json.dumps(summary['counts'])}")
+    by_label = summary["counts"].get("ingested_by_label", {})
+    for split, labels in by_label.items():
+        print(f"ingested {split:<5} " + ", ".join(f"{name}: {n}" for name, n in labels.items()))
+    print(f"counts: {json.dumps({k: v for k, v in summary['counts'].items() if k != 'ingested_by_label'})}")
     print(f"summary: {out / 'summary.json'}   report: {summary['report_html']}")
