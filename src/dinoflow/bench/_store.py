@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +29,8 @@ def bench_store() -> Iterator:  # yields an ObjectStore
     if configured is not None:
         yield configured
         return
+    # a SIGTERM (a timeout, a kill) becomes SystemExit, so the finally below still stops the server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     home = tempfile.mkdtemp(prefix="dinoflow-bench-store-")
     es = EmbeddedStore(home)
     log.info("no object store configured: a private embedded store in %s (stopped at the end)", home)

@@ -39,11 +39,9 @@ def knn_top1(backbone, train_x, train_y, test_x, test_y, k: int = 20) -> float: 
 def main(argv: list[str]) -> None:
     import torch
 
+    from dinoflow.bench._store import bench_store
     from dinoflow.data.idx import load_fashion_mnist
-    from dinoflow.storage import ObjectStore
-    from dinoflow.storage.embedded import EmbeddedStore
     from dinoflow.train.presets import PRESETS, get_preset
-    from dinoflow.train.trainer import build_method, train
 
     p = argparse.ArgumentParser(prog="dinoflow bench cpu-recipe", description=__doc__)
     p.add_argument("--preset", default="fashion-mnist-cpu", choices=sorted(PRESETS))
@@ -69,14 +67,15 @@ def main(argv: list[str]) -> None:
     test_x = torch.from_numpy(xte.copy()).unsqueeze(1)
     train_y, test_y = torch.from_numpy(ytr.copy()), torch.from_numpy(yte.copy())
 
-    try:
-        store = ObjectStore.from_env()
-        es = None
-    except Exception:  # no store configured: use (and stop) a private embedded one
-        import tempfile
+    with bench_store() as store:
+        _run(a, cfg, store, train_x, train_y, test_x, test_y, t_start)
 
-        es = EmbeddedStore(tempfile.mkdtemp(prefix="dinoflow-bench-"))
-        store = ObjectStore(es.up().settings())
+
+def _run(a, cfg, store, train_x, train_y, test_x, test_y, t_start: float) -> None:  # noqa: ANN001
+    import torch
+
+    from dinoflow.train.trainer import build_method, train
+
     out_uri = a.output_uri or f"s3://bench-{uuid.uuid4().hex[:10]}/cpu-recipe"
 
     init_acc = float("nan")
@@ -98,8 +97,6 @@ def main(argv: list[str]) -> None:
     print(f"{'k-NN top-1 init':<24}{init_acc:.4f}")
     print(f"{'k-NN top-1 trained':<24}{acc:.4f}   (raw pixels {RAW_PIXEL_KNN})")
     print(f"{'wall seconds':<24}{wall:.0f}")
-    if es is not None:
-        es.down()
     print(
         json.dumps(
             {

@@ -17,10 +17,9 @@ held-out train), on the Fashion-MNIST test split. The last output line is one JS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import signal
-import sys
 import time
 from typing import Any
 
@@ -59,11 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
-    import shutil
-    import tempfile
-
     import torch
 
+    from dinoflow.bench._store import bench_store
     from dinoflow.data.idx import load_fashion_mnist
     from dinoflow.eval.features import FeatureSet
     from dinoflow.eval.knn import knn_classify
@@ -71,14 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     from dinoflow.methods.distill import Distill
     from dinoflow.methods.distill_config import DistillConfig
     from dinoflow.models import create_backbone, get_entry, load_backbone
-    from dinoflow.settings import S3Settings
-    from dinoflow.storage import ObjectStore
-    from dinoflow.storage.embedded import EmbeddedStore
     from dinoflow.train.presets import get_preset
     from dinoflow.train.trainer import train
 
-    # A SIGTERM (e.g. a timeout) still runs the finally below, which stops the embedded store.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(a.seed)
     xtr_all, ytr_all = load_fashion_mnist("train")
@@ -95,13 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.from_numpy(yte_all.copy())[te],
     )
 
-    embedded = None
-    if S3Settings().endpoint:
-        store = ObjectStore.from_env()
-    else:
-        embedded_dir = tempfile.mkdtemp(prefix="dinoflow-bench-distill-")
-        embedded = EmbeddedStore(embedded_dir)
-        store = ObjectStore(embedded.up().settings())
+    stack = contextlib.ExitStack()
+    store = stack.enter_context(bench_store())
     root = f"s3://bench-distill/{int(time.time())}"
     rows: dict[str, dict[str, Any]] = {}
     try:
@@ -203,9 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             "probe": lin.selection.best.name,
         }
     finally:
-        if embedded is not None:
-            embedded.down()
-            shutil.rmtree(embedded_dir, ignore_errors=True)
+        stack.close()  # stops a private embedded store (also on SIGTERM, see bench_store)
 
     print(
         f"\nFashion-MNIST: train on {a.train_images} images, k-NN memory {a.eval_train_images}, test {a.eval_test_images}"
