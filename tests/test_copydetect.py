@@ -1,0 +1,85 @@
+"""Pixel copy detection (dinoflow.curation.copydetect) on hand-built Fashion-MNIST cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dinoflow.curation import copydetect as cd
+
+
+@pytest.fixture(scope="module")
+def fm():
+    from dinoflow.data.idx import load_fashion_mnist
+
+    x, y = load_fashion_mnist("test")
+    return x[:600].copy(), y[:600].copy()
+
+
+def _copies(img: np.ndarray) -> dict[str, np.ndarray]:
+    from PIL import Image, ImageDraw, ImageFont
+
+    im = Image.fromarray(img)
+    crop = np.asarray(im.crop((3, 2, 24, 23)).resize((28, 28), Image.BILINEAR))
+    rot = np.asarray(im.rotate(-11.3, resample=Image.BILINEAR))
+    txt = im.copy()
+    ImageDraw.Draw(txt).text((4, 17), "QX7", fill=255, font=ImageFont.load_default())
+    return {"crop": crop, "rotate": rot, "text": np.asarray(txt), "flip": img[:, ::-1].copy()}
+
+
+def test_grid_covers_the_planted_transforms():
+    p = cd.CopyDetectParams()
+    g = cd.alignment_grid(p)
+    kinds = g.params[:, 0]
+    assert set(np.unique(kinds)) == {cd.IDENTITY, cd.FLIP, cd.CROP, cd.ROTATE}
+    sides = set(g.params[kinds == cd.CROP, 1].tolist())
+    assert {20, 21, 22, 23, 24} <= sides  # the demo pool keeps 20-24 px of 28
+    angles = set(np.abs(g.params[kinds == cd.ROTATE, 4]).tolist())
+    assert set(range(5, 16)) <= angles
+    nb = cd.neighbours(g, 1)
+    assert (nb[:, 0] >= 0).all() and nb.shape[1] == 3  # a rotation and its +-1 degree neighbours
+
+
+def test_robust_error_scores_copies_low_and_a_same_class_image_high(fm):
+    import torch
+
+    x, y = fm
+    src, other = x[0], x[np.flatnonzero(y == y[0])[1]]
+    p = cd.CopyDetectParams()
+    grid = cd.alignment_grid(p)
+    views = cd.warp(torch.from_numpy(src).float()[None], torch.from_numpy(grid.theta)[None])
+    occ = cd.occluder_px(p)
+
+    def best(img: np.ndarray) -> float:
+        e = cd.robust_error(torch.from_numpy(img).float()[None], views, occ, p.min_contrast, p.min_kept_share)
+        return float(e.min())
+
+    for name, img in _copies(src).items():
+        assert best(img) <= p.max_error, name
+    assert best(other) > 2 * p.max_error  # a different image of the same class, best alignment
+    assert best(np.zeros_like(src)) == float("inf")  # a blank image is never a copy
+
+
+def test_detect_copies_finds_every_edit_and_no_distinct_image(fm):
+    x, _ = fm
+    evals = x[:300]
+    rng = np.random.default_rng(0)
+    srcs = rng.choice(300, 12, replace=False)
+    planted = [
+        (s, k, v)
+        for s, kind in zip(srcs, ("crop", "rotate", "text", "flip") * 3, strict=True)
+        for k, v in _copies(evals[s]).items()
+        if k == kind
+    ]
+    pool = np.concatenate([np.stack([v for _, _, v in planted]), x[300:600]])  # 300 distinct test images
+    m = cd.detect_copies(pool, evals)
+    n = len(planted)
+    assert m.is_copy[:n].all(), [(k, float(e)) for (_, k, _), e in zip(planted, m.error[:n], strict=True)]
+    assert (m.eval_row[:n] == [s for s, _, _ in planted]).all()
+    assert not m.is_copy[n:].any(), np.sort(m.error[n:])[:5]
+    assert m.alignment_counts()["crop"] >= 3 and m.alignment_counts()["rotate"] >= 3
+
+
+def test_detect_copies_rejects_wrong_sizes():
+    with pytest.raises(ValueError, match=r"\[N, 28, 28\]"):
+        cd.detect_copies(np.zeros((3, 32, 32), np.uint8), np.zeros((3, 28, 28), np.uint8))
