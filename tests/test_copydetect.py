@@ -20,11 +20,11 @@ def _copies(img: np.ndarray) -> dict[str, np.ndarray]:
     from PIL import Image, ImageDraw, ImageFont
 
     im = Image.fromarray(img)
-    crop = np.asarray(im.crop((3, 2, 24, 23)).resize((28, 28), Image.BILINEAR))
-    rot = np.asarray(im.rotate(-11.3, resample=Image.BILINEAR))
+    crop = np.array(im.crop((3, 2, 24, 23)).resize((28, 28), Image.BILINEAR))
+    rot = np.array(im.rotate(-11.3, resample=Image.BILINEAR))
     txt = im.copy()
     ImageDraw.Draw(txt).text((4, 17), "QX7", fill=255, font=ImageFont.load_default())
-    return {"crop": crop, "rotate": rot, "text": np.asarray(txt), "flip": img[:, ::-1].copy()}
+    return {"crop": crop, "rotate": rot, "text": np.array(txt), "flip": img[:, ::-1].copy()}
 
 
 def test_grid_covers_the_planted_transforms():

@@ -45,7 +45,8 @@ def _sweep(spec, store, gt, keys, pairs):  # noqa: ANN001, ANN202
         edges = dict(sim.hash_edges)
         q, nb, _ = edges_above(sim.graph, t)
         edges["embedding"] = (q, nb)
-        touched = np.flatnonzero(sim.touched_hash | (sim.eval_top1 > d))
+        hit = sim.touched_hash | (sim.eval_top1 > d)
+        touched = np.flatnonzero(hit if sim.touched_copy is None else hit | sim.touched_copy)
         out = dedup(len(keys), edges, touched_eval=touched, grouping=spec.grouping)
         sc = score_arrays(
             g["copy_of"],

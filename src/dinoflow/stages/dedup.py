@@ -6,7 +6,16 @@ above ``threshold_cos``). Each duplicate group keeps one image: the largest (pix
 earliest manifest row. Groups are ``star``s by default (every removed image is a direct duplicate
 of the kept one; no chains) or DINOv2's ``connected`` components (see dinoflow.curation.dedup).
 Decontamination: a pool image whose nearest evaluation image is above ``decontam_threshold_cos``
-(or hash-equal to one) is dropped with its whole duplicate group.
+(or hash-equal to one), or that ``copy_detection`` verifies as an edited copy of one, is dropped
+with its whole duplicate group.
+
+Why ``copy_detection``: DINOv2 decontaminates with a copy-detection embedding (SSCD) and a cosine
+of 0.45; such an embedding maps crops, rotations and overlaid captions next to their source. The
+embeddings this stage is given (a pixel descriptor, a briefly bootstrapped SSL backbone) do not:
+crop, rotation and caption copies of test images escaped them (demo pool: crop recall ~0, rotation
+<= 0.15, text <= 0.57). The pass works on pixels, independently of the embedder: an evaluation
+index expanded with canonical views (crops, rotations, mirror) proposes candidates, and an alignment
+search with an error that ignores one occluder-sized window verifies them (dinoflow.curation.copydetect).
 
 Outputs under ``output_uri``: ``manifest.parquet`` (kept rows, same shards), ``embeddings/`` (kept
 rows' embeddings), ``groups.parquet`` (every row in a multi-image component or dropped for
@@ -20,12 +29,49 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dinoflow.errors import SpecError
 from dinoflow.stages.base import StageResult, StageSpec
 
 log = logging.getLogger(__name__)
+
+
+class CopyDetectionSpec(BaseModel):
+    """Pixel copy detection against the evaluation sets (dinoflow.curation.copydetect)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="verify crop/rotation/mirror/caption copies on pixels")
+    px: int = Field(28, ge=8, le=128, description="working resolution (grayscale px x px)")
+    max_error: float = Field(
+        0.008,
+        gt=0,
+        description="a copy's robust residual (share of the pool image's variance) is at most this; "
+        "measured: planted crop/rotate/caption copies <= 0.005, hardest distinct pairs >= 0.014",
+    )
+    candidate_cos: float = Field(0.85, gt=-1, lt=1, description="thumbnail correlation a candidate needs")
+    k: int = Field(2, ge=1, le=16, description="candidate evaluation rows per pool image and region")
+    occluder_frac: tuple[float, float] = Field(
+        (0.33, 0.8), description="(height, width) share of the image an overlay may cover (ignored window)"
+    )
+    max_angle_deg: int = Field(15, ge=0, le=45, description="rotations searched: +-1..this many degrees")
+    crop_min_frac: float = Field(0.68, gt=0.3, le=1, description="smallest crop side searched (share)")
+    exact_max_views: int = Field(200_000, ge=1, description="larger expanded indexes use IVF")
+
+    def params(self):  # noqa: ANN201
+        from dinoflow.curation.copydetect import CopyDetectParams
+
+        return CopyDetectParams(
+            px=self.px,
+            max_error=self.max_error,
+            candidate_cos=self.candidate_cos,
+            k=self.k,
+            occluder_frac=tuple(self.occluder_frac),
+            max_angle_deg=self.max_angle_deg,
+            crop_min_frac=self.crop_min_frac,
+            exact_max_views=self.exact_max_views,
+        )
 
 
 class DedupSpec(StageSpec):
@@ -36,6 +82,11 @@ class DedupSpec(StageSpec):
     k: int = Field(64, ge=1, description="neighbours per image (DINOv2: 64)")
     threshold_cos: float = Field(0.6, gt=-1, le=1, description="self-dedup edge threshold (DINOv2: 0.6)")
     decontam_threshold_cos: float = Field(0.45, gt=-1, le=1, description="eval-copy threshold (DINOv2: 0.45)")
+    copy_detection: CopyDetectionSpec = Field(
+        default_factory=CopyDetectionSpec,
+        description="pixel copy detection against the evaluation sets (crops, rotations, mirror, "
+        "captions), on top of the embedding threshold",
+    )
     max_removed_fraction: float = Field(
         0.95,
         gt=0,
@@ -108,6 +159,8 @@ class SimilarityGraph:
     eval_top1: object  # float32 [n]: cosine of each pool row's nearest evaluation image (-1: none)
     touched_hash: object  # bool [n]: hash-equal to an evaluation image
     phash: object  # uint64 [n, 2] or None
+    touched_copy: object = None  # bool [n]: verified copy of an evaluation image (copy_detection)
+    copy_report: dict | None = None
 
 
 def similarity_graph(spec: DedupSpec, store, table, emb, evals) -> SimilarityGraph:  # noqa: ANN001
@@ -149,7 +202,53 @@ def similarity_graph(spec: DedupSpec, store, table, emb, evals) -> SimilarityGra
         if spec.phash_max_bits >= 0 and ph is not None and e_ph is not None:
             pi, _, _ = hash_pairs(ph, spec.phash_max_bits, other=e_ph)
             touched[pi] = True
-    return SimilarityGraph(g, edges, top1, touched, ph)
+    copies, copy_report = copy_detection(spec, store, table, evals)
+    return SimilarityGraph(g, edges, top1, touched, ph, copies, copy_report)
+
+
+def copy_detection(spec: DedupSpec, store, table, evals):  # noqa: ANN001, ANN201
+    """bool [n] pool rows verified as copies of an evaluation image, and a report (None when off)."""
+    import time
+
+    import numpy as np
+
+    from dinoflow.curation.copydetect import detect_copies
+    from dinoflow.data.dataset import load_images
+
+    cd = spec.copy_detection
+    if not cd.enabled or not evals:
+        return None, None
+    t0 = time.perf_counter()
+    params = cd.params()
+    pool, _ = load_images(store, table, channels=1, size_px=cd.px)
+    pool = pool[:, 0].numpy()
+    log.info(
+        "copy detection: %d pool images decoded at %d px in %.1fs", len(pool), cd.px, time.perf_counter() - t0
+    )
+    touched = np.zeros(len(pool), bool)
+    per_set = []
+    for et, eu in evals:
+        ev, _ = load_images(store, et, channels=1, size_px=cd.px)
+        m = detect_copies(pool, ev[:, 0].numpy(), params)
+        touched |= m.is_copy
+        per_set.append(
+            {
+                "embeddings_uri": eu,
+                "eval_images": int(len(ev)),
+                "candidates": m.n_candidates,
+                "copies": int(m.is_copy.sum()),
+                "copies_per_alignment": m.alignment_counts(),
+                "index": m.index_reason,
+                "seconds": m.seconds,
+            }
+        )
+    report = {
+        "copies": int(touched.sum()),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "max_error": cd.max_error,
+        "per_eval_set": per_set,
+    }
+    return touched, report
 
 
 def load_inputs(spec: DedupSpec, store):  # noqa: ANN001, ANN201
@@ -191,6 +290,8 @@ def run(spec: DedupSpec, store):  # noqa: ANN001, ANN201
     edges["embedding"] = (q, nb)
     # -- decontamination: a pool image touches an eval set by hash or by its nearest eval cosine
     touched = sim.touched_hash | (sim.eval_top1 > spec.decontam_threshold_cos)
+    if sim.touched_copy is not None:
+        touched |= sim.touched_copy
     ph = sim.phash
     area = np.asarray(table.column("width").to_numpy(zero_copy_only=False), np.int64) * np.asarray(
         table.column("height").to_numpy(zero_copy_only=False), np.int64
@@ -264,7 +365,8 @@ def run(spec: DedupSpec, store):  # noqa: ANN001, ANN201
         "keep_rule": "largest pixel area, then earliest manifest row",
         "grouping": spec.grouping,
         "decontamination_rule": "pool images whose nearest evaluation image is above "
-        "decontam_threshold_cos (or hash-equal), with their whole duplicate group",
+        "decontam_threshold_cos (or hash-equal, or a verified pixel copy), with their whole duplicate group",
+        "copy_detection": sim.copy_report,
         "thresholds": {
             "threshold_cos": spec.threshold_cos,
             "decontam_threshold_cos": spec.decontam_threshold_cos,
