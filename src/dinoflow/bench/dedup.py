@@ -100,6 +100,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--grouping", choices=["star", "connected"], default="star")
     ap.add_argument("--phash-max-bits", type=int, default=0)
     ap.add_argument("--k", type=int, default=64)
+    ap.add_argument(
+        "--copy-detection", choices=["on", "off"], default="on", help="the dedup spec's pixel copy detection"
+    )
     ap.add_argument("--sweep", default="", help="extra pairs to score, e.g. 0.9:0.9,0.95:0.9")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
@@ -133,7 +136,7 @@ def main(argv: list[str]) -> None:
             bootstrap_sample=a.bootstrap_sample,
         )
         stage = get_stage("dedup")
-        tag = f"t{thr}-d{dthr}-b{a.phash_max_bits}-k{a.k}-c{int(center)}-{a.grouping}"
+        tag = f"t{thr}-d{dthr}-b{a.phash_max_bits}-k{a.k}-c{int(center)}-{a.grouping}-cd{a.copy_detection}"
         emb_tag = info["pool_emb"].rstrip("/").split("/")[-3]
         spec = stage.parse_spec(
             {
@@ -148,9 +151,11 @@ def main(argv: list[str]) -> None:
                 "k": a.k,
                 "center": center,
                 "grouping": a.grouping,
+                "copy_detection": {"enabled": a.copy_detection == "on"},
             }
         )
         res = stage.run(spec, store)
+        copy_report = store.get_json(res.report_uri).get("copy_detection")
         keys = read_manifest(store, info["pool_manifest_uri"]).column("key").to_pylist()
         kept = read_manifest(store, res.manifest_uri).column("key").to_pylist()
         groups = pq.read_table(io.BytesIO(store.get_bytes(res.groups_uri)))
@@ -187,6 +192,7 @@ def main(argv: list[str]) -> None:
                 "decontam_threshold_cos": dthr,
                 "center": center,
                 "grouping": a.grouping,
+                "copy_detection": copy_report,
                 "sweep": sweep,
             }
         )
