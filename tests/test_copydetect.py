@@ -83,3 +83,47 @@ def test_detect_copies_finds_every_edit_and_no_distinct_image(fm):
 def test_detect_copies_rejects_wrong_sizes():
     with pytest.raises(ValueError, match=r"\[N, 28, 28\]"):
         cd.detect_copies(np.zeros((3, 32, 32), np.uint8), np.zeros((3, 28, 28), np.uint8))
+
+
+def test_thumbnail_operator_matches_rendered_views(fm):
+    import torch
+
+    x, _ = fm
+    p = cd.CopyDetectParams()
+    g = cd.alignment_grid(p)
+    e = torch.from_numpy(x[:8]).float()
+    op = cd.thumbnail_operator(g, p.px, p.desc_px)
+    fast = (e.reshape(8, -1) @ op).view(-1, p.desc_px, p.desc_px)
+    views = cd.warp(e, torch.from_numpy(g.theta)[None].expand(8, len(g), 2, 3)).reshape(-1, p.px, p.px)
+    slow = cd.thumbnails(views, p.desc_px)
+    assert torch.allclose(fast, slow, atol=1e-3), float((fast - slow).abs().max())
+
+
+@pytest.mark.parametrize("exact_max_views", [200_000, 1], ids=["flat", "ivf"])
+def test_chunked_index_equals_one_index(fm, exact_max_views):
+    """Chunks of the expanded index, searched one at a time and merged, give exactly the candidates
+    and matches of a single index (flat, or IVF under the one trained quantizer)."""
+    x, _ = fm
+    evals = x[:60]
+    crop = np.array([_copies(evals[i])["crop"] for i in (3, 17, 41)])
+    pool = np.concatenate([crop, evals[[5, 58]][:, :, ::-1], x[100:140]])
+    v = len(cd.alignment_grid(cd.CopyDetectParams()))
+    one = cd.CopyDetectParams(exact_max_views=exact_max_views, index_chunk_views=10**9)
+    many = cd.CopyDetectParams(exact_max_views=exact_max_views, index_chunk_views=7 * v)  # 9 chunks
+    assert cd.index_plan(60, v, many)[1] == 7 and cd.index_plan(60, v, one)[1] == 60
+    a, b = cd.detect_copies(pool, evals, one), cd.detect_copies(pool, evals, many)
+    assert a.index_reason.endswith("1 chunk(s) of <= 24720 views"), a.index_reason
+    assert "9 chunk(s)" in b.index_reason and (exact_max_views == 1) == ("IVF" in b.index_reason)
+    assert a.n_candidates == b.n_candidates > 0
+    for f in ("error", "eval_row", "alignment", "is_copy"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+    assert a.is_copy[:5].all() and (a.eval_row[:5] == [3, 17, 41, 5, 58]).all()
+
+
+def test_coarse_index_grid_is_covered_by_verification_neighbourhoods():
+    p = cd.CopyDetectParams(index_crop_step=2)
+    fine, coarse = cd.alignment_grid(p), cd.index_grid(p)
+    assert len(coarse) < len(fine) / 2
+    nb, counts = cd.neighbour_lists(coarse, fine, p.refine_deg, p.index_crop_step - 1)
+    assert set(nb.ravel().tolist()) == set(range(len(fine)))  # every 1 px crop is verified somewhere
+    assert counts.max() == 27 and counts[:2].tolist() == [1, 1]  # 3 sides x 3 x 3 offsets; identity, flip

@@ -13,8 +13,12 @@ rotation <= 0.15, text <= 0.57). This module closes that gap on pixels, in two s
    evaluation row. Every pool image queries the index with three regions of itself: the whole
    image and its top and bottom two thirds, so a caption in the top or bottom third leaves one
    query untouched. The best ``k`` distinct evaluation rows per region above ``candidate_cos``,
-   with the view that matched, are the candidates. Indexes above ``exact_max_views`` thumbnails
-   use faiss IVF (dinoflow.curation.knn), one region at a time.
+   with the view that matched, are the candidates. The thumbnails of all views come from one
+   matrix product per evaluation image (warping and pooling are linear: ``thumbnail_operator``).
+   The index is built and searched in chunks of at most ``index_chunk_views`` views and the
+   per-query results merged, so memory is bounded whatever the evaluation set's size; above
+   ``exact_max_views`` views in all, each chunk is an IVF index under one coarse quantizer per
+   region, so chunked and unchunked searches return the same candidates (``index_plan``).
 2. **Verification: a robust error at the matched alignment.** Each candidate is warped at ``px``
    resolution by its view (rotations also +-``refine_deg``). The pool image is fitted as
    ``a * view + b`` (brightness and contrast changes, ``a >= 0``) and the error is the mean
@@ -42,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -66,6 +70,8 @@ class CopyDetectParams:
     refine_deg: int = 1  # verification also tries rotations this many degrees from the view's
     min_kept_share: float = 0.3  # the window may hide at most 70 % of the source view's variance
     exact_max_views: int = 200_000  # larger expanded indexes are searched with IVF (dinoflow.curation.knn)
+    index_chunk_views: int = 500_000  # views per index chunk (bounds memory; see index_plan)
+    index_crop_step: int = 1  # crop offsets of the candidate index (verification: every 1 px)
     k: int = 2  # distinct evaluation rows per pool image and region
     candidate_cos: float = 0.85  # a candidate's thumbnail correlation must exceed this
     occluder_frac: tuple[float, float] = (0.33, 0.8)  # (height, width) of the ignored window
@@ -120,25 +126,44 @@ def _lattice(hi: int, step: int) -> list[int]:
     return sorted(set(range(0, hi + 1, step)) | {hi})
 
 
-def alignment_grid(p: CopyDetectParams) -> Alignments:
-    """The canonical views: identity, mirror, crops at every side and 1 px offset, every degree."""
+def alignment_grid(p: CopyDetectParams, crop_step: int = 1) -> Alignments:
+    """The canonical views: identity, mirror, crops at every side and ``crop_step`` px offset (each
+    side's last offset included), every degree. Verification uses the 1 px grid."""
     rows = [(IDENTITY, p.px, 0, 0, 0), (FLIP, p.px, 0, 0, 0)]
     for s in crop_sides(p):
-        rows += [(CROP, s, x, y, 0) for x in range(p.px - s + 1) for y in range(p.px - s + 1)]
+        offsets = _lattice(p.px - s, crop_step)
+        rows += [(CROP, s, x, y, 0) for x in offsets for y in offsets]
     rows += [(ROTATE, p.px, 0, 0, a) for a in range(-p.max_angle_deg, p.max_angle_deg + 1) if a]
     return _alignments(rows, p.px)
 
 
-def neighbours(grid: Alignments, radius_deg: int = 1) -> np.ndarray:
-    """int64 [A, M]: each alignment and the rotations within ``radius_deg`` of it (the indexed
-    thumbnails pick a rotation to about a degree; verification refines it), padded by repeating."""
-    c, f = grid.params[:, None], grid.params[None]
-    near = (c[..., :4] == f[..., :4]).all(-1) & (np.abs(c[..., 4] - f[..., 4]) <= radius_deg)
-    width = int(near.sum(1).max())
-    out = np.empty((len(grid), width), np.int64)
+def index_grid(p: CopyDetectParams) -> Alignments:
+    """The views of the candidate index: crops at every ``index_crop_step`` px offset."""
+    return alignment_grid(p, p.index_crop_step)
+
+
+def neighbour_lists(
+    coarse: Alignments, fine: Alignments, radius_deg: int = 1, radius_px: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """int64 [A, M] (padded by repeating) and int64 [A] counts: for each ``coarse`` alignment, the
+    ``fine`` ones of its kind within ``radius_px`` of its side and offset and ``radius_deg`` of its
+    angle (the index picks a view to about a degree and ``index_crop_step`` px; verification refines)."""
+    c, f = coarse.params[:, None], fine.params[None]
+    near = (
+        (c[..., 0] == f[..., 0])
+        & (np.abs(c[..., 1:4] - f[..., 1:4]) <= radius_px).all(-1)
+        & (np.abs(c[..., 4] - f[..., 4]) <= radius_deg)
+    )
+    counts = near.sum(1)
+    out = np.empty((len(coarse), int(counts.max())), np.int64)
     for i, row in enumerate(near):
-        out[i] = np.resize(np.flatnonzero(row), width)
-    return out
+        out[i] = np.resize(np.flatnonzero(row), out.shape[1])
+    return out, counts
+
+
+def neighbours(grid: Alignments, radius_deg: int = 1) -> np.ndarray:
+    """int64 [A, M]: each alignment and the rotations within ``radius_deg`` of it, padded."""
+    return neighbour_lists(grid, grid, radius_deg)[0]
 
 
 def warp(images, theta):  # noqa: ANN001, ANN201
@@ -153,19 +178,66 @@ def warp(images, theta):  # noqa: ANN001, ANN201
     return out.view(b, m, px, px)
 
 
-def descriptors(images, desc_px: int, region: str):  # noqa: ANN001, ANN201
-    """float [N, px, px] -> L2-normalised, standardised ``desc_px`` thumbnails of one region."""
+def thumbnails(images, desc_px: int):  # noqa: ANN001, ANN201
+    """float [N, px, px] -> float [N, desc_px, desc_px] area-averaged thumbnails."""
     import torch.nn.functional as F
 
-    x = F.adaptive_avg_pool2d(images[:, None].float(), desc_px)[:, 0]
+    return F.adaptive_avg_pool2d(images[:, None].float(), desc_px)[:, 0]
+
+
+def region_descriptors(thumbs, region: str) -> np.ndarray:  # noqa: ANN001
+    """[N, desc_px, desc_px] thumbnails -> L2-normalised, standardised descriptors of one region
+    (``top`` and ``bottom`` drop the other third of the rows)."""
+    desc_px = thumbs.shape[-1]
     third = desc_px // 3
+    x = thumbs
     if region == "top":
         x = x[:, : desc_px - third]
     elif region == "bottom":
         x = x[:, third:]
     x = x.flatten(1)
     x = x - x.mean(1, keepdim=True)
-    return (x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)).numpy()
+    return np.ascontiguousarray((x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)).numpy())
+
+
+def descriptors(images, desc_px: int, region: str):  # noqa: ANN001, ANN201
+    """float [N, px, px] -> L2-normalised, standardised ``desc_px`` thumbnails of one region."""
+    return region_descriptors(thumbnails(images, desc_px), region)
+
+
+def thumbnail_operator(grid: Alignments, px: int, desc_px: int, *, batch: int = 64):  # noqa: ANN201
+    """float [px * px, A * desc_px**2]: image -> the thumbnails of all its views, as one matrix.
+
+    Warping (bilinear, zero fill) and area pooling are linear in the image, so
+    ``image.flatten() @ op`` equals ``thumbnails(warp(image, theta))`` for every view at once (up to
+    float rounding): one matrix product per chunk of evaluation images instead of rendering
+    ``A`` full-size views of each."""
+    import torch
+    import torch.nn.functional as F
+
+    n = px * px
+    # pool[o]: the thumbnail cells that output pixel o of a view contributes to
+    pool = F.adaptive_avg_pool2d(torch.eye(n).view(n, 1, px, px), desc_px).reshape(n, desc_px * desc_px)
+    theta = torch.from_numpy(grid.theta)
+    a = len(grid)
+    out = torch.empty(a, n, desc_px * desc_px)
+    for s in range(0, a, batch):
+        th = theta[s : s + batch]
+        m = len(th)
+        g = F.affine_grid(th, [m, 1, px, px], align_corners=False).reshape(m, n, 2)
+        ix = ((g[..., 0] + 1) * px - 1) / 2  # input coordinates (grid_sample, align_corners=False)
+        iy = ((g[..., 1] + 1) * px - 1) / 2
+        x0, y0 = ix.floor(), iy.floor()
+        acc = torch.zeros(m * n, desc_px * desc_px)
+        view = torch.arange(m).view(m, 1) * n
+        for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            xi, yi = x0 + dx, y0 + dy
+            w = (1 - (ix - xi).abs()) * (1 - (iy - yi).abs())
+            inside = (xi >= 0) & (xi < px) & (yi >= 0) & (yi < px)
+            src = (view + (yi.clamp(0, px - 1) * px + xi.clamp(0, px - 1)).long()).flatten()
+            acc.index_add_(0, src, pool.repeat(m, 1) * (w * inside).flatten()[:, None])
+        out[s : s + m] = acc.view(m, n, -1)
+    return out.permute(1, 0, 2).reshape(n, a * desc_px * desc_px).contiguous()
 
 
 def robust_error(pool, views, occluder: tuple[int, int], min_contrast: float, min_kept_share: float = 0.5):  # noqa: ANN001, ANN201
@@ -237,35 +309,115 @@ def _first_distinct(rows: np.ndarray, k: int) -> np.ndarray:
     return first & (np.cumsum(first, 1) <= k)
 
 
-def candidates(pool, evals, p: CopyDetectParams, grid: Alignments, *, eval_chunk: int = 256) -> Candidates:  # noqa: ANN001
-    """Step 1: per pool image and region, the best ``k`` distinct evaluation rows of the expanded
-    index (with the matching view), above ``candidate_cos``. One region's index at a time."""
-    import torch
+def _merge_top(best, new, k: int):  # noqa: ANN001, ANN202
+    """Per query, the ``k`` highest of two (sims, ids) result sets (ids -1: no result). Stable:
+    among equal similarities the earlier set and column win."""
+    if best is None:
+        return new
+    sims = np.concatenate([best[0], new[0]], 1)
+    ids = np.concatenate([best[1], new[1]], 1)
+    sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
 
+
+def index_plan(n_eval: int, n_views: int, p: CopyDetectParams):  # noqa: ANN201
+    """(index choice, evaluation images per chunk) for ``n_eval`` images of ``n_views`` views.
+
+    The expanded index is built and searched in chunks of at most ``index_chunk_views`` views (of
+    whole evaluation images), and the per-query results merged, so memory does not grow with the
+    evaluation set. Above ``exact_max_views`` views in all, the chunks are IVF lists under one
+    coarse quantizer trained per region on a sample of views (~sqrt(n) lists, ``nprobe`` 16): a
+    query probes the same lists in every chunk, so the merged result equals one unchunked IVF
+    search with that quantizer."""
     from dinoflow.curation import knn
 
+    total = n_eval * n_views
+    nlist = max(1, int(np.sqrt(total)))
+    choice = knn.choose_index(total, p.desc_px**2, exact_max_pool=p.exact_max_views, nlist=nlist)
+    if choice.kind == "ivf":  # fewer lists than knn's 4*sqrt(n): one quantizer trained per region
+        choice = replace(choice, reason=choice.reason.replace("~4*sqrt(n)", "~sqrt(n)"))
+    per_chunk = max(1, min(n_eval, p.index_chunk_views // n_views))
+    return choice, per_chunk
+
+
+def _train_ivf(sample: np.ndarray, choice, seed: int = 0):  # noqa: ANN001, ANN202
+    import faiss
+
+    d = sample.shape[1]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, choice.nlist, faiss.METRIC_INNER_PRODUCT)
+    m = min(len(sample), 64 * choice.nlist)
+    rng = np.random.default_rng(seed)
+    index.train(sample if m >= len(sample) else sample[np.sort(rng.choice(len(sample), m, replace=False))])
+    index.nprobe = choice.nprobe
+    return index
+
+
+def candidates(pool, evals, p: CopyDetectParams, grid: Alignments) -> Candidates:  # noqa: ANN001
+    """Step 1: per pool image and region, the best ``k`` distinct evaluation rows of the expanded
+    index (with the matching view), above ``candidate_cos``; chunked as ``index_plan`` says."""
+    import faiss
+    import torch
+
     v = len(grid)
-    theta = torch.from_numpy(grid.theta)
+    n_eval = len(evals)
+    dp = p.desc_px
+    op = thumbnail_operator(grid, p.px, dp)
+    choice, per_chunk = index_plan(n_eval, v, p)
+    n_chunks = -(-n_eval // per_chunk)
+    search_k = min(n_eval * v, max(16, 4 * p.k))
+    pool_thumbs = thumbnails(pool, dp)
+    queries = {r: region_descriptors(pool_thumbs, r) for r in REGIONS}
+    del pool_thumbs
+    log.info(
+        "copy detection: %d eval images x %d views x %d regions in %d chunk(s) of <= %d images "
+        "(%d views; index_chunk_views=%d); %s",
+        n_eval,
+        v,
+        len(REGIONS),
+        n_chunks,
+        per_chunk,
+        per_chunk * v,
+        p.index_chunk_views,
+        choice.reason,
+    )
+
+    def view_thumbs(e) -> torch.Tensor:  # noqa: ANN001
+        return (e.reshape(len(e), -1).float() @ op).view(len(e) * v, dp, dp)
+
+    trained = {}
+    if choice.kind == "ivf":  # one coarse quantizer per region, from the views of sampled images
+        rng = np.random.default_rng(0)
+        n_img = min(n_eval, 2 * -(-64 * choice.nlist // v))  # 2x the points, subsampled
+        sample = view_thumbs(evals[torch.from_numpy(np.sort(rng.choice(n_eval, n_img, replace=False)))])
+        trained = {r: _train_ivf(region_descriptors(sample, r), choice) for r in REGIONS}
+        del sample
+    best: dict[str, tuple[np.ndarray, np.ndarray] | None] = dict.fromkeys(REGIONS)
+    for c, s in enumerate(range(0, n_eval, per_chunk)):
+        thumbs = view_thumbs(evals[s : s + per_chunk])
+        for region in REGIONS:
+            desc = region_descriptors(thumbs, region)
+            if choice.kind == "ivf":
+                index = faiss.clone_index(trained[region])
+            else:
+                index = faiss.IndexFlatIP(desc.shape[1])
+            index.add(desc)
+            del desc
+            q = queries[region]
+            kk = min(search_k, index.ntotal)
+            sims = np.empty((len(q), kk), np.float32)
+            ids = np.empty((len(q), kk), np.int64)
+            for b in range(0, len(q), 16_384):
+                sims[b : b + 16_384], ids[b : b + 16_384] = index.search(q[b : b + 16_384], kk)
+            del index
+            ids = np.where(ids >= 0, ids + s * v, -1)
+            best[region] = _merge_top(best[region], (sims, ids), search_k)
+        del thumbs
+        if n_chunks > 1:
+            log.info("copy detection: index chunk %d/%d searched", c + 1, n_chunks)
     parts: list[tuple[np.ndarray, ...]] = []
-    search_k = min(len(evals) * v, max(16, 4 * p.k))
-    reason = ""
     for region in REGIONS:
-        d = descriptors(pool[:1], p.desc_px, region).shape[1]
-        desc = np.empty((len(evals) * v, d), np.float32)
-        for s in range(0, len(evals), eval_chunk):
-            e = evals[s : s + eval_chunk]
-            views = warp(e, theta[None].expand(len(e), v, 2, 3)).reshape(-1, p.px, p.px)
-            desc[s * v : (s + len(e)) * v] = descriptors(views, p.desc_px, region)
-        choice = knn.choose_index(len(desc), d, exact_max_pool=p.exact_max_views)
-        reason = choice.reason
-        index, _ = knn.build_index(desc, choice)
-        del desc
-        q = np.ascontiguousarray(descriptors(pool, p.desc_px, region))
-        sims = np.empty((len(q), search_k), np.float32)
-        ids = np.empty((len(q), search_k), np.int64)
-        for s in range(0, len(q), 16_384):
-            sims[s : s + 16_384], ids[s : s + 16_384] = index.search(q[s : s + 16_384], search_k)
-        del index
+        sims, ids = best[region]
         rows = np.where(ids >= 0, ids // v, -1)
         take = _first_distinct(rows, p.k) & (sims > p.candidate_cos) & (ids >= 0)
         qi, j = np.nonzero(take)
@@ -279,6 +431,7 @@ def candidates(pool, evals, p: CopyDetectParams, grid: Alignments, *, eval_chunk
         if len(qi)
         else qi.astype(bool)
     )
+    reason = f"{choice.reason}; {n_chunks} chunk(s) of <= {per_chunk * v} views"
     return Candidates(
         qi[first].astype(np.int64), er[first].astype(np.int64), vw[first].astype(np.int64), cs[first], reason
     )
@@ -288,26 +441,33 @@ def occluder_px(p: CopyDetectParams) -> tuple[int, int]:
     return max(1, int(p.occluder_frac[0] * p.px)), max(1, int(p.occluder_frac[1] * p.px))
 
 
-def verify(pool, evals, cand: Candidates, p: CopyDetectParams, grid: Alignments):  # noqa: ANN001, ANN201
-    """Step 2: the best alignment near each candidate's view and its robust error.
-    Returns (error float32 [C], alignment index int64 [C])."""
+def verify(
+    pool, evals, cand: Candidates, p: CopyDetectParams, grid: Alignments, index: Alignments | None = None
+):  # noqa: ANN001, ANN201
+    """Step 2: the best alignment of ``grid`` near each candidate's view (of ``index``, the
+    candidate grid; default ``grid``) and its robust error.
+    Returns (error float32 [C], alignment index int64 [C] into ``grid``)."""
     import torch
 
-    nb = neighbours(grid, p.refine_deg)
+    index = grid if index is None else index
+    nb, counts = neighbour_lists(index, grid, p.refine_deg, p.index_crop_step - 1)
     theta = torch.from_numpy(grid.theta)
     occ = occluder_px(p)
     err = np.empty(len(cand.pool_row), np.float32)
     arg = np.empty(len(cand.pool_row), np.int64)
-    for s in range(0, len(err), p.chunk):
-        sl = slice(s, s + p.chunk)
-        al = torch.from_numpy(nb[cand.view[sl]])
-        views = warp(evals[torch.from_numpy(cand.eval_row[sl])], theta[al])
-        e = robust_error(
-            pool[torch.from_numpy(cand.pool_row[sl])], views, occ, p.min_contrast, p.min_kept_share
-        )
-        best, j = e.min(1)
-        err[sl] = best.numpy()
-        arg[sl] = al.gather(1, j[:, None])[:, 0].numpy()
+    width = counts[cand.view]
+    for w in np.unique(width):  # candidates with as many neighbours together: no padded warps
+        rows = np.flatnonzero(width == w)
+        for s in range(0, len(rows), p.chunk):
+            sl = rows[s : s + p.chunk]
+            al = torch.from_numpy(nb[cand.view[sl], :w])
+            views = warp(evals[torch.from_numpy(cand.eval_row[sl])], theta[al])
+            e = robust_error(
+                pool[torch.from_numpy(cand.pool_row[sl])], views, occ, p.min_contrast, p.min_kept_share
+            )
+            best, j = e.min(1)
+            err[sl] = best.numpy()
+            arg[sl] = al.gather(1, j[:, None])[:, 0].numpy()
     return err, arg
 
 
@@ -342,21 +502,22 @@ def detect_copies(pool: np.ndarray, evals: np.ndarray, p: CopyDetectParams | Non
     pool_t = torch.from_numpy(np.ascontiguousarray(pool)).float()
     eval_t = torch.from_numpy(np.ascontiguousarray(evals)).float()
     grid = alignment_grid(p)
+    igrid = index_grid(p)
     t0 = time.perf_counter()
-    cand = candidates(pool_t, eval_t, p, grid)
+    cand = candidates(pool_t, eval_t, p, igrid)
     t1 = time.perf_counter()
     log.info(
         "copy detection: %d eval images x %d views x %d regions indexed (%s); %d candidate pairs for "
         "%d pool images in %.1fs",
         len(evals),
-        len(grid),
+        len(igrid),
         len(REGIONS),
         cand.index_reason,
         len(cand.pool_row),
         len(pool),
         t1 - t0,
     )
-    err, arg = verify(pool_t, eval_t, cand, p, grid)
+    err, arg = verify(pool_t, eval_t, cand, p, grid, igrid)
     t2 = time.perf_counter()
     n = len(pool)
     best_err = np.full(n, np.inf, np.float32)

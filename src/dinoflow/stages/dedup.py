@@ -58,6 +58,13 @@ class CopyDetectionSpec(BaseModel):
     max_angle_deg: int = Field(15, ge=0, le=45, description="rotations searched: +-1..this many degrees")
     crop_min_frac: float = Field(0.68, gt=0.3, le=1, description="smallest crop side searched (share)")
     exact_max_views: int = Field(200_000, ge=1, description="larger expanded indexes use IVF")
+    index_chunk_views: int = Field(
+        500_000,
+        ge=1,
+        description="the expanded index is built and searched in chunks of at most this many views "
+        "(whole evaluation images), results merged: bounds memory (~1.2 kB per view at desc_px 10) "
+        "whatever the evaluation set's size, with results identical to one index",
+    )
 
     def params(self):  # noqa: ANN201
         from dinoflow.curation.copydetect import CopyDetectParams
@@ -71,6 +78,7 @@ class CopyDetectionSpec(BaseModel):
             max_angle_deg=self.max_angle_deg,
             crop_min_frac=self.crop_min_frac,
             exact_max_views=self.exact_max_views,
+            index_chunk_views=self.index_chunk_views,
         )
 
 
