@@ -36,6 +36,35 @@ def knn_top1(backbone, train_x, train_y, test_x, test_y, k: int = 20) -> float: 
     return float(res.top1[k])
 
 
+def apply_overrides(cfg, assignments: list[str]):  # noqa: ANN001, ANN201 - TrainConfig in and out
+    """``["dinov2.momentum_start=0.95", "batch_size=64"]`` applied to a ``TrainConfig`` (revalidated,
+    so a wrong key or value fails with pydantic's message naming it)."""
+    from dinoflow.errors import SpecError
+    from dinoflow.train.config import TrainConfig
+
+    data = cfg.model_dump()
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string such as a backbone name
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise SpecError(f"--set {key}: {part!r} is not a section of the training config")
+            node = node[part]
+        if leaf not in node:
+            raise SpecError(f"--set {key}: no field {leaf!r} (see `dinoflow schema pretrain`)")
+        node[leaf] = value
+    if any(item.startswith("steps=") for item in assignments):
+        data["epochs"] = None
+    return TrainConfig.model_validate(data)
+
+
 def main(argv: list[str]) -> None:
     import torch
 
@@ -48,6 +77,14 @@ def main(argv: list[str]) -> None:
     p.add_argument("--epochs", type=float, default=None, help="override the preset's epochs")
     p.add_argument("--steps", type=int, default=None, help="override: a fixed number of steps")
     p.add_argument("--train-images", type=int, default=60000, help="pretrain on the first N train images")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any preset field, dotted for nested ones (JSON values): "
+        "--set batch_size=64 --set dinov2.momentum_start=0.95",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-init", action="store_true", help="skip the k-NN of the untrained teacher")
     p.add_argument("--output-uri", default=None, help="s3:// prefix (default: a fresh one on the store)")
@@ -60,7 +97,7 @@ def main(argv: list[str]) -> None:
         over["epochs"] = a.epochs
     if a.steps is not None:
         over.update(steps=a.steps, epochs=None)
-    cfg = get_preset(a.preset, **over)
+    cfg = apply_overrides(get_preset(a.preset, **over), a.set)
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
     train_x = torch.from_numpy(xtr.copy()).unsqueeze(1)
@@ -101,6 +138,7 @@ def _run(a, cfg, store, train_x, train_y, test_x, test_y, t_start: float) -> Non
         json.dumps(
             {
                 "preset": a.preset,
+                "overrides": a.set,
                 "backbone": cfg.backbone,
                 "steps": out.steps,
                 "batch_size": cfg.batch_size,
