@@ -31,7 +31,12 @@ _FMNIST_CROPS = {
 
 # Fashion-MNIST objects are centred and scale-normalised, so the global crops keep >= 60 % of the
 # image (DINOv2: 32 %) and local crops 15-40 %; tested against the DINOv2 scales in one-epoch sweeps.
-_FMNIST_CPU_CROPS = {**_FMNIST_CROPS, "global_scale_min": 0.6, "local_scale_min": 0.15, "local_scale_max": 0.4}
+_FMNIST_CPU_CROPS = {
+    **_FMNIST_CROPS,
+    "global_scale_min": 0.6,
+    "local_scale_min": 0.15,
+    "local_scale_max": 0.4,
+}
 
 # <= 60 min on 2 CPU cores (training ~4 steps/s, + k-NN evaluation), Fashion-MNIST 60k train images.
 # One-epoch sweeps (README, "CPU recipe") chose: batch 64 (4x the optimizer steps of batch 256 for
