@@ -262,3 +262,12 @@ class EmbeddedStore:
             time.sleep(0.1)
         if _alive(pid):
             os.killpg(pid, signal.SIGKILL)
+            # SIGKILL is delivered asynchronously: wait (and reap our child) until it is really gone,
+            # so a caller that checks right after down() never sees it still running.
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and _alive(pid):
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                time.sleep(0.05)
