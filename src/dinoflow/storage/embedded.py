@@ -92,8 +92,23 @@ def _alive(pid: int) -> bool:
     # a zombie child still answers kill(0): check /proc where there is one
     stat = Path(f"/proc/{pid}/stat")
     if stat.exists():
-        return stat.read_text().split(")")[-1].split()[0] != "Z"
+        try:
+            return stat.read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:  # exited between the two calls
+            return False
     return True
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``pid`` to exit, reaping it when it is our child; True if gone."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and _alive(pid):
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    return not _alive(pid)
 
 
 class EmbeddedStore:
@@ -253,21 +268,8 @@ class EmbeddedStore:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline and _alive(pid):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.1)
-        if _alive(pid):
+        if not _wait_gone(pid, grace_seconds):
             os.killpg(pid, signal.SIGKILL)
-            # SIGKILL is delivered asynchronously: wait (and reap our child) until it is really gone,
-            # so a caller that checks right after down() never sees it still running.
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline and _alive(pid):
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-                time.sleep(0.05)
+            # SIGKILL is delivered asynchronously: wait until it is really gone, so a caller that
+            # checks right after down() never sees it still running.
+            _wait_gone(pid, 5.0)
