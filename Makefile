@@ -19,11 +19,13 @@ help:
 	@echo "make manifests regenerate manifests/ (kustomize) from the chart"
 	@echo "make checkov   policy checks on the rendered chart and the Dockerfiles"
 
-# The same install step the images use (tests/test_deploy_* compares them).
-$(STAMP): pyproject.toml constraints.txt
+# The same install step the images use (tests/test_deploy_* compares them), then the tooling
+# (benchmarks, demo pool, image builder), which stays out of the images.
+$(STAMP): pyproject.toml constraints.txt tools/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -c constraints.txt -e tools
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -51,13 +53,13 @@ test-slow: venv data tools
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff check src tests components pipelines
-	$(BIN)/ruff format --check src tests components pipelines
+	$(BIN)/ruff check src tests components pipelines tools
+	$(BIN)/ruff format --check src tests components pipelines tools
 	$(BIN)/mypy src/dinoflow/stages src/dinoflow/settings.py src/dinoflow/storage
 
 format: venv
-	$(BIN)/ruff check --fix src tests components pipelines
-	$(BIN)/ruff format src tests components pipelines
+	$(BIN)/ruff check --fix src tests components pipelines tools
+	$(BIN)/ruff format src tests components pipelines tools
 
 compile: venv
 	$(BIN)/dinoflow compile
@@ -67,7 +69,7 @@ check-yamls: venv
 
 IMAGES_ARGS ?=
 images: venv
-	$(BIN)/python -m dinoflow.images $(IMAGES_ARGS)
+	$(BIN)/python -m dinoflow_tools.images $(IMAGES_ARGS)
 
 manifests: venv tools
 	$(BIN)/python scripts/render-manifests.py

@@ -22,4 +22,4 @@ def get_component(stage: str) -> Any:
     """The component function of ``stage``."""
     if stage not in STAGE_NAMES:
         raise KeyError(f"no component for {stage!r}; stages: {', '.join(STAGE_NAMES)}")
-    return getattr(importlib.import_module(f"components.{stage}"), stage)
+    return getattr(importlib.import_module(f"dinoflow.components.{stage}"), stage)

@@ -1,18 +1,18 @@
 """The full run: ingest -> embed (bootstrap when no embedder) -> dedup (+ decontamination against
 the evaluation set) -> curate -> pretrain -> distill -> evaluate -> promote."""
 
+from dinoflow.components.curate import curate
+from dinoflow.components.dedup import dedup
+from dinoflow.components.distill import distill
+from dinoflow.components.embed import embed
+from dinoflow.components.evaluate import evaluate
+from dinoflow.components.ingest import ingest
+from dinoflow.components.pretrain import pretrain
+from dinoflow.components.promote import promote
+from dinoflow.pipelines import params as P
 from kfp import dsl
 
-from components.curate import curate
-from components.dedup import dedup
-from components.distill import distill
-from components.embed import embed
-from components.evaluate import evaluate
-from components.ingest import ingest
-from components.pretrain import pretrain
-from components.promote import promote
 from dinoflow.kfp.gpu import cpu_task, gpu_task
-from pipelines import params as P
 
 
 @dsl.pipeline(

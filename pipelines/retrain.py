@@ -5,17 +5,17 @@ champion, evaluate, and promote when the challenger wins.
 The champion is both the embedder and the starting point, so each generation curates with the last.
 """
 
+from dinoflow.components.curate import curate
+from dinoflow.components.dedup import dedup
+from dinoflow.components.embed import embed
+from dinoflow.components.evaluate import evaluate
+from dinoflow.components.ingest import ingest
+from dinoflow.components.pretrain import pretrain
+from dinoflow.components.promote import promote
+from dinoflow.pipelines import params as P
 from kfp import dsl
 
-from components.curate import curate
-from components.dedup import dedup
-from components.embed import embed
-from components.evaluate import evaluate
-from components.ingest import ingest
-from components.pretrain import pretrain
-from components.promote import promote
 from dinoflow.kfp.gpu import cpu_task, gpu_task
-from pipelines import params as P
 
 
 @dsl.pipeline(

@@ -65,13 +65,13 @@ import sys, torch, timm
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| timm", timm.__version__)
 print("cuda available:", torch.cuda.is_available(),
       "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-import pydantic, dinoflow.train.trainer, dinoflow.bench.train_step  # noqa: E401,F401  (imports resolve)
+import pydantic, dinoflow.train.trainer, dinoflow_tools.bench.train_step  # noqa: E401,F401  (imports resolve)
 print("pydantic", pydantic.VERSION, "| dinoflow imports OK")
 EOF
 [[ $? -eq 0 ]] || FAILED+=("imports")
 
 TRAIN=(scripts/gpu_check_train.py)
-BENCH=(-m dinoflow.bench.train_step)
+BENCH=(-m dinoflow_tools.bench.train_step)
 if [[ $MODE == gpu && "${GPU_CHECK_QUICK:-0}" == 1 ]]; then
   # a short lease (~3 min): the trainer's CUDA path once, then the bench for ViT-S/14 and ViT-L/14
   DEV=(--device cuda --precision bf16)

@@ -22,7 +22,7 @@ import time
 def main(argv: list[str]) -> int:
     import torch
 
-    from dinoflow.bench.train_step import step_config
+    from dinoflow_tools.bench.train_step import step_config
     from dinoflow.train.dist import init_distributed
     from dinoflow.train.trainer import build_method, train
 

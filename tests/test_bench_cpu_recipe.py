@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from dinoflow_tools.bench.cpu_recipe import apply_overrides
 
-from dinoflow.bench.cpu_recipe import apply_overrides
 from dinoflow.errors import SpecError
 from dinoflow.train.presets import get_preset
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dinoflow.bench import train_step
+from dinoflow_tools.bench import train_step
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]

@@ -164,7 +164,7 @@ def test_star_groups_keep_rule_and_strongest_rule():
 
 
 def test_generated_base_has_no_near_duplicates():
-    from dinoflow.curation.pool import DISTINCT_CORR, build_pool_arrays, near_pairs
+    from dinoflow_tools.pool import DISTINCT_CORR, build_pool_arrays, near_pairs
 
     p = build_pool_arrays(600, eval_size=200, seed_size=50, contamination=20, seed=3)
     base = p.images[(p.copy_of < 0) & (p.contamination_of < 0)]

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from dinoflow import images
+from dinoflow_tools import images
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = [ROOT / "images" / "Dockerfile.cpu", ROOT / "images" / "Dockerfile.cuda"]
@@ -164,7 +163,12 @@ def test_build_context_holds_the_sources_and_nothing_secret():
         if line.strip() and not line.startswith("#")
     ]
     files = set(exclude_paths(str(ROOT), patterns, dockerfile="images/Dockerfile.cpu"))
-    for needed in ("pyproject.toml", "constraints.txt", "src/dinoflow/cli.py", "src/dinoflow/images.py"):
+    for needed in (
+        "pyproject.toml",
+        "constraints.txt",
+        "src/dinoflow/cli.py",
+        "components/pretrain/__init__.py",
+    ):
         assert needed in files, f"{needed} must reach the image build"
     for df in DOCKERFILES:  # every COPY source of the build stage is in the context
         for w, a in _instructions(df):
@@ -177,7 +181,7 @@ def test_build_context_holds_the_sources_and_nothing_secret():
     leaked = [
         f
         for f in files
-        if f.split("/")[0] in {".venv", ".tools", ".git", "tests", ".dinoflow"}
+        if f.split("/")[0] in {".venv", ".tools", ".git", "tests", "tools", ".dinoflow"}
         or f.endswith((".env", ".pem"))
     ]
     assert not leaked, f"the build context would carry {leaked[:5]}"

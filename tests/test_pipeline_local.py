@@ -32,7 +32,7 @@ FULL_TASKS = {
 def full_run(store, tmp_path_factory):
     import uuid
 
-    from pipelines.full import full
+    from dinoflow.pipelines.full import full
 
     root = tmp_path_factory.mktemp("kfp-full")
     out = f"s3://test-{uuid.uuid4().hex[:12]}/runs"
@@ -60,14 +60,14 @@ def test_full_pipeline_runs_every_stage(full_run):
 
 
 def test_cached_rerun_executes_nothing(full_run):
-    from pipelines.full import full
+    from dinoflow.pipelines.full import full
 
     again = run_pipeline(full, full_run["args"], full_run["root"], full_run["store"].settings, caching=True)
     assert again.executed == []
 
 
 def test_stage_only_pipeline_reruns_one_stage_from_earlier_outputs(full_run):
-    from pipelines.stages import evaluate_only
+    from dinoflow.pipelines.stages import evaluate_only
 
     run = full_run["run"]
     first = run.result("evaluate")
@@ -93,7 +93,7 @@ def test_stage_only_pipeline_reruns_one_stage_from_earlier_outputs(full_run):
 
 
 def test_new_data_version_reexecutes_and_same_version_hits_cache(store, bucket_uri, tmp_path):
-    from pipelines.stages import ingest_only
+    from dinoflow.pipelines.stages import ingest_only
 
     ingest_spec = tiny_arguments(fashion_mnist_paths(), bucket_uri)["ingest_spec"]
     base = {"spec_json": ingest_spec, "output_root": bucket_uri}

@@ -17,9 +17,10 @@ def demo(store):
     """A 1,200-image demo pool with pixel-descriptor embeddings (no trained backbone needed)."""
     import uuid
 
+    from dinoflow_tools.pool import generate_pool
+
     from dinoflow.curation.embeddings import pixel_descriptor, write_embeddings
     from dinoflow.curation.hashing import phash64, reduce_for_hash
-    from dinoflow.curation.pool import generate_pool
     from dinoflow.data.dataset import load_images
 
     root = f"s3://cur-{uuid.uuid4().hex[:10]}/demo"
@@ -48,7 +49,7 @@ def _dedup_spec(demo, out, **kw):
 
 
 def test_pool_has_sources_and_ground_truth(store, demo):
-    from dinoflow.curation.pool import read_ground_truth
+    from dinoflow_tools.pool import read_ground_truth
 
     assert demo["size"] == 1200 and demo["planted_copies"] > 0 and demo["contamination"] == 40
     assert sum(v > 0 for v in demo["per_source"].values()) >= 4
@@ -62,8 +63,9 @@ def test_pool_has_sources_and_ground_truth(store, demo):
 
 
 def test_dedup_finds_planted_copies_and_decontaminates(store, demo, bucket_uri):
-    from dinoflow.curation.pool import read_ground_truth
-    from dinoflow.curation.scoring import score_dedup
+    from dinoflow_tools.pool import read_ground_truth
+    from dinoflow_tools.scoring import score_dedup
+
     from dinoflow.data.manifest import read_manifest
 
     stage = get_stage("dedup")

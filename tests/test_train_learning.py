@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dinoflow_tools.bench.cpu_recipe import knn_top1
 
-from dinoflow.bench.cpu_recipe import knn_top1
 from dinoflow.data.idx import load_fashion_mnist
 from dinoflow.train.presets import get_preset
 from dinoflow.train.trainer import build_method, train

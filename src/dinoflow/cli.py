@@ -8,7 +8,6 @@ dinoflow bench NAME [ARGS...]        benchmarks (last output line is JSON)
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
@@ -104,21 +103,15 @@ def _ensure_store(embedded: bool = True):
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context, name: str) -> None:
     """Run benchmark NAME (e.g. train-step, cpu-recipe, dedup); extra args go to it."""
-    mod_name = "dinoflow.bench." + name.replace("-", "_")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        if e.name != mod_name:
-            raise
-        import pkgutil
+    from importlib.metadata import entry_points
 
-        import dinoflow.bench as b
-
-        names = sorted(
-            m.name.replace("_", "-") for m in pkgutil.iter_modules(b.__path__) if not m.name.startswith("_")
+    found = entry_points(group="dinoflow.tools", name="bench")
+    if not found:
+        raise DinoflowError(
+            "the benchmarks are not installed: they live beside the library in a source checkout "
+            "(pip install -e tools, which `make venv` does)"
         )
-        raise DinoflowError(f"unknown benchmark {name!r}; available: {', '.join(names)}") from None
-    mod.main(list(ctx.args))
+    next(iter(found)).load()(name, list(ctx.args))
 
 
 # -- the Kubeflow layer -------------------------------------------------------------------------

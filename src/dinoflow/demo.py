@@ -65,10 +65,10 @@ def run_demo(
     from dinoflow.data.idx import fashion_mnist_paths
     from dinoflow.kfp.configs import demo_arguments
     from dinoflow.kfp.local import run_pipeline
+    from dinoflow.pipelines.full import full
     from dinoflow.settings import S3Settings
     from dinoflow.storage import ObjectStore
     from dinoflow.storage.embedded import EmbeddedStore
-    from pipelines.full import full
 
     out = Path(out_dir or os.environ.get("DINOFLOW_DEMO_OUT") or "demo-out").resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,7 @@ def neighbours(grid: Alignments, radius_deg: int = 1) -> np.ndarray:
     return neighbour_lists(grid, grid, radius_deg)[0]
 
 
-def warp(images, theta):  # noqa: ANN001, ANN201
+def warp(images, theta):
     """float [B, px, px] images, float [B, M, 2, 3] alignments -> [B, M, px, px] (bilinear, zero fill)."""
     import torch.nn.functional as F
 
@@ -185,14 +185,14 @@ def warp(images, theta):  # noqa: ANN001, ANN201
     return out.view(b, m, px, px)
 
 
-def thumbnails(images, desc_px: int):  # noqa: ANN001, ANN201
+def thumbnails(images, desc_px: int):
     """float [N, px, px] -> float [N, desc_px, desc_px] area-averaged thumbnails."""
     import torch.nn.functional as F
 
     return F.adaptive_avg_pool2d(images[:, None].float(), desc_px)[:, 0]
 
 
-def region_descriptors(thumbs, region: str) -> np.ndarray:  # noqa: ANN001
+def region_descriptors(thumbs, region: str) -> np.ndarray:
     """[N, desc_px, desc_px] thumbnails -> L2-normalised, standardised descriptors of one region
     (``top`` and ``bottom`` drop the other third of the rows)."""
     desc_px = thumbs.shape[-1]
@@ -207,12 +207,12 @@ def region_descriptors(thumbs, region: str) -> np.ndarray:  # noqa: ANN001
     return np.ascontiguousarray((x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)).numpy())
 
 
-def descriptors(images, desc_px: int, region: str):  # noqa: ANN001, ANN201
+def descriptors(images, desc_px: int, region: str):
     """float [N, px, px] -> L2-normalised, standardised ``desc_px`` thumbnails of one region."""
     return region_descriptors(thumbnails(images, desc_px), region)
 
 
-def thumbnail_operator(grid: Alignments, px: int, desc_px: int, *, batch: int = 64):  # noqa: ANN201
+def thumbnail_operator(grid: Alignments, px: int, desc_px: int, *, batch: int = 64):
     """float [px * px, A * desc_px**2]: image -> the thumbnails of all its views, as one matrix.
 
     Warping (bilinear, zero fill) and area pooling are linear in the image, so
@@ -247,7 +247,7 @@ def thumbnail_operator(grid: Alignments, px: int, desc_px: int, *, batch: int = 
     return out.permute(1, 0, 2).reshape(n, a * desc_px * desc_px).contiguous()
 
 
-def robust_error(pool, views, occluder: tuple[int, int], min_contrast: float, min_kept_share: float = 0.5):  # noqa: ANN001, ANN201
+def robust_error(pool, views, occluder: tuple[int, int], min_contrast: float, min_kept_share: float = 0.5):
     """Residual error of each aligned view: float [B, px, px] pool images, [B, M, px, px] views ->
     [B, M]. The pool image is fitted as a * view + b (a >= 0); the mean squared residual outside the
     worst (h, w) window, after one refit without it, over the pool image's variance there. Pool
@@ -316,7 +316,7 @@ def _first_distinct(rows: np.ndarray, k: int) -> np.ndarray:
     return first & (np.cumsum(first, 1) <= k)
 
 
-def _merge_top(best, new, k: int):  # noqa: ANN001, ANN202
+def _merge_top(best, new, k: int):
     """Per query, the ``k`` highest of two (sims, ids) result sets (ids -1: no result). Stable:
     among equal similarities the earlier set and column win."""
     if best is None:
@@ -328,7 +328,7 @@ def _merge_top(best, new, k: int):  # noqa: ANN001, ANN202
     return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def index_plan(n_eval: int, n_views: int, p: CopyDetectParams):  # noqa: ANN201
+def index_plan(n_eval: int, n_views: int, p: CopyDetectParams):
     """(index choice, evaluation images per chunk) for ``n_eval`` images of ``n_views`` views.
 
     The expanded index is built and searched in chunks of at most ``index_chunk_views`` views (of
@@ -348,7 +348,7 @@ def index_plan(n_eval: int, n_views: int, p: CopyDetectParams):  # noqa: ANN201
     return choice, per_chunk
 
 
-def _train_ivf(sample: np.ndarray, choice, seed: int = 0):  # noqa: ANN001, ANN202
+def _train_ivf(sample: np.ndarray, choice, seed: int = 0):
     import faiss
 
     d = sample.shape[1]
@@ -360,7 +360,7 @@ def _train_ivf(sample: np.ndarray, choice, seed: int = 0):  # noqa: ANN001, ANN2
     return index
 
 
-def candidates(pool, evals, p: CopyDetectParams, grid: Alignments) -> Candidates:  # noqa: ANN001
+def candidates(pool, evals, p: CopyDetectParams, grid: Alignments) -> Candidates:
     """Step 1: per pool image and region, the best ``k`` distinct evaluation rows of the expanded
     index (with the matching view), above ``candidate_cos``; chunked as ``index_plan`` says."""
     import faiss
@@ -389,7 +389,7 @@ def candidates(pool, evals, p: CopyDetectParams, grid: Alignments) -> Candidates
         choice.reason,
     )
 
-    def view_thumbs(e) -> torch.Tensor:  # noqa: ANN001
+    def view_thumbs(e) -> torch.Tensor:
         return (e.reshape(len(e), -1).float() @ op).view(len(e) * v, dp, dp)
 
     trained = {}
@@ -450,7 +450,7 @@ def occluder_px(p: CopyDetectParams) -> tuple[int, int]:
 
 def verify(
     pool, evals, cand: Candidates, p: CopyDetectParams, grid: Alignments, index: Alignments | None = None
-):  # noqa: ANN001, ANN201
+):
     """Step 2: the best alignment of ``grid`` near each candidate's view (of ``index``, the
     candidate grid; default ``grid``) and its robust error.
     Returns (error float32 [C], alignment index int64 [C] into ``grid``)."""

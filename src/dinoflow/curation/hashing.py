@@ -64,7 +64,7 @@ def reduce_for_hash(images: np.ndarray) -> np.ndarray:
     return x[:, 0].numpy()
 
 
-def phash_pil(img) -> np.ndarray:  # noqa: ANN001
+def phash_pil(img) -> np.ndarray:
     """uint64 [2] for one PIL image (used inside DataLoader workers)."""
     from PIL import Image
 

@@ -84,7 +84,7 @@ def build_index(
     seed: int = 0,
     train_size: int | None = None,
     use_gpu: bool | None = None,
-):  # noqa: ANN201
+):
     """A searchable faiss index over ``pool`` (inner product)."""
     import faiss
 
@@ -145,7 +145,7 @@ def knn_search(
     return KnnResult(sims, ids, choice, gpu, index if keep_index else None)
 
 
-def knn_graph(x: np.ndarray, k: int, **kw) -> KnnResult:  # noqa: ANN003
+def knn_graph(x: np.ndarray, k: int, **kw) -> KnnResult:
     """Each row's ``k`` nearest other rows (self excluded): searches k+1 and drops the self match."""
     res = knn_search(x, x, k + 1, **kw)
     n = len(x)

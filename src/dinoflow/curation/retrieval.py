@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def spherical_kmeans(
     x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: np.ndarray | None = None
-):  # noqa: ANN201
+):
     """faiss k-means on L2-normalised rows (centroids re-normalised); returns (centroids, assignment)."""
     import faiss
 

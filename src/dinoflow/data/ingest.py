@@ -112,7 +112,7 @@ def _iter_files(store: ObjectStore, inputs: list[str]) -> Iterator[Item]:
         yield p, data, -1
 
 
-def ingest(spec, store: ObjectStore):  # noqa: ANN001, ANN201 — IngestSpec -> IngestResult
+def ingest(spec, store: ObjectStore):  # IngestSpec -> IngestResult
     from dinoflow.stages.ingest import IngestResult
 
     t0 = time.perf_counter()

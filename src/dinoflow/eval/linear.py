@@ -197,7 +197,7 @@ def select_logistic_regression(
     fit, val = heldout_split(len(y), heldout_fraction, seed)
     fit, val = fit.numpy(), val.numpy()
 
-    def model(c: float):  # noqa: ANN202
+    def model(c: float):
         return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
 
     val_top1: dict[str, float] = {}

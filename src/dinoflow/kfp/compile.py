@@ -16,10 +16,10 @@ from typing import Any
 
 def pipelines() -> dict[str, Any]:
     """Pipeline name (YAML file stem) -> pipeline function."""
-    from pipelines.full import full
-    from pipelines.retrain import retrain
-    from pipelines.small_data import small_data
-    from pipelines.stages import PIPELINES
+    from dinoflow.pipelines.full import full
+    from dinoflow.pipelines.retrain import retrain
+    from dinoflow.pipelines.small_data import small_data
+    from dinoflow.pipelines.stages import PIPELINES
 
     out: dict[str, Any] = {"full": full, "retrain": retrain, "small_data": small_data}
     out.update({f"stage-{name}": fn for name, fn in PIPELINES.items()})
@@ -27,14 +27,14 @@ def pipelines() -> dict[str, Any]:
 
 
 def components() -> dict[str, Any]:
-    from components import STAGE_NAMES, get_component
+    from dinoflow.components import STAGE_NAMES, get_component
 
     return {name: get_component(name) for name in STAGE_NAMES}
 
 
 def default_dirs() -> tuple[Path, Path]:
-    import components as c
-    import pipelines as p
+    import dinoflow.components as c
+    import dinoflow.pipelines as p
 
     return Path(c.__file__).parent, Path(p.__file__).parent
 

@@ -75,7 +75,7 @@ def default_levels(n: int) -> list[int]:
     return levels
 
 
-def run(spec: CurateSpec, store):  # noqa: ANN001, ANN201
+def run(spec: CurateSpec, store):
     import numpy as np
     import pyarrow as pa
 

@@ -66,7 +66,7 @@ class CopyDetectionSpec(BaseModel):
         "whatever the evaluation set's size, with results identical to one index",
     )
 
-    def params(self):  # noqa: ANN201
+    def params(self):
         from dinoflow.curation.copydetect import CopyDetectParams
 
         return CopyDetectParams(
@@ -142,7 +142,7 @@ class DedupResult(StageResult):
     index_reason: str = ""
 
 
-def _load_checked(store, manifest_uri: str, emb_uri: str, what: str):  # noqa: ANN001, ANN202
+def _load_checked(store, manifest_uri: str, emb_uri: str, what: str):
     from dinoflow.curation.embeddings import read_meta
     from dinoflow.data.manifest import read_manifest
 
@@ -171,7 +171,7 @@ class SimilarityGraph:
     copy_report: dict | None = None
 
 
-def similarity_graph(spec: DedupSpec, store, table, emb, evals) -> SimilarityGraph:  # noqa: ANN001
+def similarity_graph(spec: DedupSpec, store, table, emb, evals) -> SimilarityGraph:
     """Hash edges, the embedding k-NN graph and each pool row's nearest evaluation cosine."""
     import numpy as np
 
@@ -214,7 +214,7 @@ def similarity_graph(spec: DedupSpec, store, table, emb, evals) -> SimilarityGra
     return SimilarityGraph(g, edges, top1, touched, ph, copies, copy_report)
 
 
-def copy_detection(spec: DedupSpec, store, table, evals):  # noqa: ANN001, ANN201
+def copy_detection(spec: DedupSpec, store, table, evals):
     """bool [n] pool rows verified as copies of an evaluation image, and a report (None when off)."""
     import time
 
@@ -259,7 +259,7 @@ def copy_detection(spec: DedupSpec, store, table, evals):  # noqa: ANN001, ANN20
     return touched, report
 
 
-def load_inputs(spec: DedupSpec, store):  # noqa: ANN001, ANN201
+def load_inputs(spec: DedupSpec, store):
     """Validated pool table, embedding metadata and evaluation (table, embeddings uri) pairs."""
     table, meta = _load_checked(store, spec.manifest_uri, spec.embeddings_uri, "pool")
     n = table.num_rows
@@ -277,7 +277,7 @@ def load_inputs(spec: DedupSpec, store):  # noqa: ANN001, ANN201
     return table, meta, evals
 
 
-def run(spec: DedupSpec, store):  # noqa: ANN001, ANN201
+def run(spec: DedupSpec, store):
     import numpy as np
     import pyarrow as pa
 

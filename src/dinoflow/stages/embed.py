@@ -61,7 +61,7 @@ class _Prep:
     def __init__(self, px: int, mode: str):
         self.px, self.mode = px, mode
 
-    def __call__(self, img):  # noqa: ANN001, ANN204
+    def __call__(self, img):
         import numpy as np
         import torch
         from PIL import Image
@@ -85,7 +85,7 @@ def pick_device(want: str) -> str:
     return "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def features_of(backbone, x, features: str):  # noqa: ANN001, ANN201
+def features_of(backbone, x, features: str):
     """L2-normalised float features of a batch of uint8 images."""
     import torch
     import torch.nn.functional as F
@@ -97,7 +97,7 @@ def features_of(backbone, x, features: str):  # noqa: ANN001, ANN201
     return F.normalize(f.float(), dim=1)
 
 
-def _bootstrap(spec: EmbedSpec, store, table) -> str:  # noqa: ANN001
+def _bootstrap(spec: EmbedSpec, store, table) -> str:
     import numpy as np
 
     from dinoflow.data.manifest import write_manifest
@@ -150,7 +150,7 @@ def _bootstrap(spec: EmbedSpec, store, table) -> str:  # noqa: ANN001
     return stage.run(pspec, store).backbone_uri
 
 
-def run(spec: EmbedSpec, store):  # noqa: ANN001, ANN201
+def run(spec: EmbedSpec, store):
     import time
 
     import numpy as np

@@ -40,7 +40,7 @@ class IngestResult(StageResult):
     images_per_second: float = 0.0
 
 
-def run(spec: IngestSpec, store):  # noqa: ANN001, ANN201
+def run(spec: IngestSpec, store):
     from dinoflow.data.ingest import ingest
 
     return ingest(spec, store)

@@ -54,7 +54,7 @@ class PretrainResult(StageResult):
     resumed_from_step: int = 0
 
 
-def load_training_images(spec: PretrainSpec, store, channels: int):  # noqa: ANN001, ANN201
+def load_training_images(spec: PretrainSpec, store, channels: int):
     import pyarrow.compute as pc
 
     from dinoflow.data.dataset import load_images
@@ -73,7 +73,7 @@ def load_training_images(spec: PretrainSpec, store, channels: int):  # noqa: ANN
     return load_images(store, table, channels=channels, size_px=spec.image_px)
 
 
-def train_from_spec(spec: PretrainSpec, store) -> PretrainResult:  # noqa: ANN001
+def train_from_spec(spec: PretrainSpec, store) -> PretrainResult:
     """The in-process body (also what each torchrun worker runs)."""
     from dinoflow.models.registry import get_entry
     from dinoflow.storage.client import join_uri
@@ -120,14 +120,14 @@ def _check(spec: PretrainSpec) -> None:
         raise SpecError("nnodes > 1 runs as a Kubeflow TrainJob (pipeline component), not from this stage")
 
 
-def run(spec: PretrainSpec, store) -> PretrainResult:  # noqa: ANN001
+def run(spec: PretrainSpec, store) -> PretrainResult:
     _check(spec)
     if spec.nproc == 1 or "WORLD_SIZE" in os.environ:
         return train_from_spec(spec, store)
     return _torchrun(spec, store)
 
 
-def _torchrun(spec: PretrainSpec, store) -> PretrainResult:  # noqa: ANN001
+def _torchrun(spec: PretrainSpec, store) -> PretrainResult:
     s = store.settings
     env = dict(os.environ)
     env.update(

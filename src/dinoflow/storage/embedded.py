@@ -121,7 +121,7 @@ class EmbeddedStore:
         # that the next `up`/`down` stops instead of a stray server holding the data directory
         self.pid_file = self.home / "weed.pid"
 
-    def _locked(self):  # noqa: ANN202 - serialises concurrent up/down on one home
+    def _locked(self):  # serialises concurrent up/down on one home
         self.home.mkdir(parents=True, exist_ok=True)
         f = open(self.home / ".lock", "w")  # noqa: SIM115
         fcntl.flock(f, fcntl.LOCK_EX)

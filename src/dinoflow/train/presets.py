@@ -77,7 +77,7 @@ DEMO: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {"fashion-mnist-cpu": FASHION_MNIST_CPU, "demo": DEMO}
 
 
-def get_preset(name: str, **overrides: Any):  # noqa: ANN201 - returns TrainConfig
+def get_preset(name: str, **overrides: Any):  # returns TrainConfig
     """A preset as a validated ``TrainConfig``, with top-level fields overridden."""
     from dinoflow.train.config import TrainConfig
 

@@ -290,7 +290,7 @@ def _unsharded_copy(method: Method, make: Callable[[], Method], ctx: DistContext
     return plain
 
 
-def _save(store, output_uri, cfg, method, opt, step, curves, ctx) -> str | None:  # noqa: ANN001
+def _save(store, output_uri, cfg, method, opt, step, curves, ctx) -> str | None:
     msd, osd = ckpt.full_state(method, opt)
     rng = ckpt.rng_state()
     rngs: list[Any] = [rng]

@@ -26,7 +26,7 @@ def default_prefix(size: int) -> str:
 
 
 def pool_and_embeddings(
-    store,  # noqa: ANN001
+    store,
     prefix: str,
     size: int,
     embedder: str,
@@ -37,10 +37,10 @@ def pool_and_embeddings(
 ) -> dict:
     from dinoflow.curation.embeddings import pixel_descriptor, write_embeddings
     from dinoflow.curation.hashing import phash64, reduce_for_hash
-    from dinoflow.curation.pool import generate_pool
     from dinoflow.data.dataset import load_images
     from dinoflow.stages import get_stage
     from dinoflow.storage.client import join_uri
+    from dinoflow_tools.pool import generate_pool
 
     info_uri = join_uri(prefix, "pool.json")
     if store.exists(info_uri):

@@ -16,7 +16,7 @@ RAW_PIXEL_KNN = 0.843  # FACTS.md, measured on these machines
 
 
 @__import__("torch").no_grad()
-def features(backbone, images, batch: int = 1000):  # noqa: ANN001, ANN201
+def features(backbone, images, batch: int = 1000):
     import torch
 
     backbone.eval()
@@ -27,7 +27,7 @@ def features(backbone, images, batch: int = 1000):  # noqa: ANN001, ANN201
     return torch.cat(out)
 
 
-def knn_top1(backbone, train_x, train_y, test_x, test_y, k: int = 20) -> float:  # noqa: ANN001
+def knn_top1(backbone, train_x, train_y, test_x, test_y, k: int = 20) -> float:
     from dinoflow.eval.knn import knn_classify
 
     res = knn_classify(
@@ -36,7 +36,7 @@ def knn_top1(backbone, train_x, train_y, test_x, test_y, k: int = 20) -> float: 
     return float(res.top1[k])
 
 
-def apply_overrides(cfg, assignments: list[str]):  # noqa: ANN001, ANN201 - TrainConfig in and out
+def apply_overrides(cfg, assignments: list[str]):  # TrainConfig in and out
     """``["dinov2.momentum_start=0.95", "batch_size=64"]`` applied to a ``TrainConfig`` (revalidated,
     so a wrong key or value fails with pydantic's message naming it)."""
     from dinoflow.errors import SpecError
@@ -68,9 +68,9 @@ def apply_overrides(cfg, assignments: list[str]):  # noqa: ANN001, ANN201 - Trai
 def main(argv: list[str]) -> None:
     import torch
 
-    from dinoflow.bench._store import bench_store
     from dinoflow.data.idx import load_fashion_mnist
     from dinoflow.train.presets import PRESETS, get_preset
+    from dinoflow_tools.bench._store import bench_store
 
     p = argparse.ArgumentParser(prog="dinoflow bench cpu-recipe", description=__doc__)
     p.add_argument("--preset", default="fashion-mnist-cpu", choices=sorted(PRESETS))
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> None:
         _run(a, cfg, store, train_x, train_y, test_x, test_y, t_start)
 
 
-def _run(a, cfg, store, train_x, train_y, test_x, test_y, t_start: float) -> None:  # noqa: ANN001
+def _run(a, cfg, store, train_x, train_y, test_x, test_y, t_start: float) -> None:
     import torch
 
     from dinoflow.train.trainer import build_method, train

@@ -214,7 +214,7 @@ def _run_child(cfg: dict) -> dict:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "dinoflow.bench.small_data", "--child", json.dumps(cfg)]
+    cmd = [sys.executable, "-m", "dinoflow_tools.bench.small_data", "--child", json.dumps(cfg)]
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:

@@ -1,7 +1,7 @@
 """Scores against the demo pool's ground truth (benchmarks and tests only; stages never read it).
 
 The pool's base images hold no near-duplicate pair and no near-copy of an evaluation image (see
-dinoflow.curation.pool), so the ground truth's families (an original and its planted copies) are
+dinoflow_tools.pool), so the ground truth's families (an original and its planted copies) are
 the only true duplicates:
 
 * copy recall: share of planted copies whose group also holds their original (per transform).

@@ -91,7 +91,7 @@ def _child(cfg: dict) -> dict:
 
 
 def _run_config(cfg: dict, timeout_s: float) -> dict:
-    cmd = [sys.executable, "-m", "dinoflow.bench.xcit_scaling", "--child", json.dumps(cfg)]
+    cmd = [sys.executable, "-m", "dinoflow_tools.bench.xcit_scaling", "--child", json.dumps(cfg)]
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]))
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
         _run(a, store, get_stage, default_prefix, pool_and_embeddings)
 
 
-def _run(a, store, get_stage, default_prefix, pool_and_embeddings) -> None:  # noqa: ANN001
+def _run(a, store, get_stage, default_prefix, pool_and_embeddings) -> None:
     prefix = a.prefix or default_prefix(a.size)
     info = pool_and_embeddings(store, prefix, a.size, a.embedder, a.backbone_uri)
     base_rate = info["per_source"]["fashion_mnist"] / info["size"]

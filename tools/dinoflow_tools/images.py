@@ -1,6 +1,6 @@
 """Build, tag and push dinoflow's container images through the Docker engine's API.
 
-    python -m dinoflow.images [--only cpu|cuda] [--registry REG] [--tag TAG] [--push]
+    python -m dinoflow_tools.images [--only cpu|cuda] [--registry REG] [--tag TAG] [--push]
 
 (``make images`` runs this.) It talks to the engine with the ``docker`` Python SDK; where no engine
 answers (CI, these machines), it says so in one line and exits 2 instead of failing deep inside the
@@ -134,7 +134,7 @@ def push_image(client: Any, plan: ImagePlan, echo=print) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m dinoflow.images", description="Build (and push) dinoflow's images."
+        prog="python -m dinoflow_tools.images", description="Build (and push) dinoflow's images."
     )
     p.add_argument(
         "--only", action="append", choices=sorted(IMAGES), help="build only this image (repeatable)"

@@ -264,7 +264,7 @@ def main(argv: list[str]) -> None:
     print(json.dumps(row))
 
 
-if __name__ == "__main__":  # python -m dinoflow.bench.train_step (where the CLI is not installed)
+if __name__ == "__main__":  # python -m dinoflow_tools.bench.train_step (where the CLI is not installed)
     import sys
 
     main(sys.argv[1:])

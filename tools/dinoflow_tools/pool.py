@@ -58,7 +58,7 @@ _BLOCKS = [
 
 
 # -- base sources ---------------------------------------------------------------------------------
-def _to_px(img, px: int = PX) -> np.ndarray:  # noqa: ANN001
+def _to_px(img, px: int = PX) -> np.ndarray:
     """28 px grayscale, light on dark. Transparent images are composited on black; one that is
     then nearly blank (a dark symbolic icon on transparency) becomes its alpha silhouette."""
     from PIL import Image
@@ -85,7 +85,7 @@ def glyph_images(limit: int | None = None) -> np.ndarray:
         except OSError:
             continue
 
-        def render(ch: str, font=font) -> np.ndarray:  # noqa: ANN001
+        def render(ch: str, font=font) -> np.ndarray:
             im = Image.new("L", (PX, PX), 0)
             ImageDraw.Draw(im).text((PX / 2, PX / 2), ch, fill=255, font=font, anchor="mm")
             return np.asarray(im)
@@ -326,7 +326,7 @@ def _shares(
     return want
 
 
-def _distinct_base(avail, n_base, fmnist_fraction, eval_x, corr, rng) -> dict[str, np.ndarray]:  # noqa: ANN001
+def _distinct_base(avail, n_base, fmnist_fraction, eval_x, corr, rng) -> dict[str, np.ndarray]:
     """Rows per source of a base set with no near-duplicate pair and no near-copy of ``eval_x``.
 
     Candidates are drawn at random (twice what is wanted, plus a margin; all of a source when that
@@ -455,7 +455,7 @@ def build_pool_arrays(
     )
 
 
-def _write_set(store, prefix: str, images: np.ndarray, sources, labels, split: str, samples_per_shard: int):  # noqa: ANN001, ANN202
+def _write_set(store, prefix: str, images: np.ndarray, sources, labels, split: str, samples_per_shard: int):
     from dinoflow.data.images import encode_png
     from dinoflow.data.manifest import from_rows, write_manifest
     from dinoflow.data.shards import ShardWriter
@@ -484,7 +484,7 @@ def _write_set(store, prefix: str, images: np.ndarray, sources, labels, split: s
     return manifest_uri, rows
 
 
-def generate_pool(store, output_uri: str, size: int = 2000, *, samples_per_shard: int = 10_000, **kw) -> dict:  # noqa: ANN001
+def generate_pool(store, output_uri: str, size: int = 2000, *, samples_per_shard: int = 10_000, **kw) -> dict:
     """Write the demo pool, eval set, seed set and ground truth under ``output_uri``; returns counts+URIs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -549,7 +549,7 @@ def generate_pool(store, output_uri: str, size: int = 2000, *, samples_per_shard
     return info
 
 
-def read_ground_truth(store, uri: str):  # noqa: ANN001, ANN201
+def read_ground_truth(store, uri: str):
     import pyarrow.parquet as pq
 
     return pq.read_table(io.BytesIO(store.get_bytes(uri)))

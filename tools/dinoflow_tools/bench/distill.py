@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from dinoflow.bench._store import bench_store
     from dinoflow.data.idx import load_fashion_mnist
     from dinoflow.eval.features import FeatureSet
     from dinoflow.eval.knn import knn_classify
@@ -70,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     from dinoflow.models import create_backbone, get_entry, load_backbone
     from dinoflow.train.presets import get_preset
     from dinoflow.train.trainer import train
+    from dinoflow_tools.bench._store import bench_store
 
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(a.seed)

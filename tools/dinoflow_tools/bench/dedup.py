@@ -1,7 +1,7 @@
 """dinoflow bench dedup: dedup quality on a generated demo pool (default 100k images): precision
 and recall of planted copies and of contamination, per transform type, against the ground truth.
 
-The pool's base holds no unrecorded near-duplicate (dinoflow.curation.pool), so precision is
+The pool's base holds no unrecorded near-duplicate (dinoflow_tools.pool), so precision is
 measured against a true ground truth. ``--sweep`` scores more threshold pairs on the same k-NN graph.
 Default thresholds per embedder (DINOv2's 0.6/0.45 are for its copy-detection embedder, not ours):
 
@@ -26,15 +26,15 @@ DEFAULTS = {"pixel": (0.98, 0.98), "backbone": (0.97, 0.95)}  # (threshold_cos, 
 CENTER = {"pixel": False, "backbone": True}
 
 
-def _sweep(spec, store, gt, keys, pairs):  # noqa: ANN001, ANN202
+def _sweep(spec, store, gt, keys, pairs):
     """Scores of several (threshold, decontam threshold) pairs on one similarity graph."""
     import numpy as np
 
     from dinoflow.curation.dedup import dedup
     from dinoflow.curation.embeddings import read_embeddings
     from dinoflow.curation.knn import edges_above
-    from dinoflow.curation.scoring import ground_truth_arrays, score_arrays
     from dinoflow.stages.dedup import load_inputs, similarity_graph
+    from dinoflow_tools.scoring import ground_truth_arrays, score_arrays
 
     table, _, evals = load_inputs(spec, store)
     emb, _ = read_embeddings(store, spec.embeddings_uri)
@@ -110,10 +110,10 @@ def main(argv: list[str]) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from dinoflow.curation.pool import read_ground_truth
-    from dinoflow.curation.scoring import score_dedup
     from dinoflow.data.manifest import read_manifest
     from dinoflow.stages import get_stage
+    from dinoflow_tools.pool import read_ground_truth
+    from dinoflow_tools.scoring import score_dedup
 
     from ._pool import default_prefix, pool_and_embeddings
     from ._store import bench_store
