@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dinoflow.eval.knn import FASHION_MNIST_RAW_PIXEL_KNN_TOP1
+
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +57,7 @@ def summarise(run: Any, out: Path, store: Any) -> dict[str, Any]:
         "promoted": res.get("promote", {}).get("promoted"),
         "champion_uri": res.get("promote", {}).get("champion_uri"),
         "report_html": report_html,
-        "raw_pixel_knn_baseline": 0.843,  # FACTS.md: k-NN (k=20) on raw Fashion-MNIST pixels
+        "raw_pixel_knn_baseline": FASHION_MNIST_RAW_PIXEL_KNN_TOP1,
     }
 
 
@@ -106,7 +108,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     print(
         f"\nk-NN top-1 {fmt(summary['knn_top1'])}   linear top-1 {fmt(summary['linear_top1'])}   "
-        f"(raw-pixel k-NN baseline 84.30%)"
+        f"(raw-pixel k-NN baseline {fmt(FASHION_MNIST_RAW_PIXEL_KNN_TOP1)})"
     )
     by_label = summary["counts"].get("ingested_by_label", {})
     for split, labels in by_label.items():

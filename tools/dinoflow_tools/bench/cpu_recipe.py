@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 
-RAW_PIXEL_KNN = 0.843  # FACTS.md, measured on these machines
+from dinoflow.eval.knn import FASHION_MNIST_RAW_PIXEL_KNN_TOP1
 
 
 @__import__("torch").no_grad()
@@ -132,7 +132,7 @@ def _run(a, cfg, store, train_x, train_y, test_x, test_y, t_start: float) -> Non
     print(f"{'steps x batch':<24}{out.steps} x {cfg.batch_size}")
     print(f"{'train seconds':<24}{train_s:.0f}")
     print(f"{'k-NN top-1 init':<24}{init_acc:.4f}")
-    print(f"{'k-NN top-1 trained':<24}{acc:.4f}   (raw pixels {RAW_PIXEL_KNN})")
+    print(f"{'k-NN top-1 trained':<24}{acc:.4f}   (raw pixels {FASHION_MNIST_RAW_PIXEL_KNN_TOP1})")
     print(f"{'wall seconds':<24}{wall:.0f}")
     print(
         json.dumps(
@@ -144,7 +144,7 @@ def _run(a, cfg, store, train_x, train_y, test_x, test_y, t_start: float) -> Non
                 "batch_size": cfg.batch_size,
                 "knn_top1": round(acc, 4),
                 "knn_top1_init": round(init_acc, 4),
-                "raw_pixel_knn_top1": RAW_PIXEL_KNN,
+                "raw_pixel_knn_top1": FASHION_MNIST_RAW_PIXEL_KNN_TOP1,
                 "train_seconds": round(train_s, 1),
                 "eval_seconds": round(eval_s, 1),
                 "wall_seconds": round(wall, 1),
