@@ -91,13 +91,9 @@ def stage(
 
 
 def _ensure_store(embedded: bool = True):
-    from dinoflow.settings import S3Settings
     from dinoflow.storage import ObjectStore
-    from dinoflow.storage.embedded import EmbeddedStore
 
-    if S3Settings().endpoint or not embedded:
-        return ObjectStore.from_env()
-    return ObjectStore(EmbeddedStore().up().settings())
+    return ObjectStore.from_env(start_embedded=embedded)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

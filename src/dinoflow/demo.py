@@ -68,15 +68,14 @@ def run_demo(
     from dinoflow.kfp.configs import demo_arguments
     from dinoflow.kfp.local import run_pipeline
     from dinoflow.pipelines.full import full
-    from dinoflow.settings import S3Settings
-    from dinoflow.storage import ObjectStore
+    from dinoflow.storage import ObjectStore, configured_settings
     from dinoflow.storage.embedded import EmbeddedStore
 
     out = Path(out_dir or os.environ.get("DINOFLOW_DEMO_OUT") or "demo-out").resolve()
     out.mkdir(parents=True, exist_ok=True)
     embedded = None
-    settings = S3Settings()
-    if not settings.endpoint:  # a fresh embedded store per demo, so every stage really runs
+    settings = configured_settings()
+    if settings is None:  # a fresh embedded store per demo, so every stage really runs
         shutil.rmtree(out / "store", ignore_errors=True)
         shutil.rmtree(out / "kfp", ignore_errors=True)
         embedded = EmbeddedStore(out / "store")

@@ -91,20 +91,12 @@ class ObjectStore:
         self._known_buckets: set[str] = set()
 
     @classmethod
-    def from_env(cls) -> ObjectStore:
-        """Settings from ``DINOFLOW_S3_*``; if no endpoint is set, the running embedded store."""
-        settings = S3Settings()
-        if not settings.endpoint:
-            from dinoflow.storage.embedded import EmbeddedStore
+    def from_env(cls, *, start_embedded: bool = False) -> ObjectStore:
+        """Settings from ``DINOFLOW_S3_*``; if no endpoint is set, the embedded store (running, or
+        started when ``start_embedded``); see ``dinoflow.storage.resolve``."""
+        from dinoflow.storage.resolve import resolve_settings
 
-            state = EmbeddedStore().status()
-            if state is None:
-                raise StorageError(
-                    "no object store: set DINOFLOW_S3_ENDPOINT/ACCESS_KEY/SECRET_KEY, or start the "
-                    "embedded one with `dinoflow store up`"
-                )
-            settings = state.settings()
-        return cls(settings)
+        return cls(resolve_settings(start_embedded=start_embedded))
 
     # -- retries -------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T]) -> T:

@@ -19,15 +19,15 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def bench_store() -> Iterator:  # yields an ObjectStore
-    from dinoflow.storage import ObjectStore
+    from dinoflow.storage import ObjectStore, resolve_settings
     from dinoflow.storage.embedded import EmbeddedStore
 
     try:
-        configured = ObjectStore.from_env()
+        settings = resolve_settings()
     except StorageError:
-        configured = None
-    if configured is not None:
-        yield configured
+        settings = None
+    if settings is not None:
+        yield ObjectStore(settings)
         return
     # a SIGTERM (a timeout, a kill) becomes SystemExit, so the finally below still stops the server
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
