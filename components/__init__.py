@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-STAGE_NAMES = ("ingest", "embed", "dedup", "curate", "pretrain", "distill", "evaluate", "promote")
+from dinoflow.stages import STAGES as STAGE_NAMES
 
 
 def get_component(stage: str) -> Any:

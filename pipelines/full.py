@@ -1,6 +1,8 @@
 """The full run: ingest -> embed (bootstrap when no embedder) -> dedup (+ decontamination against
 the evaluation set) -> curate -> pretrain -> distill -> evaluate -> promote."""
 
+from kfp import dsl
+
 from dinoflow.components.curate import curate
 from dinoflow.components.dedup import dedup
 from dinoflow.components.distill import distill
@@ -9,10 +11,8 @@ from dinoflow.components.evaluate import evaluate
 from dinoflow.components.ingest import ingest
 from dinoflow.components.pretrain import pretrain
 from dinoflow.components.promote import promote
-from dinoflow.pipelines import params as P
-from kfp import dsl
-
 from dinoflow.kfp.gpu import cpu_task, gpu_task
+from dinoflow.pipelines import params as P
 
 
 @dsl.pipeline(

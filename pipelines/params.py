@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from dinoflow.kfp import S3_SECRET_NAME
+import dinoflow.kfp as kfp_defaults
 
 
 def _j(d: dict) -> str:
@@ -48,7 +48,6 @@ PROMOTE = _j(
 )
 
 GPUS = 1
-# GPU pool selection and taint toleration (GKE/EKS NVIDIA device-plugin conventions)
-GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
-GPU_TOLERATIONS = [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-SECRET = S3_SECRET_NAME
+GPU_NODE_SELECTOR = kfp_defaults.GPU_NODE_SELECTOR
+GPU_TOLERATIONS = kfp_defaults.GPU_TOLERATIONS
+SECRET = kfp_defaults.S3_SECRET_NAME

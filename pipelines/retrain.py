@@ -5,6 +5,8 @@ champion, evaluate, and promote when the challenger wins.
 The champion is both the embedder and the starting point, so each generation curates with the last.
 """
 
+from kfp import dsl
+
 from dinoflow.components.curate import curate
 from dinoflow.components.dedup import dedup
 from dinoflow.components.embed import embed
@@ -12,10 +14,8 @@ from dinoflow.components.evaluate import evaluate
 from dinoflow.components.ingest import ingest
 from dinoflow.components.pretrain import pretrain
 from dinoflow.components.promote import promote
-from dinoflow.pipelines import params as P
-from kfp import dsl
-
 from dinoflow.kfp.gpu import cpu_task, gpu_task
+from dinoflow.pipelines import params as P
 
 
 @dsl.pipeline(

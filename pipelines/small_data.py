@@ -3,14 +3,14 @@ autoencoder (MAE or SplitMask), no curation; evaluate on the target's own splits
 
 import json
 
+from kfp import dsl
+
 from dinoflow.components.evaluate import evaluate
 from dinoflow.components.ingest import ingest
 from dinoflow.components.pretrain import pretrain
 from dinoflow.components.promote import promote
-from dinoflow.pipelines import params as P
-from kfp import dsl
-
 from dinoflow.kfp.gpu import cpu_task, gpu_task
+from dinoflow.pipelines import params as P
 
 PRETRAIN = json.dumps(
     {"method": "splitmask", "target_only": True, "steps": 10000, "batch_size": 256, "precision": "bf16"},

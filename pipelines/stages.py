@@ -3,274 +3,80 @@
 KFP has no per-task re-run; re-running one stage from the UI means running its stage-only pipeline
 with the spec of that stage (``dinoflow schema <stage>``: the upstream URIs are ordinary fields, e.g.
 ``manifest_uri`` from an ingest result). With caching on and the same data_version, nothing else runs.
+
+The pipelines are built from the one list of stages (``dinoflow.stages.STAGES``); a GPU stage
+(``dinoflow.kfp.GPU_STAGES``) also takes the GPU count and the GPU pool's node selector and
+tolerations.
 """
 
-from dinoflow.components.curate import curate
-from dinoflow.components.dedup import dedup
-from dinoflow.components.distill import distill
-from dinoflow.components.embed import embed
-from dinoflow.components.evaluate import evaluate
-from dinoflow.components.ingest import ingest
-from dinoflow.components.pretrain import pretrain
-from dinoflow.components.promote import promote
-from dinoflow.pipelines import params as P
+from collections.abc import Callable
+from typing import Any
+
 from kfp import dsl
 
+from dinoflow.components import get_component
+from dinoflow.kfp import GPU_STAGES
 from dinoflow.kfp.gpu import cpu_task, gpu_task
+from dinoflow.pipelines import params as P
+from dinoflow.stages import STAGES
 
-
-@dsl.pipeline(name="dinoflow-stage-ingest", description="Run the ingest stage alone.")
-def ingest_only(
-    spec_json: str,
-    output_root: str = P.OUTPUT_ROOT,
-    data_version: str = P.DATA_VERSION,
-    overrides_json: str = "{}",
-    s3_secret_name: str = P.SECRET,
-):
-    """Run the ingest stage alone.
+_DOC = """Run the {stage} stage alone.
 
     Args:
-        spec_json: the ingest spec as JSON, upstream URIs included (`dinoflow schema ingest`).
-        output_root: s3:// prefix; output goes to {output_root}/{data_version}/ingest/{spec hash}.
+        spec_json: the {stage} spec as JSON, upstream URIs included (`dinoflow schema {stage}`).
+        output_root: s3:// prefix; output goes to {{output_root}}/{{data_version}}/{stage}/{{spec hash}}.
         data_version: the cache key of the inputs; bump it when they change.
         overrides_json: JSON object of spec fields layered over spec_json (e.g. a manifest_uri).
         s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
-    """
-    cpu_task(
-        ingest(
-            spec_json=spec_json,
-            output_root=output_root,
-            data_version=data_version,
-            overrides_json=overrides_json,
-        ),
-        s3_secret_name,
-    )
-
-
-@dsl.pipeline(name="dinoflow-stage-embed", description="Run the embed stage alone.")
-def embed_only(
-    spec_json: str,
-    output_root: str = P.OUTPUT_ROOT,
-    data_version: str = P.DATA_VERSION,
-    overrides_json: str = "{}",
-    s3_secret_name: str = P.SECRET,
-    gpus: int = P.GPUS,
-    gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default)
-    gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
-):
-    """Run the embed stage alone.
-
-    Args:
-        spec_json: the embed spec as JSON, upstream URIs included (`dinoflow schema embed`).
-        output_root: s3:// prefix; output goes to {output_root}/{data_version}/embed/{spec hash}.
-        data_version: the cache key of the inputs; bump it when they change.
-        overrides_json: JSON object of spec fields layered over spec_json (e.g. a manifest_uri).
-        s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
-        gpus: GPUs for this task.
+"""
+_GPU_DOC = """        gpus: GPUs for this task.
         gpu_node_selector: node labels of the GPU pool.
         gpu_tolerations: tolerations for the GPU pool's taints.
-    """
-    gpu_task(
-        embed(
+"""
+
+
+def stage_only(stage: str) -> Callable[..., Any]:
+    """The pipeline that runs ``stage`` alone (named ``dinoflow-stage-<stage>``)."""
+    component = get_component(stage)
+
+    def cpu_stage(
+        spec_json: str,
+        output_root: str = P.OUTPUT_ROOT,
+        data_version: str = P.DATA_VERSION,
+        overrides_json: str = "{}",
+        s3_secret_name: str = P.SECRET,
+    ):
+        task = component(
             spec_json=spec_json,
             output_root=output_root,
             data_version=data_version,
             overrides_json=overrides_json,
-        ),
-        s3_secret_name,
-        gpus,
-        gpu_node_selector,
-        gpu_tolerations,
-    )
+        )
+        cpu_task(task, s3_secret_name)
 
-
-@dsl.pipeline(name="dinoflow-stage-dedup", description="Run the dedup stage alone.")
-def dedup_only(
-    spec_json: str,
-    output_root: str = P.OUTPUT_ROOT,
-    data_version: str = P.DATA_VERSION,
-    overrides_json: str = "{}",
-    s3_secret_name: str = P.SECRET,
-):
-    """Run the dedup stage alone.
-
-    Args:
-        spec_json: the dedup spec as JSON, upstream URIs included (`dinoflow schema dedup`).
-        output_root: s3:// prefix; output goes to {output_root}/{data_version}/dedup/{spec hash}.
-        data_version: the cache key of the inputs; bump it when they change.
-        overrides_json: JSON object of spec fields layered over spec_json (e.g. a manifest_uri).
-        s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
-    """
-    cpu_task(
-        dedup(
+    def gpu_stage(
+        spec_json: str,
+        output_root: str = P.OUTPUT_ROOT,
+        data_version: str = P.DATA_VERSION,
+        overrides_json: str = "{}",
+        s3_secret_name: str = P.SECRET,
+        gpus: int = P.GPUS,
+        gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default, never mutated)
+        gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
+    ):
+        task = component(
             spec_json=spec_json,
             output_root=output_root,
             data_version=data_version,
             overrides_json=overrides_json,
-        ),
-        s3_secret_name,
-    )
+        )
+        gpu_task(task, s3_secret_name, gpus, gpu_node_selector, gpu_tolerations)
+
+    gpu = stage in GPU_STAGES
+    fn = gpu_stage if gpu else cpu_stage
+    fn.__name__ = fn.__qualname__ = f"{stage}_only"
+    fn.__doc__ = _DOC.format(stage=stage) + (_GPU_DOC if gpu else "")
+    return dsl.pipeline(name=f"dinoflow-stage-{stage}", description=f"Run the {stage} stage alone.")(fn)
 
 
-@dsl.pipeline(name="dinoflow-stage-curate", description="Run the curate stage alone.")
-def curate_only(
-    spec_json: str,
-    output_root: str = P.OUTPUT_ROOT,
-    data_version: str = P.DATA_VERSION,
-    overrides_json: str = "{}",
-    s3_secret_name: str = P.SECRET,
-):
-    """Run the curate stage alone.
-
-    Args:
-        spec_json: the curate spec as JSON, upstream URIs included (`dinoflow schema curate`).
-        output_root: s3:// prefix; output goes to {output_root}/{data_version}/curate/{spec hash}.
-        data_version: the cache key of the inputs; bump it when they change.
-        overrides_json: JSON object of spec fields layered over spec_json (e.g. a manifest_uri).
-        s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
-    """
-    cpu_task(
-        curate(
-            spec_json=spec_json,
-            output_root=output_root,
-            data_version=data_version,
-            overrides_json=overrides_json,
-        ),
-        s3_secret_name,
-    )
-
-
-@dsl.pipeline(name="dinoflow-stage-pretrain", description="Run the pretrain stage alone.")
-def pretrain_only(
-    spec_json: str,
-    output_root: str = P.OUTPUT_ROOT,
-    data_version: str = P.DATA_VERSION,
-    overrides_json: str = "{}",
-    s3_secret_name: str = P.SECRET,
-    gpus: int = P.GPUS,
-    gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default)
-    gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
-):
-    """Run the pretrain stage alone.
-
-    Args:
-        spec_json: the pretrain spec as JSON, upstream URIs included (`dinoflow schema pretrain`).
-        output_root: s3:// prefix; output goes to {output_root}/{data_version}/pretrain/{spec hash}.
-        data_version: the cache key of the inputs; bump it when they change.
-        overrides_json: JSON object of spec fields layered over spec_json (e.g. a manifest_uri).
-        s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
-        gpus: GPUs for this task.
-        gpu_node_selector: node labels of the GPU pool.
-        gpu_tolerations: tolerations for the GPU pool's taints.
-    """
-    gpu_task(
-        pretrain(
-            spec_json=spec_json,
-            output_root=output_root,
-            data_version=data_version,
-            overrides_json=overrides_json,
-        ),
-        s3_secret_name,
-        gpus,
-        gpu_node_selector,
-        gpu_tolerations,
-    )
-
-
-@dsl.pipeline(name="dinoflow-stage-distill", description="Run the distill stage alone.")
-def distill_only(
-    spec_json: str,
-    output_root: str = P.OUTPUT_ROOT,
-    data_version: str = P.DATA_VERSION,
-    overrides_json: str = "{}",
-    s3_secret_name: str = P.SECRET,
-    gpus: int = P.GPUS,
-    gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default)
-    gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
-):
-    """Run the distill stage alone.
-
-    Args:
-        spec_json: the distill spec as JSON, upstream URIs included (`dinoflow schema distill`).
-        output_root: s3:// prefix; output goes to {output_root}/{data_version}/distill/{spec hash}.
-        data_version: the cache key of the inputs; bump it when they change.
-        overrides_json: JSON object of spec fields layered over spec_json (e.g. a manifest_uri).
-        s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
-        gpus: GPUs for this task.
-        gpu_node_selector: node labels of the GPU pool.
-        gpu_tolerations: tolerations for the GPU pool's taints.
-    """
-    gpu_task(
-        distill(
-            spec_json=spec_json,
-            output_root=output_root,
-            data_version=data_version,
-            overrides_json=overrides_json,
-        ),
-        s3_secret_name,
-        gpus,
-        gpu_node_selector,
-        gpu_tolerations,
-    )
-
-
-@dsl.pipeline(name="dinoflow-stage-evaluate", description="Run the evaluate stage alone.")
-def evaluate_only(
-    spec_json: str,
-    output_root: str = P.OUTPUT_ROOT,
-    data_version: str = P.DATA_VERSION,
-    overrides_json: str = "{}",
-    s3_secret_name: str = P.SECRET,
-):
-    """Run the evaluate stage alone.
-
-    Args:
-        spec_json: the evaluate spec as JSON, upstream URIs included (`dinoflow schema evaluate`).
-        output_root: s3:// prefix; output goes to {output_root}/{data_version}/evaluate/{spec hash}.
-        data_version: the cache key of the inputs; bump it when they change.
-        overrides_json: JSON object of spec fields layered over spec_json (e.g. a manifest_uri).
-        s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
-    """
-    cpu_task(
-        evaluate(
-            spec_json=spec_json,
-            output_root=output_root,
-            data_version=data_version,
-            overrides_json=overrides_json,
-        ),
-        s3_secret_name,
-    )
-
-
-@dsl.pipeline(name="dinoflow-stage-promote", description="Run the promote stage alone.")
-def promote_only(
-    spec_json: str,
-    output_root: str = P.OUTPUT_ROOT,
-    data_version: str = P.DATA_VERSION,
-    overrides_json: str = "{}",
-    s3_secret_name: str = P.SECRET,
-):
-    """Run the promote stage alone.
-
-    Args:
-        spec_json: the promote spec as JSON, upstream URIs included (`dinoflow schema promote`).
-        output_root: s3:// prefix; output goes to {output_root}/{data_version}/promote/{spec hash}.
-        data_version: the cache key of the inputs; bump it when they change.
-        overrides_json: JSON object of spec fields layered over spec_json (e.g. a manifest_uri).
-        s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
-    """
-    cpu_task(
-        promote(
-            spec_json=spec_json,
-            output_root=output_root,
-            data_version=data_version,
-            overrides_json=overrides_json,
-        ),
-        s3_secret_name,
-    )
-
-
-PIPELINES = {
-    s: globals()[f"{s}_only"]
-    for s in ("ingest", "embed", "dedup", "curate", "pretrain", "distill", "evaluate", "promote")
-}
+PIPELINES: dict[str, Callable[..., Any]] = {stage: stage_only(stage) for stage in STAGES}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from dinoflow.kfp import GPU_NODE_SELECTOR, GPU_TOLERATIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "dinoflow"
 OUT = ROOT / "manifests"
@@ -31,8 +33,8 @@ HELM_ONLY_ANNOTATIONS = (
 OVERLAYS: dict[str, dict] = {
     "gpu-pool": {
         "gpuPool": {
-            "nodeSelector": {"nvidia.com/gpu.present": "true"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "nodeSelector": GPU_NODE_SELECTOR,
+            "tolerations": GPU_TOLERATIONS,
             "gpusPerNode": 8,
             "numNodes": 2,
             "priorityClassName": "dinoflow-training",

@@ -67,7 +67,7 @@ def test_cached_rerun_executes_nothing(full_run):
 
 
 def test_stage_only_pipeline_reruns_one_stage_from_earlier_outputs(full_run):
-    from dinoflow.pipelines.stages import evaluate_only
+    from dinoflow.pipelines.stages import PIPELINES
 
     run = full_run["run"]
     first = run.result("evaluate")
@@ -85,7 +85,9 @@ def test_stage_only_pipeline_reruns_one_stage_from_earlier_outputs(full_run):
         "output_root": full_run["args"]["output_root"],
         "data_version": "d1",
     }
-    again = run_pipeline(evaluate_only, args, full_run["root"], full_run["store"].settings, caching=True)
+    again = run_pipeline(
+        PIPELINES["evaluate"], args, full_run["root"], full_run["store"].settings, caching=True
+    )
     assert again.executed == ["evaluate"]
     res = again.result("evaluate")
     assert res["output_uri"] != first["output_uri"]  # a changed spec never reuses the old output
@@ -93,15 +95,21 @@ def test_stage_only_pipeline_reruns_one_stage_from_earlier_outputs(full_run):
 
 
 def test_new_data_version_reexecutes_and_same_version_hits_cache(store, bucket_uri, tmp_path):
-    from dinoflow.pipelines.stages import ingest_only
+    from dinoflow.pipelines.stages import PIPELINES
 
     ingest_spec = tiny_arguments(fashion_mnist_paths(), bucket_uri)["ingest_spec"]
     base = {"spec_json": ingest_spec, "output_root": bucket_uri}
     settings = store.settings
     cache = tmp_path / "cache"
-    first = run_pipeline(ingest_only, {**base, "data_version": "d2"}, tmp_path, settings, cache_root=cache)
-    same = run_pipeline(ingest_only, {**base, "data_version": "d2"}, tmp_path, settings, cache_root=cache)
-    bumped = run_pipeline(ingest_only, {**base, "data_version": "d3"}, tmp_path, settings, cache_root=cache)
+    first = run_pipeline(
+        PIPELINES["ingest"], {**base, "data_version": "d2"}, tmp_path, settings, cache_root=cache
+    )
+    same = run_pipeline(
+        PIPELINES["ingest"], {**base, "data_version": "d2"}, tmp_path, settings, cache_root=cache
+    )
+    bumped = run_pipeline(
+        PIPELINES["ingest"], {**base, "data_version": "d3"}, tmp_path, settings, cache_root=cache
+    )
     assert first.executed == ["ingest"]
     assert same.executed == []
     assert bumped.executed == ["ingest"]

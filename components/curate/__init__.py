@@ -29,6 +29,6 @@ def curate(
         output_name,
         result.path,
         overrides_json=overrides_json,
-        inputs={"pool": pool.path if pool else None, "seed": seed.path if seed else None},
+        inputs={"pool": pool, "seed": seed},
     )
     runtime.log_metrics(metrics, res)

@@ -31,9 +31,9 @@ def dedup(
         result.path,
         overrides_json=overrides_json,
         inputs={
-            "pool": pool.path if pool else None,
-            "eval_set": eval_set.path if eval_set else None,
-            "reference": reference.path if reference else None,
+            "pool": pool,
+            "eval_set": eval_set,
+            "reference": reference,
         },
     )
     runtime.log_metrics(metrics, res)

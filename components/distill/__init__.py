@@ -31,8 +31,8 @@ def distill(
         result.path,
         overrides_json=overrides_json,
         inputs={
-            "manifest": manifest.path if manifest else None,
-            "teacher": teacher.path if teacher else None,
+            "manifest": manifest,
+            "teacher": teacher,
         },
         split=split,
     )

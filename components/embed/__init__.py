@@ -32,8 +32,8 @@ def embed(
         result.path,
         overrides_json=overrides_json,
         inputs={
-            "manifest": manifest.path if manifest else None,
-            "backbone": backbone.path if backbone else None,
+            "manifest": manifest,
+            "backbone": backbone,
         },
         split=split,
         student=student,

@@ -36,8 +36,8 @@ def evaluate(
         result.path,
         overrides_json=overrides_json,
         inputs={
-            "backbone": backbone.path if backbone else None,
-            "dataset": dataset.path if dataset else None,
+            "backbone": backbone,
+            "dataset": dataset,
         },
         split=split,
         test_split=test_split,

@@ -30,7 +30,7 @@ def pretrain(
         output_name,
         result.path,
         overrides_json=overrides_json,
-        inputs={"manifest": manifest.path if manifest else None, "init": init.path if init else None},
+        inputs={"manifest": manifest, "init": init},
         split=split,
     )
     runtime.log_metrics(metrics, res)

@@ -31,8 +31,8 @@ def promote(
         result.path,
         overrides_json=overrides_json,
         inputs={
-            "backbone": backbone.path if backbone else None,
-            "evaluation": evaluation.path if evaluation else None,
+            "backbone": backbone,
+            "evaluation": evaluation,
         },
         student=student,
     )

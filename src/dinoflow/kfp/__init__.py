@@ -22,4 +22,17 @@ S3_SECRET_KEYS = {
 
 GPU_STAGES = ("embed", "pretrain", "distill")
 
-__all__ = ["GPU_IMAGE", "GPU_STAGES", "IMAGE", "S3_SECRET_KEYS", "S3_SECRET_NAME"]
+# The GPU pool, by the NVIDIA GPU operator's node label and the usual taint (GKE/EKS device-plugin
+# conventions): the default of the pipelines' parameters, the TrainJob's pods and the chart overlays.
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+GPU_TOLERATIONS = [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+
+__all__ = [
+    "GPU_IMAGE",
+    "GPU_NODE_SELECTOR",
+    "GPU_STAGES",
+    "GPU_TOLERATIONS",
+    "IMAGE",
+    "S3_SECRET_KEYS",
+    "S3_SECRET_NAME",
+]

@@ -139,7 +139,10 @@ def fill_from_upstream(
     return spec
 
 
-def read_result(path: str | None) -> dict[str, Any] | None:
+def read_result(artifact: Any) -> dict[str, Any] | None:
+    """The upstream stage result held by an optional input artifact (a KFP ``Artifact``, a path, or
+    ``None`` when the pipeline did not connect it)."""
+    path = getattr(artifact, "path", artifact)
     if not path:
         return None
     p = Path(path)
@@ -157,7 +160,7 @@ def run_component(
     output_name: str,
     result_path: str,
     overrides_json: str = "{}",
-    inputs: dict[str, str | None] | None = None,
+    inputs: dict[str, Any] | None = None,
     split: str = "train",
     test_split: str = "test",
     student: str = "",

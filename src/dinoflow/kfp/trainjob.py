@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dinoflow.errors import DinoflowError, SpecError
-from dinoflow.kfp import GPU_IMAGE, S3_SECRET_KEYS, S3_SECRET_NAME
+from dinoflow.kfp import GPU_IMAGE, GPU_NODE_SELECTOR, GPU_TOLERATIONS, S3_SECRET_KEYS, S3_SECRET_NAME
 
 log = logging.getLogger(__name__)
 
@@ -269,15 +269,8 @@ def job_from_env(stage: str, spec: Any) -> MultiNodeJob:
         kind=env.get("DINOFLOW_TRAINJOB_KIND", "TrainJob"),  # type: ignore[arg-type]
         runtime=env.get("DINOFLOW_TRAINJOB_RUNTIME", TORCH_RUNTIME),
         secret_name=env.get("DINOFLOW_S3_SECRET", S3_SECRET_NAME),
-        node_selector=json.loads(
-            env.get("DINOFLOW_TRAINJOB_NODE_SELECTOR", '{"nvidia.com/gpu.present": "true"}')
-        ),
-        tolerations=json.loads(
-            env.get(
-                "DINOFLOW_TRAINJOB_TOLERATIONS",
-                '[{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]',
-            )
-        ),
+        node_selector=json.loads(env.get("DINOFLOW_TRAINJOB_NODE_SELECTOR", json.dumps(GPU_NODE_SELECTOR))),
+        tolerations=json.loads(env.get("DINOFLOW_TRAINJOB_TOLERATIONS", json.dumps(GPU_TOLERATIONS))),
     )
 
 
