@@ -183,3 +183,28 @@ def test_training_metrics_endpoint_is_scraped_during_a_run(fmnist_dir):
     assert _value(end, "dinoflow_train_learning_rate", method=method) == 0.1
     assert _value(end, "dinoflow_train_images_per_second", method=method) > 0
     assert sum(losses[-5:]) < sum(losses[:5])  # it really trained
+
+
+def test_every_stage_run_is_recorded_where_stages_are_dispatched(store, bucket_uri):
+    from dinoflow.stages.base import StageResult, StageSpec, run_with_marker
+
+    stage = f"t{uuid.uuid4().hex[:8]}"
+
+    def sample(name, **labels):
+        return metrics.REGISTRY.get_sample_value(name, {"stage": stage, **labels})
+
+    def ok(spec, store):
+        return StageResult(output_uri=spec.output_uri)
+
+    def boom(spec, store):
+        raise RuntimeError("boom")
+
+    spec = StageSpec(output_uri=f"{bucket_uri}/ok")
+    run_with_marker(stage, spec, store, ok, StageResult)
+    run_with_marker(stage, spec, store, ok, StageResult)  # reuses the recorded result: not a run
+    with pytest.raises(RuntimeError):
+        run_with_marker(stage, StageSpec(output_uri=f"{bucket_uri}/bad"), store, boom, StageResult)
+    assert sample("dinoflow_stage_runs_total", outcome="success") == 1
+    assert sample("dinoflow_stage_runs_total", outcome="failure") == 1
+    assert sample("dinoflow_stage_seconds") >= 0
+    assert abs(sample("dinoflow_stage_last_success_timestamp_seconds") - time.time()) < 60

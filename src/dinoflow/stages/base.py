@@ -1,6 +1,7 @@
 """What every stage shares: the spec/result base models, the spec hash, and the runner that makes
 a stage idempotent (a stage that finds its own ``_SUCCESS`` with the same spec hash returns the
-recorded result; a different spec under the same output prefix is refused, never overwritten).
+recorded result; a different spec under the same output prefix is refused, never overwritten) and
+records every run that does work in the stage metrics (``dinoflow.metrics.stage_run``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dinoflow import metrics
 from dinoflow.errors import SpecError
 from dinoflow.storage.client import ObjectStore, join_uri
 
@@ -53,7 +55,10 @@ class StageResult(BaseModel):
 def run_with_marker(
     name: str, spec: StageSpec, store: ObjectStore, run_fn: Any, result_cls: type[StageResult]
 ) -> StageResult:
-    """Run ``run_fn(spec, store)`` unless its ``_SUCCESS`` marker already records this spec."""
+    """Run ``run_fn(spec, store)`` unless its ``_SUCCESS`` marker already records this spec.
+
+    A run that does work is timed and counted by outcome (``metrics.stage_run``, pushed when a
+    Pushgateway is configured); a reused result is not a run."""
     marker = store.read_success(spec.output_uri)
     h = spec.spec_hash()
     if marker is not None:
@@ -64,16 +69,17 @@ def run_with_marker(
             f"{spec.output_uri} already holds a finished '{marker.get('stage')}' run with a different "
             f"spec (hash {marker.get('spec_hash')} != {h}); choose a new output_uri"
         )
-    t0 = time.perf_counter()
-    result = run_fn(spec, store)
-    result = result.model_copy(update={"seconds": round(time.perf_counter() - t0, 3)})
-    store.write_success(
-        spec.output_uri,
-        {
-            "stage": name,
-            "spec_hash": h,
-            "spec": spec.model_dump(mode="json"),
-            "result": result.model_dump(mode="json"),
-        },
-    )
+    with metrics.stage_run(name):
+        t0 = time.perf_counter()
+        result = run_fn(spec, store)
+        result = result.model_copy(update={"seconds": round(time.perf_counter() - t0, 3)})
+        store.write_success(
+            spec.output_uri,
+            {
+                "stage": name,
+                "spec_hash": h,
+                "spec": spec.model_dump(mode="json"),
+                "result": result.model_dump(mode="json"),
+            },
+        )
     return result
