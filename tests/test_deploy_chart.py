@@ -121,11 +121,9 @@ def test_hook_job_uploads_and_schedules(rendered):
     # every --param is typed by the real CLI parser against the compiled retrain pipeline
     pairs = [c["args"][i + 1] for i, a in enumerate(c["args"]) if a == "--param"]
     compiled = Path(CHART).parents[1] / "pipelines" / "retrain.yaml"
-    client = pytest.importorskip(
-        "dinoflow.kfp.client", reason="dinoflow.kfp.client (issue 6) not present yet"
-    )
-    if not compiled.exists():
-        pytest.skip("pipelines/retrain.yaml is not compiled yet (`make compile`)")
+    from dinoflow.kfp import client
+
+    assert compiled.exists(), "pipelines/retrain.yaml is not compiled (`make compile`)"
     required = {  # the retrain pipeline's inputs without defaults (schedule.parameters in real values)
         "champion_uri": "s3://d/champion",
         "curated_manifest_uri": "s3://d/c.parquet",

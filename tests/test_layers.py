@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md point down, and no module imports itself back through others.
+"""The layers (README, "Layout") point down, and no module imports itself back through others.
 
 Every ``import`` in the package (module level and inside functions alike) is read with ``ast``:
 pipelines -> components -> the component runtime (``dinoflow.kfp``) -> stages -> the science

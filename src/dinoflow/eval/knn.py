@@ -17,7 +17,7 @@ from dinoflow.errors import SpecError
 DINOV2_KS = (10, 20, 100, 200)  # DINOv2 k-NN protocol
 DINOV2_TEMPERATURE = 0.07  # DINOv2 k-NN protocol
 # Weighted k-NN (k = 20) on raw Fashion-MNIST pixels, 60k train -> 10k test, measured here: the bar a
-# self-supervised feature must clear to have learned anything (FACTS.md).
+# self-supervised feature must clear to have learned anything.
 FASHION_MNIST_RAW_PIXEL_KNN_TOP1 = 0.843
 
 
