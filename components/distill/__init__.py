@@ -1,4 +1,4 @@
-"""KFP component: the distill stage (frozen teacher -> smaller students); multi-node specs run as a TrainJob."""
+"""KFP component: the distill stage (frozen teacher -> smaller students) on one node."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Metrics, Output
