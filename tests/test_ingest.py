@@ -103,7 +103,9 @@ def test_shards_and_file_lists(store, bucket_uri, tmp_path):
                 tar.addfile(info, io.BytesIO(payload))
     store.put_file(f"{bucket_uri}/raw/in.tar", tar_path)
     (tmp_path / "a.png").write_bytes(_png(7))
-    (tmp_path / "list.txt").write_text(f"{tmp_path / 'a.png'}\n{tmp_path / 'missing.png'}\n")
+    # a vanished local file and a missing object are quarantined, not fatal
+    missing = [tmp_path / "missing.png", f"{bucket_uri}/raw/missing.png"]
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in [tmp_path / "a.png", *missing]))
     stage = get_stage("ingest")
     res = stage.run(
         stage.parse_spec(
@@ -128,7 +130,7 @@ def test_shards_and_file_lists(store, bucket_uri, tmp_path):
         ),
         store,
     )
-    assert res.counts == {"s": 1} and res.quarantined == 1
+    assert res.counts == {"s": 1} and res.quarantined == 2
 
 
 def test_wrong_spec_field_fails_before_work(tmp_path, bucket_uri):

@@ -1,32 +1,23 @@
-"""The ingest stage's work: raw inputs -> shards + one manifest per split + a quarantine list.
+"""Readers of raw ingest inputs: IDX pairs, class folders, tar shards and file lists, each yielding
+``(origin, payload, label)`` items for the ingest stage (``dinoflow.stages.ingest``) to decode,
+quarantine and shard.
 
-Unreadable inputs (truncated, corrupt, zero-sized, not images) are skipped and listed with the
-reason; they never crash the stage and never reach a shard.
+A listed file that has vanished yields an empty payload (quarantined downstream), never a crash.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import tarfile
-import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from dinoflow import metrics
 from dinoflow.data.idx import read_idx
-from dinoflow.data.images import BadImage, decode_image, encode_png, image_ext
-from dinoflow.data.manifest import from_rows, write_manifest
-from dinoflow.data.shards import ShardWriter
-from dinoflow.errors import SpecError
+from dinoflow.errors import SpecError, StorageError
 from dinoflow.storage.client import ObjectStore
 
-log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 # One raw item: (where it came from, encoded bytes or a uint8 array, label or -1)
@@ -104,96 +95,26 @@ def _iter_files(store: ObjectStore, inputs: list[str]) -> Iterator[Item]:
             continue
         try:
             data = _read(store, p)
-        except (OSError, Exception) as e:  # a listed file that vanished is quarantined, not fatal
-            if isinstance(e, SpecError):
+        except OSError:  # a listed local file that vanished or cannot be read: quarantined
+            data = b""
+        except StorageError:  # a listed object that is missing is quarantined; an unreachable store is fatal
+            if store.exists(p):
                 raise
-            yield p, b"", -1
-            continue
+            data = b""
         yield p, data, -1
 
 
-def ingest(spec, store: ObjectStore):  # IngestSpec -> IngestResult
-    from dinoflow.stages.ingest import IngestResult
-
-    t0 = time.perf_counter()
-    manifests, counts, label_counts = {}, {}, {}
-    quarantine: list[dict] = []
-    n_shards = 0
-    for split, inputs in spec.splits.items():
-        if not inputs:
-            raise SpecError(f"split {split!r} has no inputs")
-        items = {
-            "idx": lambda inputs=inputs: _iter_idx(store, inputs),
-            "folder": lambda inputs=inputs: _iter_folder(store, inputs, spec.label_names),
-            "shards": lambda inputs=inputs: _iter_shards(store, inputs),
-            "files": lambda inputs=inputs: _iter_files(store, inputs),
-        }[spec.kind]()
-        rows = []
-        prefix = spec.out(split)
-        with ShardWriter(store, prefix, spec.samples_per_shard) as writer:
-            for origin, payload, label in tqdm(items, desc=f"ingest {split}", unit="img", mininterval=2):
-                if spec.limit_per_split and len(rows) >= spec.limit_per_split:
-                    break
-                if isinstance(payload, np.ndarray):
-                    data, ext, (h, w) = encode_png(payload), "png", payload.shape[:2]
-                else:
-                    try:
-                        img = decode_image(payload)
-                    except BadImage as e:
-                        quarantine.append({"split": split, "input": origin, "reason": e.reason})
-                        metrics.IMAGES_QUARANTINED.labels("ingest", e.reason.split(":")[0][:40]).inc()
-                        continue
-                    data, ext, (w, h) = payload, image_ext(img), img.size
-                idx = len(rows)
-                key = f"{idx:09d}"
-                shard, member = writer.add(
-                    key, data, ext, {"label": label, "source": spec.source, "origin": origin}
-                )
-                rows.append(
-                    {
-                        "key": f"{spec.source}/{split}/{key}",
-                        "shard": shard,
-                        "member": member,
-                        "source": spec.source,
-                        "label": label,
-                        "width": int(w),
-                        "height": int(h),
-                        "sha256": hashlib.sha256(data).hexdigest(),
-                        "split": split,
-                    }
-                )
-            n_shards += len(writer.close())
-        if not rows:
-            raise SpecError(
-                f"split {split!r}: no readable image among its inputs ({len(quarantine)} quarantined)"
-            )
-        uri = spec.out(split, "manifest.parquet")
-        write_manifest(store, uri, from_rows(rows))
-        manifests[split], counts[split] = uri, len(rows)
-        names = spec.label_names
-        label_counts[split] = {
-            (names[k] if 0 <= k < len(names) else str(k)): v
-            for k, v in sorted(Counter(r["label"] for r in rows).items())
-        }
-        metrics.IMAGES_PROCESSED.labels("ingest").inc(len(rows))
-    q_uri = None
-    if quarantine:
-        q_uri = spec.out("quarantine.jsonl")
-        store.put_bytes(
-            q_uri, "".join(json.dumps(q) + "\n" for q in quarantine).encode(), "application/x-ndjson"
-        )
-        log.warning("ingest: %d input(s) quarantined, see %s", len(quarantine), q_uri)
-    dt = time.perf_counter() - t0
-    return IngestResult(
-        output_uri=spec.output_uri,
-        manifests=manifests,
-        counts=counts,
-        label_counts=label_counts,
-        quarantined=len(quarantine),
-        quarantine_uri=q_uri,
-        shards=n_shards,
-        images_per_second=round(sum(counts.values()) / max(dt, 1e-9), 1),
-    )
+def iter_items(kind: str, store: ObjectStore, inputs: list[str], label_names: list[str]) -> Iterator[Item]:
+    """The raw items of one split's ``inputs``, read as ``kind`` (idx, folder, shards or files)."""
+    readers = {
+        "idx": lambda: _iter_idx(store, inputs),
+        "folder": lambda: _iter_folder(store, inputs, label_names),
+        "shards": lambda: _iter_shards(store, inputs),
+        "files": lambda: _iter_files(store, inputs),
+    }
+    if kind not in readers:
+        raise SpecError(f"unknown input kind {kind!r}; choose one of: {', '.join(readers)}")
+    return readers[kind]()
 
 
 def fashion_mnist_spec(output_uri: str, root: str | None = None, limit_per_split: int | None = None) -> dict:
