@@ -17,11 +17,11 @@ def demo(store):
     """A 1,200-image demo pool with pixel-descriptor embeddings (no trained backbone needed)."""
     import uuid
 
-    from dinoflow_tools.pool import generate_pool
-
-    from dinoflow.curation.embeddings import pixel_descriptor, write_embeddings
+    from dinoflow.curation.descriptors import pixel_descriptor
     from dinoflow.curation.hashing import phash64, reduce_for_hash
     from dinoflow.data.dataset import load_images
+    from dinoflow.data.embeddings import write_embeddings
+    from dinoflow_tools.pool import generate_pool
 
     root = f"s3://cur-{uuid.uuid4().hex[:10]}/demo"
     info = generate_pool(store, root, 1200, eval_size=400, seed_size=100, contamination=40)
@@ -63,10 +63,9 @@ def test_pool_has_sources_and_ground_truth(store, demo):
 
 
 def test_dedup_finds_planted_copies_and_decontaminates(store, demo, bucket_uri):
+    from dinoflow.data.manifest import read_manifest
     from dinoflow_tools.pool import read_ground_truth
     from dinoflow_tools.scoring import score_dedup
-
-    from dinoflow.data.manifest import read_manifest
 
     stage = get_stage("dedup")
     res = stage.run(stage.parse_spec(_dedup_spec(demo, bucket_uri)), store)
@@ -111,7 +110,7 @@ def test_dedup_ivf_path_matches_exact(store, demo, bucket_uri):
 
 
 def test_dedup_refuses_contradicting_specs(store, demo, bucket_uri):
-    from dinoflow.curation.embeddings import write_embeddings
+    from dinoflow.data.embeddings import write_embeddings
 
     stage = get_stage("dedup")
     with pytest.raises(SpecError, match="larger than k"):
@@ -173,7 +172,7 @@ def test_curate_hierarchical_kmeans_and_refusals(store, demo, bucket_uri):
 def test_embed_stage_rows_aligned_and_normalised(store, demo, bucket_uri):
     import torch
 
-    from dinoflow.curation.embeddings import read_embeddings, read_phash
+    from dinoflow.data.embeddings import read_embeddings, read_phash
     from dinoflow.models import create_backbone, export_backbone
 
     torch.manual_seed(0)
@@ -209,7 +208,7 @@ def test_embed_stage_rows_aligned_and_normalised(store, demo, bucket_uri):
 def test_embed_bootstraps_a_backbone_when_none_is_given(store, demo, bucket_uri, caplog):
     import logging
 
-    from dinoflow.curation.embeddings import read_embeddings
+    from dinoflow.data.embeddings import read_embeddings
 
     stage = get_stage("embed")
     spec = {

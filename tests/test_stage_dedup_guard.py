@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dinoflow.curation.embeddings import write_embeddings
+from dinoflow.data.embeddings import write_embeddings
 from dinoflow.errors import SpecError
 from dinoflow.stages import get_stage
 

@@ -218,7 +218,7 @@ def near_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j) of uint8 [N, 28, 28] images whose 28 px correlation, either one mirrored or not,
     exceeds ``threshold``: within ``x`` (i < j), or between ``x`` (i) and ``other`` (j)."""
-    from dinoflow.curation.embeddings import pixel_descriptor
+    from dinoflow.curation.descriptors import pixel_descriptor
 
     y = x if other is None else other
     ai, aj = [], []

@@ -9,6 +9,8 @@ in ``dinoflow.stages.{embed,dedup,curate}`` own the I/O). Modules:
     dedup       components -> keep one per component; decontamination against evaluation sets
     retrieval   seed-based retrieval: top-N per query, or sampling from seed-holding k-means clusters
     hkmeans     hierarchical k-means with resampling and balanced top-down sampling
-    pool        the uncurated demo pool generator (real offline sources + planted copies)
-    embeddings  float16 embedding shards row-aligned with a manifest
+    copydetect  pixel copy detection against evaluation sets (crops, rotations, mirror, captions)
+    descriptors L2 normalisation and the training-free pixel descriptor
+
+The embedding shards these functions read and write are a data-plane format (dinoflow.data.embeddings).
 """

@@ -79,9 +79,10 @@ def run(spec: CurateSpec, store):
     import numpy as np
     import pyarrow as pa
 
-    from dinoflow.curation.embeddings import l2_normalize, read_embeddings, read_meta, write_embeddings
+    from dinoflow.curation.descriptors import l2_normalize
     from dinoflow.curation.hkmeans import balanced_sample, hierarchical_kmeans
     from dinoflow.curation.retrieval import cluster_sample, retrieve_topn
+    from dinoflow.data.embeddings import read_embeddings, read_meta, write_embeddings
     from dinoflow.data.manifest import read_manifest, write_manifest
     from dinoflow.metrics import IMAGES_PROCESSED
 

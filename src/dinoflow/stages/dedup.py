@@ -143,7 +143,7 @@ class DedupResult(StageResult):
 
 
 def _load_checked(store, manifest_uri: str, emb_uri: str, what: str):
-    from dinoflow.curation.embeddings import read_meta
+    from dinoflow.data.embeddings import read_meta
     from dinoflow.data.manifest import read_manifest
 
     table = read_manifest(store, manifest_uri)
@@ -176,8 +176,9 @@ def similarity_graph(spec: DedupSpec, store, table, emb, evals) -> SimilarityGra
     import numpy as np
 
     from dinoflow.curation import knn
-    from dinoflow.curation.embeddings import l2_normalize, read_embeddings, read_phash
+    from dinoflow.curation.descriptors import l2_normalize
     from dinoflow.curation.hashing import hash_pairs
+    from dinoflow.data.embeddings import read_embeddings, read_phash
 
     n = table.num_rows
     mean = emb.mean(0, keepdims=True) if spec.center else None
@@ -283,7 +284,7 @@ def run(spec: DedupSpec, store):
 
     from dinoflow.curation import knn
     from dinoflow.curation.dedup import dedup
-    from dinoflow.curation.embeddings import read_embeddings, write_embeddings
+    from dinoflow.data.embeddings import read_embeddings, write_embeddings
     from dinoflow.data.manifest import write_manifest
     from dinoflow.metrics import IMAGES_PROCESSED
 

@@ -157,8 +157,8 @@ def run(spec: EmbedSpec, store):
     import torch
     from torch.utils.data import DataLoader
 
-    from dinoflow.curation.embeddings import write_embeddings
     from dinoflow.data.dataset import ManifestDataset
+    from dinoflow.data.embeddings import write_embeddings
     from dinoflow.data.manifest import read_manifest
     from dinoflow.metrics import IMAGES_PROCESSED
     from dinoflow.models import load_backbone

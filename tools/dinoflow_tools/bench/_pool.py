@@ -35,9 +35,10 @@ def pool_and_embeddings(
     bootstrap_steps: int = 300,
     bootstrap_sample: int = 20_000,
 ) -> dict:
-    from dinoflow.curation.embeddings import pixel_descriptor, write_embeddings
+    from dinoflow.curation.descriptors import pixel_descriptor
     from dinoflow.curation.hashing import phash64, reduce_for_hash
     from dinoflow.data.dataset import load_images
+    from dinoflow.data.embeddings import write_embeddings
     from dinoflow.stages import get_stage
     from dinoflow.storage.client import join_uri
     from dinoflow_tools.pool import generate_pool

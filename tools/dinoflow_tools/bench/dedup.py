@@ -31,8 +31,8 @@ def _sweep(spec, store, gt, keys, pairs):
     import numpy as np
 
     from dinoflow.curation.dedup import dedup
-    from dinoflow.curation.embeddings import read_embeddings
     from dinoflow.curation.knn import edges_above
+    from dinoflow.data.embeddings import read_embeddings
     from dinoflow.stages.dedup import load_inputs, similarity_graph
     from dinoflow_tools.scoring import ground_truth_arrays, score_arrays
 
