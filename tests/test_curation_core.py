@@ -179,3 +179,13 @@ def test_generated_base_has_no_near_duplicates():
     pi, pj = near_pairs(p.images[bright], other=p.images[p.copy_of[bright]])
     assert (pi == pj).sum() >= 0.9 * bright.sum() and DISTINCT_CORR < 1
     assert sum(v > 0 for v in {s: (p.source == s).sum() for s in set(p.source)}.values()) == 5
+
+
+def test_exact_pairs_star_every_copy_to_the_first_row():
+    from dinoflow.curation.hashing import exact_matches, exact_pairs
+
+    sha = np.array(["b", "a", "b", "c", "b", "a"], dtype=object)
+    head, member = exact_pairs(sha)
+    assert sorted(zip(head.tolist(), member.tolist(), strict=True)) == [(0, 2), (0, 4), (1, 5)]
+    assert [len(x) for x in exact_pairs(np.array([], dtype=object))] == [0, 0]
+    assert exact_matches(sha, np.array(["c", "z"])).tolist() == [False, False, False, True, False, False]

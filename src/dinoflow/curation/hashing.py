@@ -1,4 +1,5 @@
-"""Near-exact duplicates by a 64-bit perceptual hash (pHash: signs of low DCT frequencies).
+"""Duplicates by content hash: exact (equal digests of the stored bytes) and near-exact by a 64-bit
+perceptual hash (pHash: signs of low DCT frequencies).
 
 An image is reduced to 32x32 grayscale; the 8x8 lowest 2-D DCT frequencies are compared with
 their median (DC excluded from the median) to give 64 bits. JPEG re-encoding, mild blur and
@@ -70,6 +71,24 @@ def phash_pil(img) -> np.ndarray:
 
     g = np.asarray(img.convert("L").resize((HASH_PX, HASH_PX), Image.BILINEAR), dtype=np.float32)
     return phash64(g[None])[0]
+
+
+def exact_pairs(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (head, member) joining every row to the first row with the same digest: a star per
+    hash group, so no member is missed and nothing chains."""
+    d = np.asarray(digests).astype(str)
+    if len(d) == 0:
+        z = np.zeros(0, np.int64)
+        return z, z
+    _, first, inv = np.unique(d, return_index=True, return_inverse=True)
+    head = first[inv.ravel()]
+    dup = np.flatnonzero(head != np.arange(len(d)))
+    return head[dup].astype(np.int64), dup.astype(np.int64)
+
+
+def exact_matches(digests: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """bool [N]: rows of ``digests`` whose digest also occurs in ``other``."""
+    return np.isin(np.asarray(digests).astype(str), np.asarray(other).astype(str))
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -119,6 +119,7 @@ def load_images(
         rows_by_shard[s].append(i)
     mode = {None: None, 1: "L", 3: "RGB"}[channels]
     out: np.ndarray | None = None
+    found = np.zeros(n, dtype=bool)
     for shard, rows in rows_by_shard.items():
         wanted = {member_col[i]: i for i in rows}
         for key, sample in iter_shard(store, shard):
@@ -141,7 +142,14 @@ def load_images(
                         f"images differ in size/channels ({arr.shape} vs {out.shape[1:]}): pass size_px and channels"
                     )
                 out[i] = arr
-    assert out is not None
+                found[i] = True
+    if out is None or not found.all():
+        miss = int(np.flatnonzero(~found)[0])
+        raise SpecError(
+            f"{int((~found).sum())} of {n} manifest rows have no image in their shard (first: member "
+            f"{member_col[miss]!r} of {shard_col[miss]}): the manifest does not match its shards; re-run "
+            "the stage that wrote them"
+        )
     labels = torch.from_numpy(manifest.column("label").to_numpy(zero_copy_only=False).astype(np.int64))
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), labels
 

@@ -1,4 +1,4 @@
-"""Embeddings beside a manifest: float16 ``.npy`` shards, row-aligned with it (DESIGN.md, data plane).
+"""Embeddings beside a manifest: float16 ``.npy`` shards, row-aligned with it (the data plane).
 
 Layout under a prefix: ``emb-000000.npy`` ... (rows in manifest order, ``rows_per_shard`` each),
 ``phash.npy`` (uint64 [N, 2]: perceptual hash and mirror hash per row) and ``embeddings.json``

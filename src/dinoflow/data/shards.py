@@ -33,10 +33,11 @@ class ShardWriter:
         self._tmp: Any = None
         self._tar: tarfile.TarFile | None = None
 
-    def _open(self) -> None:
+    def _open(self) -> tarfile.TarFile:
         self._tmp = tempfile.NamedTemporaryFile(suffix=".tar", delete=False)
         self._tar = tarfile.open(fileobj=self._tmp, mode="w", format=tarfile.USTAR_FORMAT)
         self._count = 0
+        return self._tar
 
     @property
     def current_uri(self) -> str:
@@ -45,15 +46,13 @@ class ShardWriter:
     def add(self, key: str, image: bytes, ext: str, meta: dict[str, Any]) -> tuple[str, str]:
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset convention)")
-        if self._tar is None:
-            self._open()
-        assert self._tar is not None
+        tar = self._tar if self._tar is not None else self._open()
         member = f"{key}.{ext}"
         for name, data in ((member, image), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mode = 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+            tar.addfile(info, io.BytesIO(data))
         uri = self.current_uri
         self._count += 1
         if self._count >= self.samples_per_shard:

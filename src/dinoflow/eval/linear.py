@@ -1,7 +1,7 @@
 """Linear probes on frozen features (the DINOv2 protocol) and logistic regression.
 
 The grid is learning rate x {CLS, CLS + mean-pooled patch tokens} x {last block, last 4 blocks}
-(DINOv2 ``eval/linear.py``). Every configuration is fitted on the train split minus a held-out part,
+(the DINOv2 linear evaluation). Every configuration is fitted on the train split minus a held-out part,
 scored on that held-out part, and the best one is refitted on the whole train split. The selection
 functions take no test data at all, so test labels cannot leak into the choice.
 """

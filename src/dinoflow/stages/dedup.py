@@ -177,20 +177,16 @@ def similarity_graph(spec: DedupSpec, store, table, emb, evals) -> SimilarityGra
 
     from dinoflow.curation import knn
     from dinoflow.curation.descriptors import l2_normalize
-    from dinoflow.curation.hashing import hash_pairs
+    from dinoflow.curation.hashing import exact_matches, exact_pairs, hash_pairs
     from dinoflow.data.embeddings import read_embeddings, read_phash
 
     n = table.num_rows
     mean = emb.mean(0, keepdims=True) if spec.center else None
     x = l2_normalize(emb - mean) if mean is not None else l2_normalize(emb)
     edges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    sha = np.asarray(table.column("sha256").to_pylist(), dtype=object).astype(str)
+    sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)
     if spec.exact_hash:
-        # every member of a hash group to the group's first row (a star, so no member is missed)
-        _, first, inv = np.unique(sha, return_index=True, return_inverse=True)
-        head = first[inv.ravel()]
-        dup = np.flatnonzero(head != np.arange(n))
-        edges["exact"] = (head[dup], dup)
+        edges["exact"] = exact_pairs(sha)
     ph = read_phash(store, spec.embeddings_uri)
     if spec.phash_max_bits >= 0 and ph is not None:
         i, j, _ = hash_pairs(ph, spec.phash_max_bits)
@@ -206,7 +202,7 @@ def similarity_graph(spec: DedupSpec, store, table, emb, evals) -> SimilarityGra
             ex, x, 1, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe
         )
         top1 = np.maximum(top1, res.sims[:, 0])
-        touched |= np.isin(sha, np.asarray(et.column("sha256").to_pylist(), dtype=str))
+        touched |= exact_matches(sha, np.asarray(et.column("sha256").to_pylist(), dtype=object))
         e_ph = read_phash(store, eu)
         if spec.phash_max_bits >= 0 and ph is not None and e_ph is not None:
             pi, _, _ = hash_pairs(ph, spec.phash_max_bits, other=e_ph)
@@ -278,54 +274,58 @@ def load_inputs(spec: DedupSpec, store):
     return table, meta, evals
 
 
-def run(spec: DedupSpec, store):
+RULES = ("exact", "phash", "embedding", "contamination")
+
+
+def decide(spec: DedupSpec, table, sim: SimilarityGraph):
+    """Apply the thresholds to the similarity graph: a ``dinoflow.curation.dedup`` outcome (which rows
+    stay, each row's group and reason). Refuses to remove more than ``max_removed_fraction``."""
     import numpy as np
-    import pyarrow as pa
 
     from dinoflow.curation import knn
     from dinoflow.curation.dedup import dedup
-    from dinoflow.data.embeddings import read_embeddings, write_embeddings
-    from dinoflow.data.manifest import write_manifest
-    from dinoflow.metrics import IMAGES_PROCESSED
 
-    # -- validate everything before any heavy work
-    table, meta, evals = load_inputs(spec, store)
     n = table.num_rows
-    emb, _ = read_embeddings(store, spec.embeddings_uri)
-    sim = similarity_graph(spec, store, table, emb, evals)
-    g = sim.graph
     edges = dict(sim.hash_edges)
-    q, nb, _ = knn.edges_above(g, spec.threshold_cos)
+    q, nb, _ = knn.edges_above(sim.graph, spec.threshold_cos)
     edges["embedding"] = (q, nb)
-    # -- decontamination: a pool image touches an eval set by hash or by its nearest eval cosine
+    # decontamination: a pool image touches an eval set by hash, by its nearest eval cosine, or as a copy
     touched = sim.touched_hash | (sim.eval_top1 > spec.decontam_threshold_cos)
     if sim.touched_copy is not None:
         touched |= sim.touched_copy
-    ph = sim.phash
     area = np.asarray(table.column("width").to_numpy(zero_copy_only=False), np.int64) * np.asarray(
         table.column("height").to_numpy(zero_copy_only=False), np.int64
     )
     out = dedup(n, edges, area=area, touched_eval=np.flatnonzero(touched), grouping=spec.grouping)
     removed_share = 1.0 - float(out.keep.sum()) / n
     if removed_share > spec.max_removed_fraction:
-        by_rule = {r: int((out.reason == r).sum()) for r in ("exact", "phash", "embedding", "contamination")}
+        by_rule = {r: int((out.reason == r).sum()) for r in RULES}
         raise SpecError(
             f"dedup would remove {n - int(out.keep.sum())} of {n} pool images ({removed_share:.0%} > "
             f"max_removed_fraction {spec.max_removed_fraction}; by rule {by_rule}): the embedder does not "
             "separate images at threshold_cos / decontam_threshold_cos; use a better-trained embedder "
             "or higher thresholds (nothing was written)"
         )
+    return out
+
+
+def _write_kept(spec: DedupSpec, store, table, emb, meta, phash, out) -> tuple[str, str]:
+    """The kept manifest (same shards) and the kept rows' embeddings; returns both URIs."""
+    import numpy as np
+    import pyarrow as pa
+
+    from dinoflow.data.embeddings import write_embeddings
+    from dinoflow.data.manifest import write_manifest
 
     keep_rows = np.flatnonzero(out.keep)
-    kept = table.take(pa.array(keep_rows))
     manifest_uri = spec.out("manifest.parquet")
-    write_manifest(store, manifest_uri, kept)
+    write_manifest(store, manifest_uri, table.take(pa.array(keep_rows)))
     emb_out = spec.out("embeddings")
     write_embeddings(
         store,
         emb_out,
         emb[keep_rows],
-        phash=None if ph is None else ph[keep_rows],
+        phash=None if phash is None else phash[keep_rows],
         meta={
             "manifest_uri": manifest_uri,
             "backbone_uri": meta.get("backbone_uri"),
@@ -333,6 +333,17 @@ def run(spec: DedupSpec, store):
             "parent": spec.embeddings_uri,
         },
     )
+    return manifest_uri, emb_out
+
+
+def _write_groups(spec: DedupSpec, store, table, out) -> str:
+    """Every row in a multi-image group or dropped for contamination, with its representative."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     keys = np.asarray(table.column("key").to_pylist(), dtype=object)
     listed = np.flatnonzero((np.bincount(out.labels)[out.labels] > 1) | (out.reason == "contamination"))
     groups = pa.table(
@@ -343,17 +354,21 @@ def run(spec: DedupSpec, store):
             "reason": out.reason[listed].tolist(),
         }
     )
-    groups_uri = spec.out("groups.parquet")
-    import io
-
-    import pyarrow.parquet as pq
-
     buf = io.BytesIO()
     pq.write_table(groups, buf)
-    store.put_bytes(groups_uri, buf.getvalue())
+    uri = spec.out("groups.parquet")
+    store.put_bytes(uri, buf.getvalue())
+    return uri
 
+
+def build_report(spec: DedupSpec, table, out, sim: SimilarityGraph) -> dict:
+    """Counts per rule and per source, the index choice and the thresholds (``report.json``)."""
+    import numpy as np
+
+    n = table.num_rows
+    g = sim.graph
     sources = np.asarray(table.column("source").to_pylist(), dtype=object)
-    removed = {r: int((out.reason == r).sum()) for r in ("exact", "phash", "embedding", "contamination")}
+    removed = {r: int((out.reason == r).sum()) for r in RULES}
     per_source = {}
     for s in sorted(set(sources.tolist())):
         m = sources == s
@@ -362,7 +377,7 @@ def run(spec: DedupSpec, store):
             "kept": int((m & out.keep).sum()),
             **{r: int((m & (out.reason == r)).sum()) for r in removed},
         }
-    report = {
+    return {
         "input_count": n,
         "kept_count": int(out.keep.sum()),
         "components": out.n_components,
@@ -384,10 +399,24 @@ def run(spec: DedupSpec, store):
             "center": spec.center,
         },
     }
+
+
+def run(spec: DedupSpec, store) -> DedupResult:
+    from dinoflow.data.embeddings import read_embeddings
+    from dinoflow.metrics import IMAGES_PROCESSED
+
+    table, meta, evals = load_inputs(spec, store)  # everything validated before any heavy work
+    n = table.num_rows
+    emb, _ = read_embeddings(store, spec.embeddings_uri)
+    sim = similarity_graph(spec, store, table, emb, evals)
+    out = decide(spec, table, sim)
+    manifest_uri, emb_out = _write_kept(spec, store, table, emb, meta, sim.phash, out)
+    groups_uri = _write_groups(spec, store, table, out)
+    report = build_report(spec, table, out, sim)
     report_uri = spec.out("report.json")
     store.put_json(report_uri, report)
     IMAGES_PROCESSED.labels("dedup").inc(n)
-    log.info("dedup: kept %d of %d (%s)", report["kept_count"], n, removed)
+    log.info("dedup: kept %d of %d (%s)", report["kept_count"], n, report["removed_per_rule"])
     return DedupResult(
         output_uri=spec.output_uri,
         manifest_uri=manifest_uri,
@@ -395,9 +424,9 @@ def run(spec: DedupSpec, store):
         groups_uri=groups_uri,
         report_uri=report_uri,
         input_count=n,
-        kept_count=int(out.keep.sum()),
-        removed_per_rule=removed,
+        kept_count=report["kept_count"],
+        removed_per_rule=report["removed_per_rule"],
         contaminated_count=out.contaminated_rows,
-        index_kind=g.choice.kind,
-        index_reason=g.choice.reason,
+        index_kind=sim.graph.choice.kind,
+        index_reason=sim.graph.choice.reason,
     )

@@ -2,7 +2,7 @@
 
 Images stream through DataLoader workers (decode, resize, perceptual hash) so decoding overlaps
 the model; the model runs on the GPU when one is present. Without a checkpoint the stage says so
-and bootstraps one (DESIGN.md): a short pretrain-stage run on a random sample of the manifest,
+and bootstraps one: a short pretrain-stage run on a random sample of the manifest,
 never random weights.
 """
 
@@ -26,7 +26,7 @@ class EmbedSpec(StageSpec):
     backbone_uri: str | None = Field(
         None,
         description="exported backbone prefix (backbone.json + backbone.safetensors); when "
-        "unset, a short bootstrap pretrain on a sample of the pool provides one (DESIGN.md)",
+        "unset, a short bootstrap pretrain on a sample of the pool provides one",
     )
     batch_size: int = Field(256, ge=1, description="images per forward pass")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images")
@@ -106,7 +106,7 @@ def _bootstrap(spec: EmbedSpec, store, table) -> str:
     n = table.num_rows
     m = min(spec.bootstrap_sample, n)
     log.warning(
-        "embed: no backbone_uri given; bootstrapping one (DESIGN.md): %s pretrain of %s for %d steps "
+        "embed: no backbone_uri given; bootstrapping one: %s pretrain of %s for %d steps "
         "on %d of %d pool images",
         spec.bootstrap_method,
         spec.bootstrap_backbone or "the DEMO preset's backbone",
@@ -120,7 +120,7 @@ def _bootstrap(spec: EmbedSpec, store, table) -> str:
     from dinoflow.train.presets import DEMO
 
     stage = get_stage("pretrain")
-    # the issue-3 DEMO preset (28 px crops, small head) with our step count instead of its epochs
+    # the DEMO training preset (28 px crops, small head) with our step count instead of its epochs
     fields = {k: v for k, v in DEMO.items() if k in stage.spec_cls.model_fields and k != "epochs"}
     fields.update(
         output_uri=spec.out("bootstrap", "pretrain"),

@@ -4,11 +4,15 @@ Reads an exported backbone and two labelled manifests; writes under ``output_uri
 ``report.html`` (self-contained), ``model_card.md``, ``metrics.json`` and, unless ``feature_cache_uri``
 points elsewhere, ``features/{split}-{key}.safetensors`` (reused by any later evaluation of the same
 backbone on the same data). Model selection uses a held-out part of TRAIN only.
+
+The protocols themselves are plain functions in ``dinoflow.eval.protocols``; the curves are read in
+the trainer's one format (``dinoflow.eval.curves``). This stage keeps the I/O, the cache and the result.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -117,13 +121,15 @@ def _subset(table: Any, limit: int | None, seed: int) -> Any:
 
 
 def _class_names(spec: EvaluateSpec, store: Any, n: int) -> list[str]:
+    from dinoflow.errors import StorageError
+
     if spec.class_names:
         return list(spec.class_names)
     # Manifests from the ingest stage sit at {ingest_output}/{split}/manifest.parquet.
     parent = spec.train_manifest_uri.rsplit("/", 2)[0]
     try:
         marker = store.read_success(parent)
-    except Exception:  # noqa: BLE001 — any failure just means "no names recorded"
+    except (StorageError, ValueError):  # no readable ingest record just means "no names recorded"
         marker = None
     names = (
         (marker or {}).get("spec", {}).get("label_names") if (marker or {}).get("stage") == "ingest" else None
@@ -131,51 +137,6 @@ def _class_names(spec: EvaluateSpec, store: Any, n: int) -> list[str]:
     if names and len(names) >= n:
         return list(names)
     return [f"class {i}" for i in range(n)]
-
-
-def _read_json_or_lines(data: bytes) -> Any:
-    """A JSON document, or JSON Lines (the trainer's ``curves.jsonl``) as a list of rows."""
-    import json
-
-    try:
-        return json.loads(data)
-    except json.JSONDecodeError:
-        return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-
-
-def _parse_curves(obj: Any) -> dict[str, tuple[list[float], list[float]]]:
-    """Accept {"step": [...], "loss": [...]} or [{"step": s, "loss": l, ...}, ...]."""
-    if isinstance(obj, dict) and "curves" in obj:
-        obj = obj["curves"]
-    rows: list[dict[str, Any]] = []
-    if isinstance(obj, list):
-        rows = [r for r in obj if isinstance(r, dict)]
-    elif isinstance(obj, dict):
-        lists = {k: v for k, v in obj.items() if isinstance(v, list)}
-        n = max((len(v) for v in lists.values()), default=0)
-        rows = [{k: v[i] for k, v in lists.items() if i < len(v)} for i in range(n)]
-    out: dict[str, tuple[list[float], list[float]]] = {}
-    for i, r in enumerate(rows):
-        step = r.get("step", i)
-        for k, v in r.items():
-            if k in (
-                "step",
-                "time",
-                "seconds",
-                "step_seconds",
-                "epoch",
-                "lr",
-                "wd",
-                "teacher_temp",
-                "ema_momentum",
-            ):
-                continue
-            if not isinstance(v, int | float) or isinstance(v, bool):
-                continue
-            xs, ys = out.setdefault(k, ([], []))
-            xs.append(float(step))
-            ys.append(float(v))
-    return out
 
 
 def _training_info(spec: EvaluateSpec, store: Any) -> tuple[dict[str, Any], str | None]:
@@ -207,31 +168,34 @@ def _training_info(spec: EvaluateSpec, store: Any) -> tuple[dict[str, Any], str 
     return info, spec.curves_uri or r.get("curves_uri")
 
 
-def run(spec: EvaluateSpec, store: Any) -> EvaluateResult:
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
+@dataclass
+class _Inputs:
+    """The backbone and the two labelled tables, checked before any heavy work."""
 
-    from dinoflow import metrics as prom
-    from dinoflow.data.dataset import load_images
+    backbone: Any
+    meta: dict[str, Any]
+    tables: dict[str, Any]  # split -> pyarrow table
+    training: dict[str, Any]
+    curves_uri: str | None
+
+
+@dataclass
+class _Features:
+    """Per split: decoded images, labels, features (from the cache when there) and their URIs."""
+
+    images: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, Any] = field(default_factory=dict)
+    feats: dict[str, Any] = field(default_factory=dict)
+    uris: dict[str, str] = field(default_factory=dict)
+    hits: list[bool] = field(default_factory=list)
+
+
+def _load_inputs(spec: EvaluateSpec, store: Any) -> _Inputs:
     from dinoflow.data.manifest import read_manifest
     from dinoflow.errors import SpecError
-    from dinoflow.eval.card import CardData, render_card
-    from dinoflow.eval.features import (
-        FeatureSet,
-        available_blocks,
-        cache_key,
-        cached_features,
-        extract_features,
-        patch_tokens,
-    )
-    from dinoflow.eval.knn import knn_classify
-    from dinoflow.eval.linear import linear_protocol, select_logistic_regression
-    from dinoflow.eval.report import ReportData, pca_panel, pca_rgb, render_report, retrieval_grid
     from dinoflow.models import load_backbone
     from dinoflow.storage.client import join_uri
 
-    # -- inputs, checked before any heavy work ----------------------------------------------------
     backbone = load_backbone(store, spec.backbone_uri)
     meta = store.get_json(join_uri(spec.backbone_uri, "backbone.json"))
     tables = {
@@ -255,23 +219,27 @@ def run(spec: EvaluateSpec, store: Any) -> EvaluateResult:
             f"train split of {n_train} images is too small to hold out {spec.heldout_fraction:.0%}"
         )
     training, curves_uri = _training_info(spec, store)
-    torch.manual_seed(spec.seed)
+    return _Inputs(backbone, meta, tables, training, curves_uri)
 
-    # -- features, extracted once per (backbone, data) and cached ---------------------------------
+
+def _features(spec: EvaluateSpec, store: Any, inp: _Inputs) -> _Features:
+    """Features extracted once per (backbone, data) and cached in object storage."""
+    from dinoflow import metrics as prom
+    from dinoflow.data.dataset import load_images
+    from dinoflow.eval.features import available_blocks, cache_key, cached_features, extract_features
+    from dinoflow.storage.client import join_uri
+
+    backbone = inp.backbone
     n_last = min(4, available_blocks(backbone))  # DINOv2 linear eval: last 1 or 4 blocks
     cache = spec.feature_cache_uri or spec.out("features")
     bb_version = [
         store.stat(join_uri(spec.backbone_uri, f))["etag"] for f in ("backbone.safetensors", "backbone.json")
     ]
-    images: dict[str, torch.Tensor] = {}
-    labels: dict[str, torch.Tensor] = {}
-    feats: dict[str, FeatureSet] = {}
-    feature_uris: dict[str, str] = {}
-    hits = []
-    for split, t in tables.items():
+    out = _Features()
+    for split, t in inp.tables.items():
         src = spec.train_manifest_uri if split == "train" else spec.test_manifest_uri
         imgs, labs = load_images(store, t, channels=backbone.in_chans, size_px=backbone.img_size)
-        images[split], labels[split] = imgs, labs
+        out.images[split], out.labels[split] = imgs, labs
         key = cache_key(
             backbone=bb_version,
             manifest=src,
@@ -283,114 +251,147 @@ def run(spec: EvaluateSpec, store: Any) -> EvaluateResult:
             v=1,
         )
         uri = join_uri(cache, f"{split}-{key}.safetensors")
-        feature_uris[split] = uri
+        out.uris[split] = uri
         fs, hit = cached_features(
             store,
             uri,
             lambda imgs=imgs, labs=labs: extract_features(
-                backbone, imgs, labs, meta, spec.batch_size, n_last
+                backbone, imgs, labs, inp.meta, spec.batch_size, n_last
             ),
         )
-        feats[split] = fs
-        hits.append(hit)
+        out.feats[split] = fs
+        out.hits.append(hit)
         prom.IMAGES_PROCESSED.labels(stage="evaluate").inc(0 if hit else len(fs))
-    num_classes = int(max(labels["train"].max(), labels["test"].max())) + 1
-    class_names = _class_names(spec, store, num_classes)
+    return out
 
-    # -- the protocols, on the backbone and on raw pixels ------------------------------------------
-    def protocols(train: FeatureSet, test: FeatureSet) -> tuple[dict[str, float], Any, Any, Any]:
-        knn = knn_classify(
-            train.cls, train.labels, test.cls, test.labels, spec.knn_k, spec.knn_temperature, num_classes
-        )
-        lin = linear_protocol(
-            train,
-            test,
-            spec.linear_lrs,
-            spec.linear_epochs,
-            256,
-            spec.heldout_fraction,
-            spec.seed,
-            num_classes,
-        )
-        lr_x = train.linear_input(1, train.patch_mean is not None)
-        lr = select_logistic_regression(
-            lr_x, train.labels, spec.logreg_cs, spec.heldout_fraction, spec.seed, spec.logreg_max_iter
-        )
-        lr_pred = lr.predict(test.linear_input(1, test.patch_mean is not None))
-        out = {f"knn_top1_k{k}": v for k, v in knn.top1.items()}
-        out["knn_top1"] = knn.top1[20 if 20 in knn.top1 else knn.ks[0]]  # DINO's headline k-NN is k=20
-        out["linear_top1"] = lin.test_top1
-        out["logreg_top1"] = float((lr_pred == test.labels).float().mean())
-        return out, knn, lin, lr
 
-    result_metrics, knn, lin, lr = protocols(feats["train"], feats["test"])
-    baseline: dict[str, float] = {}
-    if spec.baseline:
+def _protocol_params(spec: EvaluateSpec):
+    from dinoflow.eval.protocols import ProtocolParams
 
-        def px(x: torch.Tensor) -> torch.Tensor:
-            s = spec.baseline_size_px
-            if x.shape[-1] != s or x.shape[-2] != s:
-                x = (
-                    F.interpolate(x.float(), size=(s, s), mode="bilinear", antialias=True)
-                    .round()
-                    .clamp(0, 255)
-                )
-            return x
+    return ProtocolParams(
+        knn_k=tuple(spec.knn_k),
+        knn_temperature=spec.knn_temperature,
+        linear_lrs=tuple(spec.linear_lrs),
+        linear_epochs=spec.linear_epochs,
+        logreg_cs=tuple(spec.logreg_cs),
+        logreg_max_iter=spec.logreg_max_iter,
+        heldout_fraction=spec.heldout_fraction,
+        seed=spec.seed,
+    )
 
-        baseline, *_ = protocols(
-            FeatureSet.from_pixels(px(images["train"]), labels["train"]),
-            FeatureSet.from_pixels(px(images["test"]), labels["test"]),
-        )
-    for name, v in result_metrics.items():
-        prom.EVAL_TOP1.labels(protocol=name).set(v)
 
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (labels["test"].numpy(), lin.test_predictions.numpy()), 1)
+def _curves(store: Any, curves_uri: str | None) -> dict[str, tuple[list[float], list[float]]]:
+    from dinoflow.errors import DinoflowError
+    from dinoflow.eval.curves import parse_curves
 
-    # -- report pieces -----------------------------------------------------------------------------
-    n_ex = min(spec.report_examples, len(feats["test"]))
-    ex = torch.randperm(len(feats["test"]), generator=torch.Generator().manual_seed(spec.seed))[:n_ex]
+    if not curves_uri:
+        return {}
+    try:
+        return parse_curves(store.get_bytes(curves_uri), curves_uri)
+    except DinoflowError as e:  # a missing or unreadable curve file must not sink the evaluation
+        log.warning("could not read training curves at %s: %s", curves_uri, e)
+        return {}
+
+
+def _report_images(spec: EvaluateSpec, inp: _Inputs, f: _Features, knn: Any) -> tuple[Any, Any]:
+    """The retrieval grid (test queries and their nearest train images) and the PCA panel."""
+    import torch
+
+    from dinoflow.eval.features import patch_tokens
+    from dinoflow.eval.report import pca_panel, pca_rgb, retrieval_grid
+
+    backbone = inp.backbone
+    n_ex = min(spec.report_examples, len(f.feats["test"]))
+    ex = torch.randperm(len(f.feats["test"]), generator=torch.Generator().manual_seed(spec.seed))[:n_ex]
     nb = knn.neighbours[ex, :5]
     retrieval = retrieval_grid(
-        images["test"][ex].numpy(),
-        images["train"][nb].numpy(),
-        labels["test"][ex].tolist(),
-        labels["train"][nb].tolist(),
+        f.images["test"][ex].numpy(),
+        f.images["train"][nb].numpy(),
+        f.labels["test"][ex].tolist(),
+        f.labels["train"][nb].tolist(),
     )
-    tokens = patch_tokens(backbone, images["test"][ex], meta).numpy()
+    tokens = patch_tokens(backbone, f.images["test"][ex], inp.meta).numpy()
     rgb = pca_rgb(tokens, backbone.patch_grid(backbone.img_size, backbone.img_size))
-    pca = pca_panel(images["test"][ex].numpy(), rgb)
-    curves: dict[str, tuple[list[float], list[float]]] = {}
-    if curves_uri:
-        try:
-            curves = _parse_curves(_read_json_or_lines(store.get_bytes(curves_uri)))
-        except Exception as e:  # noqa: BLE001 — a missing curve file must not sink the evaluation
-            log.warning("could not read training curves at %s: %s", curves_uri, e)
+    return retrieval, pca_panel(f.images["test"][ex].numpy(), rgb)
+
+
+@dataclass
+class _Outcome:
+    """What the protocols gave, for the report, the card and the result."""
+
+    metrics: dict[str, float]
+    baseline: dict[str, float]
+    protocols: Any  # ProtocolResults on the backbone's features
+    confusion: Any  # int64 [C, C]
+    class_names: list[str]
+    details: dict[str, str]
+
+
+def _score(spec: EvaluateSpec, store: Any, inp: _Inputs, f: _Features) -> _Outcome:
+    """Every protocol on the backbone's features and (when asked) on raw pixels."""
+    from dinoflow import metrics as prom
+    from dinoflow.eval.protocols import confusion_matrix, pixel_features, run_protocols
+
+    num_classes = int(max(f.labels["train"].max(), f.labels["test"].max())) + 1
+    params = _protocol_params(spec)
+    res = run_protocols(f.feats["train"], f.feats["test"], num_classes, params)
+    baseline: dict[str, float] = {}
+    if spec.baseline:
+        baseline = run_protocols(
+            pixel_features(f.images["train"], f.labels["train"], spec.baseline_size_px),
+            pixel_features(f.images["test"], f.labels["test"], spec.baseline_size_px),
+            num_classes,
+            params,
+        ).metrics
+    for name, v in res.metrics.items():
+        prom.EVAL_TOP1.labels(protocol=name).set(v)
+    lin = res.linear
+    n_train = inp.tables["train"].num_rows
     details = {
         "linear probe chosen on held-out train": f"{lin.selection.best.name} "
         f"(held-out top-1 {100 * lin.selection.val_top1[lin.selection.best.name]:.1f}%)",
-        "logistic regression C chosen on held-out train": f"{lr.best_c:g}",
+        "logistic regression C chosen on held-out train": f"{res.logreg.best_c:g}",
         "train / held-out / test images": f"{n_train - len(lin.selection.heldout_indices)} / "
-        f"{len(lin.selection.heldout_indices)} / {len(feats['test'])}",
+        f"{len(lin.selection.heldout_indices)} / {len(f.feats['test'])}",
         "k-NN": f"cosine, T={spec.knn_temperature:g}, k in {spec.knn_k}",
-        **{f"training {k}": v for k, v in training.items()},
+        **{f"training {k}": v for k, v in inp.training.items()},
     }
-    report_uri = spec.out("report.html")
-    card_uri = spec.out("model_card.md")
-    metrics_uri = spec.out("metrics.json")
+    return _Outcome(
+        metrics=res.metrics,
+        baseline=baseline,
+        protocols=res,
+        confusion=confusion_matrix(f.labels["test"], lin.test_predictions, num_classes),
+        class_names=_class_names(spec, store, num_classes),
+        details=details,
+    )
+
+
+def _write_report_and_card(
+    spec: EvaluateSpec, store: Any, inp: _Inputs, f: _Features, o: _Outcome
+) -> tuple[str, str, str]:
+    """``report.html``, ``model_card.md`` and ``metrics.json``; returns their URIs."""
+    from dinoflow.eval.card import CardData, render_card
+    from dinoflow.eval.report import ReportData, render_report
+
+    report_uri, card_uri, metrics_uri = (
+        spec.out("report.html"),
+        spec.out("model_card.md"),
+        spec.out("metrics.json"),
+    )
+    retrieval, pca = _report_images(spec, inp, f, o.protocols.knn)
     html = render_report(
         ReportData(
             title=f"dinoflow evaluation: {spec.model_name}",
-            backbone=meta,
-            metrics=result_metrics,
-            baseline=baseline,
-            class_names=class_names,
-            confusion=cm.tolist(),
-            confusion_protocol=f"linear probe {lin.selection.best.name}",
-            curves=curves,
+            backbone=inp.meta,
+            metrics=o.metrics,
+            baseline=o.baseline,
+            class_names=o.class_names,
+            confusion=o.confusion.tolist(),
+            confusion_protocol=f"linear probe {o.protocols.linear.selection.best.name}",
+            curves=_curves(store, inp.curves_uri),
             retrieval=retrieval,
             pca=pca,
-            details=details,
+            details=o.details,
         )
     )
     store.put_bytes(report_uri, html.encode(), "text/html")
@@ -398,38 +399,49 @@ def run(spec: EvaluateSpec, store: Any) -> EvaluateResult:
         CardData(
             model_name=spec.model_name,
             backbone_uri=spec.backbone_uri,
-            backbone=meta,
+            backbone=inp.meta,
             train_manifest_uri=spec.train_manifest_uri,
             test_manifest_uri=spec.test_manifest_uri,
-            num_train=n_train,
-            num_test=len(feats["test"]),
-            class_names=class_names,
-            metrics=result_metrics,
-            baseline=baseline,
-            selection={k: v for k, v in details.items() if not k.startswith("training")},
-            training=training,
+            num_train=inp.tables["train"].num_rows,
+            num_test=len(f.feats["test"]),
+            class_names=o.class_names,
+            metrics=o.metrics,
+            baseline=o.baseline,
+            selection={k: v for k, v in o.details.items() if not k.startswith("training")},
+            training=inp.training,
             report_uri=report_uri,
         )
     )
     store.put_bytes(card_uri, card.encode(), "text/markdown")
-    store.put_json(metrics_uri, {"metrics": result_metrics, "baseline": baseline})
-    prom.push_metrics("dinoflow-evaluate")
+    store.put_json(metrics_uri, {"metrics": o.metrics, "baseline": o.baseline})
+    return report_uri, card_uri, metrics_uri
+
+
+def run(spec: EvaluateSpec, store: Any) -> EvaluateResult:
+    import torch
+
+    inp = _load_inputs(spec, store)
+    torch.manual_seed(spec.seed)
+    f = _features(spec, store, inp)
+    o = _score(spec, store, inp, f)
+    report_uri, card_uri, metrics_uri = _write_report_and_card(spec, store, inp, f, o)
+    best = o.protocols.linear.selection
     return EvaluateResult(
         output_uri=spec.output_uri,
         backbone_uri=spec.backbone_uri,
-        metrics={k: round(v, 6) for k, v in result_metrics.items()},
-        baseline_metrics={k: round(v, 6) for k, v in baseline.items()},
-        linear_config=lin.selection.best.name,
-        linear_val_top1={k: round(v, 6) for k, v in lin.selection.val_top1.items()},
-        logreg_c=lr.best_c,
-        confusion_matrix=cm.tolist(),
-        confusion_protocol=f"linear probe {lin.selection.best.name}",
-        class_names=class_names,
-        num_train=n_train,
-        num_test=len(feats["test"]),
+        metrics={k: round(v, 6) for k, v in o.metrics.items()},
+        baseline_metrics={k: round(v, 6) for k, v in o.baseline.items()},
+        linear_config=best.best.name,
+        linear_val_top1={k: round(v, 6) for k, v in best.val_top1.items()},
+        logreg_c=o.protocols.logreg.best_c,
+        confusion_matrix=o.confusion.tolist(),
+        confusion_protocol=f"linear probe {best.best.name}",
+        class_names=o.class_names,
+        num_train=inp.tables["train"].num_rows,
+        num_test=len(f.feats["test"]),
         report_uri=report_uri,
         model_card_uri=card_uri,
         metrics_uri=metrics_uri,
-        feature_uris=feature_uris,
-        feature_cache_hit=all(hits),
+        feature_uris=f.uris,
+        feature_cache_hit=all(f.hits),
     )
