@@ -21,14 +21,4 @@ def curate(
     """Curate the (deduplicated) pool around the seed-set embeddings."""
     from dinoflow.kfp import runtime
 
-    res = runtime.run_component(
-        "curate",
-        spec_json,
-        output_root,
-        data_version,
-        output_name,
-        result.path,
-        overrides_json=overrides_json,
-        inputs={"pool": pool, "seed": seed},
-    )
-    runtime.log_metrics(metrics, res)
+    runtime.component_main("curate", locals(), inputs=("pool", "seed"))

@@ -22,18 +22,4 @@ def dedup(
     """Deduplicate the pool; drop copies of the eval set and of the reference (already curated) set."""
     from dinoflow.kfp import runtime
 
-    res = runtime.run_component(
-        "dedup",
-        spec_json,
-        output_root,
-        data_version,
-        output_name,
-        result.path,
-        overrides_json=overrides_json,
-        inputs={
-            "pool": pool,
-            "eval_set": eval_set,
-            "reference": reference,
-        },
-    )
-    runtime.log_metrics(metrics, res)
+    runtime.component_main("dedup", locals(), inputs=("pool", "eval_set", "reference"))

@@ -22,18 +22,4 @@ def distill(
     """Distill the teacher into the students named in the spec."""
     from dinoflow.kfp import runtime
 
-    res = runtime.run_component(
-        "distill",
-        spec_json,
-        output_root,
-        data_version,
-        output_name,
-        result.path,
-        overrides_json=overrides_json,
-        inputs={
-            "manifest": manifest,
-            "teacher": teacher,
-        },
-        split=split,
-    )
-    runtime.log_metrics(metrics, res)
+    runtime.component_main("distill", locals(), inputs=("manifest", "teacher"))

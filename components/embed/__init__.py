@@ -23,19 +23,4 @@ def embed(
     """Embed a manifest; without a backbone input or backbone_uri the stage bootstraps one."""
     from dinoflow.kfp import runtime
 
-    res = runtime.run_component(
-        "embed",
-        spec_json,
-        output_root,
-        data_version,
-        output_name,
-        result.path,
-        overrides_json=overrides_json,
-        inputs={
-            "manifest": manifest,
-            "backbone": backbone,
-        },
-        split=split,
-        student=student,
-    )
-    runtime.log_metrics(metrics, res)
+    runtime.component_main("embed", locals(), inputs=("manifest", "backbone"))

@@ -27,23 +27,4 @@ def evaluate(
     """Evaluate a backbone on the dataset's train/test splits."""
     from dinoflow.kfp import runtime
 
-    res = runtime.run_component(
-        "evaluate",
-        spec_json,
-        output_root,
-        data_version,
-        output_name,
-        result.path,
-        overrides_json=overrides_json,
-        inputs={
-            "backbone": backbone,
-            "dataset": dataset,
-        },
-        split=split,
-        test_split=test_split,
-        student=student,
-    )
-    runtime.log_metrics(metrics, res)
-    runtime.log_confusion(classification, res)
-    runtime.copy_text(res.get("report_uri"), report.path)
-    runtime.copy_text(res.get("model_card_uri"), model_card.path)
+    runtime.component_main("evaluate", locals(), inputs=("backbone", "dataset"))

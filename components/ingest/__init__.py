@@ -19,13 +19,4 @@ def ingest(
     """Ingest raw images; spec_json is an IngestSpec (dinoflow schema ingest)."""
     from dinoflow.kfp import runtime
 
-    res = runtime.run_component(
-        "ingest",
-        spec_json,
-        output_root,
-        data_version,
-        output_name,
-        result.path,
-        overrides_json=overrides_json,
-    )
-    runtime.log_metrics(metrics, res)
+    runtime.component_main("ingest", locals())

@@ -22,15 +22,4 @@ def pretrain(
     """Pretrain a backbone on the manifest; init continues from an earlier backbone (retrain)."""
     from dinoflow.kfp import runtime
 
-    res = runtime.run_component(
-        "pretrain",
-        spec_json,
-        output_root,
-        data_version,
-        output_name,
-        result.path,
-        overrides_json=overrides_json,
-        inputs={"manifest": manifest, "init": init},
-        split=split,
-    )
-    runtime.log_metrics(metrics, res)
+    runtime.component_main("pretrain", locals(), inputs=("manifest", "init"))

@@ -22,18 +22,4 @@ def promote(
     """Promote the evaluated backbone when it beats the registry's champion."""
     from dinoflow.kfp import runtime
 
-    res = runtime.run_component(
-        "promote",
-        spec_json,
-        output_root,
-        data_version,
-        output_name,
-        result.path,
-        overrides_json=overrides_json,
-        inputs={
-            "backbone": backbone,
-            "evaluation": evaluation,
-        },
-        student=student,
-    )
-    runtime.log_metrics(metrics, res)
+    runtime.component_main("promote", locals(), inputs=("backbone", "evaluation"))

@@ -1,6 +1,6 @@
 """What runs inside a component: spec JSON + upstream result artifacts -> one stage -> typed outputs.
 
-A component body is a few lines that call :func:`run_component`; everything it does lives here so
+A component body is one call of :func:`component_main`; everything it does lives here so
 that it is tested once. The component itself computes nothing: it wires URIs, calls
 ``dinoflow.stages.get_stage(name).run(spec, store)`` and copies the stage's own outputs (result
 JSON, metrics, report HTML, model card) into KFP artifacts for the UI.
@@ -227,6 +227,33 @@ def run_component(
             )
     log.info("%s finished in %.1fs: %s", stage, t1 - t0, result.get("output_uri"))
     return result
+
+
+def component_main(stage: str, args: dict[str, Any], inputs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The whole body of a component. ``args`` is the component function's ``locals()`` (its KFP
+    signature: spec_json, output_root, data_version, output_name, overrides_json, the ``result`` and
+    ``metrics`` outputs, and optionally split / test_split / student); ``inputs`` names its optional
+    upstream-result artifacts. Runs the stage, then fills every UI output the component declares:
+    ``metrics`` always, evaluate's ``classification``, ``report`` and ``model_card``."""
+    res = run_component(
+        stage,
+        args["spec_json"],
+        args["output_root"],
+        args["data_version"],
+        args["output_name"],
+        args["result"].path,
+        overrides_json=args["overrides_json"],
+        inputs={role: args[role] for role in inputs},
+        **{k: args[k] for k in ("split", "test_split", "student") if k in args},
+    )
+    log_metrics(args["metrics"], res)
+    if "classification" in args:
+        log_confusion(args["classification"], res)
+    if "report" in args:
+        copy_text(res.get("report_uri"), args["report"].path)
+    if "model_card" in args:
+        copy_text(res.get("model_card_uri"), args["model_card"].path)
+    return res
 
 
 # -- UI artifacts ----------------------------------------------------------------------------------
