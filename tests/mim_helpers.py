@@ -31,7 +31,7 @@ def train_steps(
         state = StepState(step, steps, steps_per_epoch=max(1, steps // 4))
         b = method.prepare(images[idx], BatchView(g, 0, batch))
         loss, logs = method(b, state)
-        assert torch.isfinite(loss) and all(np.isfinite(v) for v in logs.values())
+        assert torch.isfinite(loss) and all(bool(torch.isfinite(v)) for v in logs.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         method.after_backward(state)

@@ -55,7 +55,7 @@ def test_kmeans_codes_are_the_tokenizer_codes_of_the_crop_and_loss_terms_are_wei
     b = m.prepare(fmnist_images()[:8], BatchView(torch.Generator().manual_seed(0), 0, 8))
     assert b["codes"].shape == (8, 49) and int(b["codes"].max()) < 32
     loss, logs = m(b, StepState(0, 1))
-    assert logs["infonce_loss"] > 0 and loss.item() == pytest.approx(logs["mim_loss"], rel=1e-6)
+    assert logs["infonce_loss"] > 0 and loss.item() == pytest.approx(logs["mim_loss"].item(), rel=1e-6)
 
 
 def test_kmeans_target_needs_a_matching_tokenizer():

@@ -1,19 +1,25 @@
 """Training methods behind one interface (``dinoflow.methods.base.Method``).
 
-``build_method(name, backbone, **configs)`` picks one by name; MAE / SplitMask / distillation register
-themselves in ``METHODS`` from their own modules.
+``method_class(name)`` picks one by name from ``METHODS``; ``build_method(cfg, store)`` builds it with
+its ``from_config``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dinoflow.errors import SpecError
 
-# name -> "module:Class"; other engineers add their methods here.
+if TYPE_CHECKING:
+    from dinoflow.methods.base import Method
+    from dinoflow.storage.client import ObjectStore
+    from dinoflow.train.config import TrainConfig
+
+# name -> "module:Class"
 METHODS: dict[str, str] = {
     "dinov2": "dinoflow.methods.dinov2:DINOv2",
+    "distill": "dinoflow.methods.distill:Distill",
     "mae": "dinoflow.methods.mae:MAE",
     "splitmask": "dinoflow.methods.splitmask:SplitMask",
 }
@@ -24,3 +30,8 @@ def method_class(name: str) -> Any:
         raise SpecError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
     mod, cls = METHODS[name].split(":")
     return getattr(importlib.import_module(mod), cls)
+
+
+def build_method(cfg: TrainConfig, store: ObjectStore | None = None) -> Method:
+    """The method ``cfg.method`` names, built from ``cfg`` (and ``store`` for stored weights)."""
+    return method_class(cfg.method).from_config(cfg, store)

@@ -5,7 +5,7 @@ A method is an ``nn.Module`` that owns all its modules (student, teacher, heads,
 trainer calls, for every optimizer step::
 
     batch = method.prepare(images_uint8, view)      # batched augmentation on the device
-    loss, logs = method(batch, state)               # forward; loss is a scalar tensor
+    loss, logs = method(batch, state)               # forward; loss and logs are tensors
     loss.backward(); method.after_backward(state)   # e.g. freeze a head's last layer early on
     clip, optimizer.step()
     method.after_step(state)                        # e.g. the EMA update of a teacher
@@ -20,20 +20,33 @@ trainer calls, for every optimizer step::
   scheduled LR / weight decay by them.
 * ``export_backbone`` is the backbone a downstream stage should use (DINOv2: the EMA teacher).
 * ``head_state`` returns extra modules worth keeping next to the exported backbone (DINO heads).
+* ``from_config`` builds the method from the training configuration; ``fit_data``, ``clip_groups``
+  and ``fsdp_units`` are optional hooks with defaults (nothing to fit, clip the whole method, no
+  FSDP2 unit below the method itself).
 
-MAE, SplitMask and distillation are each one subclass; none changes the trainer.
+Logs are detached 0-d tensors: the trainer turns them into numbers only at its logging interval,
+so a step never waits for the device to report a value.
+
+MAE, SplitMask, DINOv2 and distillation are each one subclass; none changes the trainer.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from dinoflow.errors import SpecError
 from dinoflow.models.backbone import Backbone
+
+if TYPE_CHECKING:
+    from dinoflow.storage.client import ObjectStore
+    from dinoflow.train.config import TrainConfig
+
+Logs = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -45,7 +58,6 @@ class StepState:
     steps_per_epoch: int = 1
     world_size: int = 1
     rank: int = 0
-    extra: dict[str, float] = field(default_factory=dict)  # trainer schedule values (lr, wd) for logs
 
     @property
     def progress(self) -> float:
@@ -60,6 +72,30 @@ class BatchView:
     generator: torch.Generator
     offset: int
     global_batch: int
+
+
+def backbone_from_config(cfg: TrainConfig, store: ObjectStore | None = None) -> Backbone:
+    """The backbone ``cfg`` names, started from ``cfg.init_backbone_uri`` when it gives one."""
+    from dinoflow.models import create_backbone, load_backbone
+
+    bb = create_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate)
+    if cfg.init_backbone_uri:
+        if store is None:
+            raise SpecError("init_backbone_uri needs an object store")
+        init = load_backbone(store, cfg.init_backbone_uri)
+        if init.timm_model != bb.timm_model or init.embed_dim != bb.embed_dim:
+            raise SpecError(
+                f"init_backbone_uri {cfg.init_backbone_uri} holds {init.name} (dim {init.embed_dim}); "
+                f"the spec trains {cfg.backbone} (dim {bb.embed_dim})"
+            )
+        bb.model.load_state_dict(init.model.state_dict())
+        bb.mask_token.data.copy_(init.mask_token.data)
+    return bb
+
+
+def scalar_log(value: float) -> torch.Tensor:
+    """A host-side number (a schedule value) as a log entry."""
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 def param_groups_for_backbone(
@@ -126,13 +162,24 @@ class Method(nn.Module, ABC):
 
     name: str = "method"
 
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: TrainConfig, store: ObjectStore | None = None) -> Method:
+        """Build from the training configuration (and the object store, for methods that start
+        from stored weights)."""
+
+    def fit_data(self, images: torch.Tensor, seed: int = 0) -> None:
+        """Fit data-dependent parts on the training images (uint8 ``[N, C, H, W]``) before the first
+        step; must be deterministic for a seed (every rank fits its own copy). Default: nothing."""
+
     @abstractmethod
     def prepare(self, images: torch.Tensor, view: BatchView) -> dict[str, Any]:
         """uint8 ``[b, C, H, W]`` on the training device -> the batch ``forward`` takes."""
 
     @abstractmethod
-    def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return the scalar loss to minimise and a dict of float logs (loss terms, temperatures)."""
+    def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, Logs]:
+        """Return the scalar loss to minimise and its logs (loss terms, schedule values), each a
+        detached 0-d tensor; loss terms end in ``loss``."""
 
     def after_backward(self, state: StepState) -> None:
         """Called after ``loss.backward()`` and before clipping / the optimizer step."""
@@ -147,6 +194,15 @@ class Method(nn.Module, ABC):
     ) -> list[dict[str, Any]]:
         """Trainable parameters as optimizer groups carrying ``lr_mult`` and ``wd_mult``."""
 
+    def clip_groups(self) -> list[nn.Module]:
+        """Modules whose gradients are clipped each on its own norm. Default: the whole method."""
+        return [self]
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Submodules to shard as their own FSDP2 units, inner ones first; the trainer shards the
+        method itself last. Default: none below the method."""
+        return []
+
     @abstractmethod
     def export_backbone(self) -> Backbone:
         """The backbone a downstream stage should use."""
@@ -155,5 +211,12 @@ class Method(nn.Module, ABC):
         """Extra tensors to save next to the exported backbone (e.g. DINO heads); default none."""
         return {}
 
-    def images_per_step(self, batch_size: int) -> int:
-        return batch_size
+
+def student_units(parts: nn.ModuleDict) -> list[nn.Module]:
+    """FSDP2 units of a dict of backbones and heads: each backbone's blocks, then each part."""
+    units: list[nn.Module] = []
+    for part in parts.values():
+        if isinstance(part, Backbone):
+            units += part.block_modules()
+        units.append(part)
+    return units

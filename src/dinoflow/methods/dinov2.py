@@ -4,7 +4,7 @@ only, DINO (CLS) + iBOT (masked patches) + KoLeo losses."""
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,11 +12,26 @@ from torch import nn
 from dinoflow.data.augment import MultiCrop, MultiCropConfig
 from dinoflow.data.masks import ibot_masks
 from dinoflow.errors import SpecError
-from dinoflow.losses import DINOHead, DINOLoss, EMACenter, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
+from dinoflow.losses import DINOHead
 from dinoflow.losses.schedules import cosine, teacher_temperature
-from dinoflow.methods.base import BatchView, Method, StepState, param_groups_for_backbone, param_groups_plain
+from dinoflow.methods.base import (
+    BatchView,
+    Logs,
+    Method,
+    StepState,
+    backbone_from_config,
+    param_groups_for_backbone,
+    param_groups_plain,
+    scalar_log,
+    student_units,
+)
 from dinoflow.methods.config import CropsConfig, DINOv2Config
+from dinoflow.methods.dino_objective import DINOObjective, ema_update_
 from dinoflow.models.backbone import Backbone
+
+if TYPE_CHECKING:
+    from dinoflow.storage.client import ObjectStore
+    from dinoflow.train.config import TrainConfig
 
 
 def multicrop_config(c: CropsConfig) -> MultiCropConfig:
@@ -66,14 +81,22 @@ class DINOv2(Method):
             if type(m).__name__ == "DropPath":
                 m.drop_prob = 0.0
         self.teacher.requires_grad_(False)
-        self.dino_loss = DINOLoss(cfg.student_temp)
-        self.ibot_loss = IBOTPatchLoss(cfg.student_temp)
-        self.koleo_loss = KoLeoLoss()
-        if cfg.centering == "ema":
-            self.dino_center = EMACenter(cfg.head_prototypes, cfg.center_momentum)
-            n_ibot = cfg.ibot_prototypes if cfg.ibot_separate_head else cfg.head_prototypes
-            self.ibot_center = EMACenter(n_ibot, cfg.center_momentum)
+        self.objective = DINOObjective(
+            cfg.student_temp,
+            cfg.centering,
+            cfg.sinkhorn_iters,
+            cfg.center_momentum,
+            cfg.head_prototypes,
+            cfg.ibot_prototypes if cfg.ibot_separate_head else cfg.head_prototypes,
+            cfg.dino_loss_weight,
+            cfg.ibot_loss_weight,
+            cfg.koleo_loss_weight,
+        )
         self.multicrop = MultiCrop(multicrop_config(crops), backbone.entry.mean, backbone.entry.std)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, store: ObjectStore | None = None) -> DINOv2:
+        return cls(backbone_from_config(cfg, store), cfg.dinov2, cfg.crops)
 
     # -- data ----------------------------------------------------------------------------------
     def prepare(self, images: torch.Tensor, view: BatchView) -> dict[str, Any]:
@@ -103,69 +126,39 @@ class DINOv2(Method):
         # DINOv2: cosine 0.992 -> 1.0 over the whole run.
         return cosine(state.step, state.max_steps, self.cfg.momentum_start, self.cfg.momentum_end)
 
-    def _targets(self, logits: torch.Tensor, temp: float, which: str) -> torch.Tensor:
-        if self.cfg.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, temp, self.cfg.sinkhorn_iters)
-        center: EMACenter = getattr(self, f"{which}_center")
-        t = center.targets(logits, temp)
-        center.update(logits)
-        return t
-
     # -- step ----------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.cfg
+    def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, Logs]:
         glob, loc, masks = batch["global"], batch["local"], batch["masks"]
         n_g = self.crops.global_crops_number
         b = glob.shape[0] // n_g
         temp = self.teacher_temp(state)
-        ibot_on = masks is not None and cfg.ibot_loss_weight > 0
-        t_ibot_head = self.teacher["ibot_head"] if cfg.ibot_separate_head else self.teacher["dino_head"]
-        s_ibot_head = self.student["ibot_head"] if cfg.ibot_separate_head else self.student["dino_head"]
+        ibot_on = masks is not None and self.cfg.ibot_loss_weight > 0
+        separate = self.cfg.ibot_separate_head
+        objective = self.objective
 
         with torch.no_grad():
             t_out = self.teacher["backbone"].encode(glob)
             t_logits = self.teacher["dino_head"](t_out["cls"])
-            t_targets = self._targets(t_logits, temp, "dino").view(n_g, b, -1)
+            t_targets = objective.targets(t_logits, temp, "dino").view(n_g, b, -1)
+            t_patch_targets = None
             if ibot_on:
-                t_patch_logits = t_ibot_head(t_out["patch"][masks])
-                t_patch_targets = self._targets(t_patch_logits, temp, "ibot")
+                t_ibot_head = self.teacher["ibot_head"] if separate else self.teacher["dino_head"]
+                t_patch_targets = objective.targets(t_ibot_head(t_out["patch"][masks]), temp, "ibot")
 
         s_out = self.student["backbone"].encode(glob, masks if ibot_on else None)
-        s_cls = s_out["cls"]
-        n_loc = 0
-        head_in = [s_cls]
-        if loc is not None:
-            s_loc = self.student["backbone"].encode(loc)["cls"]
-            n_loc = s_loc.shape[0] // b
-            head_in.append(s_loc)
-        s_masked = s_out["patch"][masks] if ibot_on else None
-        if ibot_on and not cfg.ibot_separate_head:
-            head_in.append(s_masked)
-        # One head call for all tokens that share the head (fewer, larger matmuls).
-        head_out = self.student["dino_head"](torch.cat(head_in))
-        s_glob_logits = head_out[: n_g * b].view(n_g, b, -1)
-        s_loc_logits = head_out[n_g * b : (n_g + n_loc) * b].view(n_loc, b, -1) if n_loc else None
-
-        dino = self.dino_loss(
-            list(s_glob_logits.unbind(0)),
-            list(s_loc_logits.unbind(0)) if s_loc_logits is not None else [],
-            list(t_targets.unbind(0)),
+        s_loc = self.student["backbone"].encode(loc)["cls"] if loc is not None else None
+        loss, logs = objective.student_loss(
+            self.student["dino_head"],
+            s_out["cls"],
+            s_loc,
+            s_out["patch"][masks] if ibot_on else None,
+            t_targets,
+            t_patch_targets,
+            masks,
+            n_g,
+            self.student["ibot_head"] if ibot_on and separate else None,
         )
-        loss = cfg.dino_loss_weight * dino
-        logs = {"dino_loss": float(dino.detach()), "teacher_temp": temp}
-        if ibot_on:
-            if cfg.ibot_separate_head:
-                s_patch_logits = s_ibot_head(s_masked)
-            else:
-                s_patch_logits = head_out[(n_g + n_loc) * b :]
-            ibot = self.ibot_loss(s_patch_logits, t_patch_targets, masks)
-            loss = loss + cfg.ibot_loss_weight * ibot
-            logs["ibot_loss"] = float(ibot.detach())
-        if cfg.koleo_loss_weight > 0:
-            koleo = sum(self.koleo_loss(c) for c in s_cls.view(n_g, b, -1).unbind(0))
-            loss = loss + cfg.koleo_loss_weight * koleo
-            logs["koleo_loss"] = float(koleo.detach())
-        logs["loss"] = float(loss.detach())
+        logs["teacher_temp"] = scalar_log(temp)
         return loss, logs
 
     def after_backward(self, state: StepState) -> None:
@@ -176,14 +169,13 @@ class DINOv2(Method):
 
     @torch.no_grad()
     def after_step(self, state: StepState) -> None:
-        m = self.momentum(state)
-        t_params = list(self.teacher.parameters())
-        s_params = [p.detach() for p in self.student.parameters()]
-        # teacher <- m * teacher + (1 - m) * student
-        torch._foreach_mul_(t_params, m)
-        torch._foreach_add_(t_params, s_params, alpha=1 - m)
-        for tb, sb in zip(self.teacher.buffers(), self.student.buffers(), strict=True):
-            tb.copy_(sb)
+        ema_update_(self.teacher, self.student, self.momentum(state))
+
+    def clip_groups(self) -> list[nn.Module]:
+        return list(self.student.values())  # official DINOv2: each student part clipped on its own
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return student_units(self.student) + student_units(self.teacher)
 
     def param_groups(
         self, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0

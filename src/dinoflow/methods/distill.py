@@ -13,20 +13,34 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dinoflow.data.augment import MultiCrop
 from dinoflow.errors import SpecError
-from dinoflow.losses import DINOHead, DINOLoss, EMACenter, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
+from dinoflow.losses import DINOHead
 from dinoflow.losses.schedules import cosine
-from dinoflow.methods.base import BatchView, Method, StepState, param_groups_for_backbone, param_groups_plain
+from dinoflow.methods.base import (
+    BatchView,
+    Logs,
+    Method,
+    StepState,
+    param_groups_for_backbone,
+    param_groups_plain,
+    scalar_log,
+    student_units,
+)
 from dinoflow.methods.config import CropsConfig
+from dinoflow.methods.dino_objective import DINOObjective, ema_update_
 from dinoflow.methods.dinov2 import multicrop_config
 from dinoflow.methods.distill_config import DistillConfig
 from dinoflow.models.backbone import Backbone
+
+if TYPE_CHECKING:
+    from dinoflow.storage.client import ObjectStore
+    from dinoflow.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +72,12 @@ def load_head(state: dict[str, torch.Tensor], prefix: str, shape: HeadShape) -> 
     head = DINOHead(shape.in_dim, shape.out_dim, shape.hidden_dim, shape.bottleneck_dim, shape.nlayers)
     head.load_state_dict({k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")})
     return head
+
+
+def default_crops(img_size: int, patch: int) -> CropsConfig:
+    """Global crops at the image size; local crops at 3/7 of it rounded to the patch (224 -> 96 / 98)."""
+    local = max(patch, round(img_size * 3 / 7 / patch) * patch)
+    return CropsConfig(global_crop_px=img_size, local_crop_px=local)
 
 
 def check_pair(
@@ -154,13 +174,17 @@ class Distill(Method):
         self.student = nn.ModuleDict(parts)
         self.ema = nn.ModuleDict({f"s{i}": copy.deepcopy(bb) for i, bb in enumerate(students.values())})
         self.ema.requires_grad_(False)
-        self.dino_loss = DINOLoss(cfg.student_temp)
-        self.ibot_loss = IBOTPatchLoss(cfg.student_temp)
-        self.koleo_loss = KoLeoLoss()
-        if cfg.centering == "ema":
-            self.dino_center = EMACenter(dino.out_dim, cfg.center_momentum)
-            n_ibot = shapes["ibot_head"].out_dim if self.has_ibot_head else dino.out_dim
-            self.ibot_center = EMACenter(n_ibot, cfg.center_momentum)
+        self.objective = DINOObjective(
+            cfg.student_temp,
+            cfg.centering,
+            cfg.sinkhorn_iters,
+            cfg.center_momentum,
+            dino.out_dim,
+            shapes["ibot_head"].out_dim if self.has_ibot_head else dino.out_dim,
+            cfg.dino_loss_weight,
+            cfg.ibot_loss_weight,
+            cfg.koleo_loss_weight,
+        )
         first = next(iter(students.values()))
         for bb in students.values():
             if tuple(bb.entry.mean) != tuple(first.entry.mean) or tuple(bb.entry.std) != tuple(
@@ -174,6 +198,28 @@ class Distill(Method):
         self.register_buffer("renorm_scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("renorm_shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
 
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, store: ObjectStore | None = None) -> Distill:
+        """Load the teacher (and its heads) named by a ``DistillTrainConfig`` and create the students."""
+        from dinoflow.models import create_backbone, get_entry, load_backbone
+        from dinoflow.models.export import load_heads
+        from dinoflow.train.config import DistillTrainConfig
+
+        if not isinstance(cfg, DistillTrainConfig):
+            raise SpecError(
+                "method 'distill' needs a teacher and students: give a DistillTrainConfig (the distill "
+                "stage's spec), not a plain TrainConfig"
+            )
+        if store is None:
+            raise SpecError("distillation loads its teacher from an object store; none was given")
+        teacher = load_backbone(store, cfg.teacher_uri)
+        heads = load_heads(store, cfg.teacher_uri)
+        for s in cfg.students:
+            get_entry(s)  # unknown names fail here, with the list of known ones
+        crops = cfg.crops or default_crops(teacher.img_size, teacher.patch_size)
+        students = {s: create_backbone(s, drop_path_rate=cfg.drop_path_rate) for s in cfg.students}
+        return cls(teacher, heads, students, cfg.distill, crops)
+
     # -- the trainer's interface --------------------------------------------------------------------
     def train(self, mode: bool = True) -> Distill:
         super().train(mode)
@@ -185,68 +231,44 @@ class Distill(Method):
         glob, loc = self.multicrop(images, view.generator, view.offset, view.global_batch)
         return {"global": glob, "local": loc}
 
-    def _targets(self, logits: torch.Tensor, which: str) -> torch.Tensor:
-        if self.cfg.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, self.cfg.teacher_temp, self.cfg.sinkhorn_iters)
-        center: EMACenter = getattr(self, f"{which}_center")
-        t = center.targets(logits, self.cfg.teacher_temp)
-        center.update(logits)
-        return t
-
-    def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.cfg
+    def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, Logs]:
         glob, loc = batch["global"], batch["local"]
         n_g = self.crops.global_crops_number
         b = glob.shape[0] // n_g
-        ibot_on = cfg.ibot_loss_weight > 0
+        ibot_on = self.cfg.ibot_loss_weight > 0
+        temp = self.cfg.teacher_temp
+        objective = self.objective
+        masks = t_patch_targets = None
         with torch.no_grad():
             t_out = self.frozen["backbone"].encode(glob * self.renorm_scale + self.renorm_shift)
-            t_targets = self._targets(self.frozen["dino_head"](t_out["cls"]), "dino").view(n_g, b, -1)
+            t_targets = objective.targets(self.frozen["dino_head"](t_out["cls"]), temp, "dino").view(
+                n_g, b, -1
+            )
             if ibot_on:
                 patches = t_out["patch"]  # [n_g * b, N, D]: every patch, no masking (DINOv2 distillation)
                 masks = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
                 t_ibot_head = self.frozen["ibot_head"] if self.has_ibot_head else self.frozen["dino_head"]
-                t_patch_targets = self._targets(t_ibot_head(patches.flatten(0, 1)), "ibot")
+                t_patch_targets = objective.targets(t_ibot_head(patches.flatten(0, 1)), temp, "ibot")
         loss = glob.new_zeros(())
-        logs: dict[str, float] = {}
+        logs: Logs = {}
         for i, name in enumerate(self.names):
             bb = self.student[f"s{i}_backbone"]
-            head = self.student[f"s{i}_dino_head"]
             s_out = bb.encode(glob)
-            s_cls = s_out["cls"]
-            head_in = [s_cls]
-            n_loc = 0
-            if loc is not None:
-                head_in.append(bb.encode(loc)["cls"])
-                n_loc = head_in[-1].shape[0] // b
-            if ibot_on and not self.has_ibot_head:
-                head_in.append(s_out["patch"].flatten(0, 1))
-            out = head(torch.cat(head_in))  # one call for every token that shares the head
-            s_glob = out[: n_g * b].view(n_g, b, -1)
-            s_loc = out[n_g * b : (n_g + n_loc) * b].view(n_loc, b, -1) if n_loc else None
-            dino = self.dino_loss(
-                list(s_glob.unbind(0)),
-                list(s_loc.unbind(0)) if s_loc is not None else [],
-                list(t_targets.unbind(0)),
+            li, terms = objective.student_loss(
+                self.student[f"s{i}_dino_head"],
+                s_out["cls"],
+                bb.encode(loc)["cls"] if loc is not None else None,
+                s_out["patch"].flatten(0, 1) if ibot_on else None,
+                t_targets,
+                t_patch_targets,
+                masks,
+                n_g,
+                self.student[f"s{i}_ibot_head"] if ibot_on and self.has_ibot_head else None,
             )
-            li = cfg.dino_loss_weight * dino
-            logs[f"{name}/dino_loss"] = float(dino.detach())
-            if ibot_on:
-                if self.has_ibot_head:
-                    s_patch = self.student[f"s{i}_ibot_head"](s_out["patch"].flatten(0, 1))
-                else:
-                    s_patch = out[(n_g + n_loc) * b :]
-                ibot = self.ibot_loss(s_patch, t_patch_targets, masks)
-                li = li + cfg.ibot_loss_weight * ibot
-                logs[f"{name}/ibot_loss"] = float(ibot.detach())
-            if cfg.koleo_loss_weight > 0:
-                koleo = sum(self.koleo_loss(c) for c in s_cls.view(n_g, b, -1).unbind(0))
-                li = li + cfg.koleo_loss_weight * koleo
-                logs[f"{name}/koleo_loss"] = float(koleo.detach())
-            logs[f"{name}/loss"] = float(li.detach())
+            logs.update({f"{name}/{k}": v for k, v in terms.items()})
             loss = loss + li
-        logs["loss"] = float(loss.detach())
-        logs["ema_momentum"] = self.momentum(state)
+        logs["loss"] = loss.detach()
+        logs["ema_momentum"] = scalar_log(self.momentum(state))
         return loss, logs
 
     def momentum(self, state: StepState) -> float:
@@ -256,12 +278,13 @@ class Distill(Method):
     def after_step(self, state: StepState) -> None:
         m = self.momentum(state)
         for i in range(len(self.names)):
-            ema, bb = self.ema[f"s{i}"], self.student[f"s{i}_backbone"]
-            e_params = list(ema.parameters())
-            torch._foreach_mul_(e_params, m)  # ema <- m * ema + (1 - m) * student
-            torch._foreach_add_(e_params, [p.detach() for p in bb.parameters()], alpha=1 - m)
-            for eb, sb in zip(ema.buffers(), bb.buffers(), strict=True):
-                eb.copy_(sb)
+            ema_update_(self.ema[f"s{i}"], self.student[f"s{i}_backbone"], m)
+
+    def clip_groups(self) -> list[nn.Module]:
+        return list(self.student.values())
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return student_units(self.student)
 
     def param_groups(
         self, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0
@@ -280,6 +303,3 @@ class Distill(Method):
     def export_students(self) -> dict[str, Backbone]:
         """Every student's EMA, by student name (the distillation's result)."""
         return {n: self.ema[f"s{i}"] for i, n in enumerate(self.names)}
-
-    def images_per_step(self, batch_size: int) -> int:
-        return batch_size

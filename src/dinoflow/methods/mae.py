@@ -7,16 +7,20 @@ by a mask token in place (see ``dinoflow.methods.mim``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dinoflow.losses.reconstruction import masked_mse, normalize_patches, patchify
-from dinoflow.methods.base import BatchView, StepState
+from dinoflow.methods.base import BatchView, Logs, StepState, backbone_from_config
 from dinoflow.methods.masking import random_masking
 from dinoflow.methods.mim import MaskedImageModel
 from dinoflow.methods.mim_config import MAEConfig
 from dinoflow.models.backbone import Backbone
+
+if TYPE_CHECKING:
+    from dinoflow.storage.client import ObjectStore
+    from dinoflow.train.config import TrainConfig
 
 
 class MAE(MaskedImageModel):
@@ -28,12 +32,8 @@ class MAE(MaskedImageModel):
         super().__init__(backbone, cfg.aug, cfg.encoder_masking, cfg.decoder, out_dim)
 
     @classmethod
-    def from_config(cls, backbone: Backbone, train_cfg: Any) -> MAE:
-        """Build from the trainer's ``TrainConfig`` (its ``mae`` section when it has one)."""
-        return cls(backbone, getattr(train_cfg, "mae", None) or MAEConfig())
-
-    def fit_data(self, images: torch.Tensor, seed: int = 0) -> None:
-        """Nothing to fit before training (kept for symmetry with SplitMask)."""
+    def from_config(cls, cfg: TrainConfig, store: ObjectStore | None = None) -> MAE:
+        return cls(backbone_from_config(cfg, store), cfg.mae)
 
     def prepare(self, images: torch.Tensor, view: BatchView) -> dict[str, Any]:
         x01 = self.augment(images, view)
@@ -41,7 +41,7 @@ class MAE(MaskedImageModel):
         b = images.shape[0]
         return {"x": self.normalize(x01), "mask": mask[view.offset : view.offset + b].to(images.device)}
 
-    def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, Logs]:
         x, mask = batch["x"], batch["mask"]
         target = patchify(x, self.patch_px)
         if self.cfg.norm_pix_loss:
@@ -49,7 +49,7 @@ class MAE(MaskedImageModel):
         _, pred = self.decode(self.encode(x, mask), mask)
         loss = masked_mse(pred, target, mask)
         return loss, {
-            "loss": float(loss.detach()),
-            "mae_loss": float(loss.detach()),
-            "masked_ratio": float(mask.float().mean()),
+            "loss": loss.detach(),
+            "mae_loss": loss.detach(),
+            "masked_ratio": mask.float().mean(),
         }

@@ -9,7 +9,7 @@ InfoNCE with every other image of the global (all-gathered) batch as a negative.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +17,15 @@ import torch.nn.functional as F
 from dinoflow.errors import SpecError
 from dinoflow.losses.infonce import info_nce
 from dinoflow.losses.reconstruction import masked_cross_entropy, masked_mse, normalize_patches, patchify
-from dinoflow.methods.base import BatchView, StepState
+from dinoflow.methods.base import BatchView, Logs, StepState, backbone_from_config
 from dinoflow.methods.masking import split_masks
 from dinoflow.methods.mim import MaskedImageModel
 from dinoflow.methods.mim_config import SplitMaskConfig
 from dinoflow.models.backbone import Backbone
+
+if TYPE_CHECKING:
+    from dinoflow.storage.client import ObjectStore
+    from dinoflow.train.config import TrainConfig
 from dinoflow.models.tokenizer import KMeansPatchTokenizer
 
 
@@ -50,9 +54,8 @@ class SplitMask(MaskedImageModel):
         self.tokenizer = tokenizer if cfg.target == "kmeans" else None
 
     @classmethod
-    def from_config(cls, backbone: Backbone, train_cfg: Any) -> SplitMask:
-        """Build from the trainer's ``TrainConfig`` (its ``splitmask`` section when it has one)."""
-        return cls(backbone, getattr(train_cfg, "splitmask", None) or SplitMaskConfig())
+    def from_config(cls, cfg: TrainConfig, store: ObjectStore | None = None) -> SplitMask:
+        return cls(backbone_from_config(cfg, store), cfg.splitmask)
 
     def fit_data(self, images: torch.Tensor, seed: int = 0) -> None:
         """Fit the k-means tokenizer on the training images (uint8 [N, C, H, W]) before training;
@@ -80,7 +83,7 @@ class SplitMask(MaskedImageModel):
             batch["codes"] = self.tokenizer.encode(x01 * 255.0)  # tokenizer was fitted on 0-255 pixels
         return batch
 
-    def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, Logs]:
         cfg = self.cfg
         x = batch["x"]
         if self.tokenizer is not None:
@@ -101,9 +104,9 @@ class SplitMask(MaskedImageModel):
         nce = info_nce(pooled[0], pooled[1], cfg.temperature)
         loss = cfg.mim_loss_weight * mim_loss + cfg.contrastive_loss_weight * nce
         return loss, {
-            "loss": float(loss.detach()),
-            "mim_loss": float(mim_loss.detach()),
-            "infonce_loss": float(nce.detach()),
+            "loss": loss.detach(),
+            "mim_loss": mim_loss.detach(),
+            "infonce_loss": nce.detach(),
         }
 
 

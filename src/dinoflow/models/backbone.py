@@ -135,6 +135,10 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)["cls"]
 
+    def block_modules(self) -> list[nn.Module]:
+        """The transformer blocks (XCiT: then its class-attention blocks), e.g. as FSDP2 units."""
+        return list(self.model.blocks) + list(getattr(self.model, "cls_attn_blocks", []))
+
     def metadata(self) -> dict[str, Any]:
         return {
             "timm_model": self.timm_model,

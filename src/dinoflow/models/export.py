@@ -3,7 +3,8 @@
 ``{prefix}/backbone.safetensors`` holds the timm state dict only (loads into
 ``timm.create_model(meta["timm_model"], **meta["model_args"])``); ``{prefix}/backbone.json`` holds the
 metadata; the learned mask token, which plain timm has no slot for, sits in
-``{prefix}/backbone_extra.safetensors``.
+``{prefix}/backbone_extra.safetensors``. Heads trained with the backbone (DINO / iBOT heads, which
+distillation reuses) may sit in ``{prefix}/heads.safetensors``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dinoflow.errors import StorageError
+from dinoflow.errors import SpecError, StorageError
 from dinoflow.models.backbone import Backbone
 from dinoflow.models.registry import BACKBONES, BackboneEntry
 from dinoflow.storage.client import ObjectStore, join_uri
@@ -61,3 +62,32 @@ def load_backbone(store: ObjectStore, prefix: str, map_location: str = "cpu") ->
     if store.exists(extra_uri):
         bb.mask_token.data.copy_(load(store.get_bytes(extra_uri))["mask_token"])
     return bb.to(map_location).eval()
+
+
+HEADS_FILE = "heads.safetensors"
+
+
+def heads_uri(prefix: str) -> str:
+    return join_uri(prefix, HEADS_FILE)
+
+
+def export_heads(store: ObjectStore, prefix: str, heads: dict[str, torch.Tensor]) -> str:
+    """Write the heads next to the backbone exported under ``prefix``; returns their URI."""
+    from safetensors.torch import save
+
+    uri = heads_uri(prefix)
+    store.put_bytes(uri, save(heads))
+    return uri
+
+
+def load_heads(store: ObjectStore, prefix: str) -> dict[str, torch.Tensor]:
+    """The heads exported next to the backbone under ``prefix``."""
+    from safetensors.torch import load
+
+    uri = heads_uri(prefix)
+    if not store.exists(uri):
+        raise SpecError(
+            f"no teacher heads at {uri}: distillation needs a backbone exported by the dinov2 pretrain "
+            "stage (it saves the DINO/iBOT heads next to the backbone)"
+        )
+    return load(store.get_bytes(uri))

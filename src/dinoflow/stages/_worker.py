@@ -1,4 +1,5 @@
-"""Worker entry point: ``torchrun --nproc_per_node=N -m dinoflow.train.launch --spec F [--result R]``.
+"""The pretrain stage's torchrun worker: ``torchrun --nproc_per_node=N -m dinoflow.stages._worker
+--spec F [--result R]``.
 
 Each process reads the pretrain spec, joins the process group (gloo on CPU, NCCL on GPU) and trains
 its share; rank 0 writes the stage result JSON to ``--result``. Object-store settings come from the
@@ -13,7 +14,7 @@ import os
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dinoflow.train.launch")
+    p = argparse.ArgumentParser(prog="python -m dinoflow.stages._worker")
     p.add_argument("--spec", required=True, help="pretrain spec JSON file")
     p.add_argument("--result", default=None, help="where rank 0 writes the result JSON")
     a = p.parse_args(argv)

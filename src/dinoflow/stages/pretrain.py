@@ -6,7 +6,7 @@ schedule position, RNG states, data position; newest ``keep_checkpoints`` kept),
 final TEACHER in the shared export format, plus ``heads.safetensors`` with the teacher's DINO/iBOT
 heads for distillation) and ``curves.jsonl`` (one JSON object per step). A rerun after a crash
 resumes from the newest checkpoint. ``nproc > 1`` re-launches under
-``torchrun --standalone --nproc_per_node=N -m dinoflow.train.launch``.
+``torchrun --standalone --nproc_per_node=N -m dinoflow.stages._worker``.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def load_training_images(spec: PretrainSpec, store, channels: int):
 
 def train_from_spec(spec: PretrainSpec, store) -> PretrainResult:
     """The in-process body (also what each torchrun worker runs)."""
+    from dinoflow.models.export import export_backbone, export_heads, heads_uri
     from dinoflow.models.registry import get_entry
     from dinoflow.storage.client import join_uri
     from dinoflow.train.dist import init_distributed, shutdown
@@ -82,21 +83,27 @@ def train_from_spec(spec: PretrainSpec, store) -> PretrainResult:
 
     entry = get_entry(spec.backbone)
     images, _ = load_training_images(spec, store, entry.in_chans)
+    cfg = TrainConfig.model_validate(spec.model_dump(include=set(TrainConfig.model_fields)))
     ctx = init_distributed()
     try:
-        out = train(
-            TrainConfig.model_validate(spec.model_dump(include=set(TrainConfig.model_fields))),
-            images,
-            store,
-            spec.output_uri,
-            ctx,
-        )
+        out = train(cfg, images, store, spec.output_uri, ctx)
     finally:
         shutdown(ctx)
+    backbone_uri = heads = ""
+    if out.finished:
+        backbone_uri = join_uri(spec.output_uri, "backbone")
+        heads = heads_uri(backbone_uri) if cfg.method == "dinov2" else ""
+        if ctx.is_main:
+            if out.method is None:
+                raise DinoflowError("the trainer returned no trained method on rank 0")
+            meta = {"method": cfg.method, "steps": out.total_steps}
+            export_backbone(store, backbone_uri, out.method.export_backbone(), meta)
+            if heads:
+                export_heads(store, backbone_uri, out.method.head_state())
     return PretrainResult(
         output_uri=spec.output_uri,
-        backbone_uri=out.backbone_uri or "",
-        heads_uri=join_uri(out.backbone_uri, "heads.safetensors") if out.backbone_uri else "",
+        backbone_uri=backbone_uri,
+        heads_uri=heads,
         checkpoint_uri=out.checkpoint_uri or "",
         curves_uri=out.curves_uri or "",
         steps=out.steps,
@@ -147,7 +154,7 @@ def _torchrun(spec: PretrainSpec, store) -> PretrainResult:
             "--standalone",
             f"--nproc_per_node={spec.nproc}",
             "-m",
-            "dinoflow.train.launch",
+            "dinoflow.stages._worker",
             "--spec",
             spec_path,
             "--result",

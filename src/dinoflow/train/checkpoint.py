@@ -3,12 +3,16 @@
 ``ObjectStore.put_file`` is atomic (temporary key, then copy), so a checkpoint key that exists is
 complete; resume picks the highest step. Full (unsharded) state dicts are gathered on rank 0 through
 ``torch.distributed.checkpoint.state_dict``, which treats plain, DDP and FSDP2 modules alike.
+
+A checkpoint holds only tensors, plain containers, numbers and strings (RNG states as tensors), so
+it loads with ``torch.load(weights_only=True)``: reading one never runs pickled code.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -17,7 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinoflow.errors import DinoflowError
 from dinoflow.storage.client import ObjectStore, join_uri
+
+
+class CheckpointError(DinoflowError):
+    """A checkpoint that cannot be read safely."""
+
 
 _NAME = re.compile(r"step-(\d{8})\.pt$")
 
@@ -37,11 +47,24 @@ def list_checkpoints(store: ObjectStore, output_uri: str) -> list[tuple[int, str
 
 
 def rng_state() -> dict[str, Any]:
+    """Every random generator's state, as tensors and plain numbers."""
+    py_version, py_words, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {
+            "version": py_version,
+            "state": torch.tensor(py_words, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
     }
 
 
@@ -49,8 +72,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["gauss"]))
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -90,4 +116,10 @@ def save_checkpoint(
 
 
 def load_checkpoint(store: ObjectStore, uri: str) -> dict[str, Any]:
-    return torch.load(io.BytesIO(store.get_bytes(uri)), map_location="cpu", weights_only=False)
+    try:
+        return torch.load(io.BytesIO(store.get_bytes(uri)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{uri} holds more than tensors, containers, numbers and strings (written by an older "
+            f"dinoflow?); delete it to restart, or resume with the version that wrote it: {e}"
+        ) from e

@@ -1,13 +1,14 @@
-"""Training configuration as data (pydantic, no torch import), shared by the pretrain stage, the
-launcher and the presets. Defaults follow DINOv2's ``ssl_default_config.yaml``."""
+"""Training configuration as data (pydantic, no torch import), shared by the pretrain and distill
+stages, the torchrun worker and the presets. Defaults follow DINOv2's ``ssl_default_config.yaml``."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dinoflow.methods.config import CropsConfig, DINOv2Config
+from dinoflow.methods.distill_config import DistillConfig
 from dinoflow.methods.mim_config import MAEConfig, SplitMaskConfig
 
 
@@ -70,3 +71,38 @@ class TrainConfig(BaseModel):
 
     def peak_lr(self) -> float:
         return self.optim.lr_per_1024 * (self.batch_size / 1024) ** 0.5  # DINOv2 sqrt scaling
+
+
+class DistillTrainConfig(TrainConfig):
+    """Distillation (DINOv2 Sec. 5): the training fields plus the frozen teacher and the students.
+    ``backbone`` is set to the first student; crops default to the teacher's image size."""
+
+    method: Literal["distill"] = "distill"  # type: ignore[assignment]
+    backbone: str = Field("", description="set from students[0]; give the students instead")
+    teacher_uri: str = Field(
+        ...,
+        description="an exported teacher backbone prefix with heads.safetensors (the dinov2 pretrain stage's)",
+    )
+    students: list[str] = Field(
+        ..., min_length=1, description="student backbone names (dinoflow.models), several welcome (DINOv3)"
+    )
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    crops: CropsConfig | None = Field(  # type: ignore[assignment]
+        None,
+        description="multi-crop; default: global crops at the teacher's image size, local crops at 3/7 of it "
+        "(DINOv2: 224 -> 96/98), other values DINOv2's",
+    )
+
+    @field_validator("students")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"student names repeat: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _first_student(self) -> DistillTrainConfig:
+        if self.backbone and self.backbone != self.students[0]:
+            raise ValueError("distillation trains the backbones listed in 'students'; leave 'backbone' unset")
+        self.backbone = self.students[0]
+        return self

@@ -5,6 +5,14 @@ slice of every global batch) and is augmented on the device by the method's ``pr
 position in the data is a pure function of the step (per-epoch permutation seeded by
 ``seed + epoch``), and every step reseeds its random generators from ``(seed, step, rank)``, so a run
 resumed from a checkpoint replays the interrupted run exactly.
+
+The trainer writes what training needs to resume and to be followed (``checkpoints/`` and
+``curves.jsonl`` under the ``output_uri`` the caller gives); exporting the trained method is the
+caller's business (``TrainOutcome.method`` is the full, unsharded method on rank 0).
+
+Logs stay on the device as tensors between logging intervals; every ``log_every_steps`` steps they
+are read back in one transfer, all-reduced across ranks, appended to the curves and recorded in the
+Prometheus metrics, so the steps in between never wait for the device.
 """
 
 from __future__ import annotations
@@ -22,9 +30,8 @@ from torch import nn
 from dinoflow import metrics
 from dinoflow.errors import SpecError
 from dinoflow.losses.schedules import cosine
-from dinoflow.methods import method_class
-from dinoflow.methods.base import BatchView, Method, StepState, merge_groups
-from dinoflow.models import create_backbone, export_backbone, load_backbone
+from dinoflow.methods import build_method
+from dinoflow.methods.base import BatchView, Logs, Method, StepState, merge_groups
 from dinoflow.storage.client import ObjectStore, join_uri
 from dinoflow.train import checkpoint as ckpt
 from dinoflow.train.config import TrainConfig
@@ -39,29 +46,17 @@ class TrainOutcome:
     final_loss: float
     curves: list[dict[str, float]] = field(default_factory=list)
     resumed_from_step: int = 0
-    backbone_uri: str | None = None
+    total_steps: int = 0
     checkpoint_uri: str | None = None
     curves_uri: str | None = None
-    method: Method | None = None
+    method: Method | None = None  # the trained method; None on ranks > 0 of a sharded (FSDP2) run
+
+    @property
+    def finished(self) -> bool:
+        return self.steps >= self.total_steps
 
 
-def build_method(cfg: TrainConfig, store: ObjectStore | None = None) -> Method:
-    bb = create_backbone(cfg.backbone, drop_path_rate=cfg.drop_path_rate)
-    if cfg.init_backbone_uri:
-        if store is None:
-            raise SpecError("init_backbone_uri needs an object store")
-        init = load_backbone(store, cfg.init_backbone_uri)
-        if init.timm_model != bb.timm_model or init.embed_dim != bb.embed_dim:
-            raise SpecError(
-                f"init_backbone_uri {cfg.init_backbone_uri} holds {init.name} (dim {init.embed_dim}); "
-                f"the spec trains {cfg.backbone} (dim {bb.embed_dim})"
-            )
-        bb.model.load_state_dict(init.model.state_dict())
-        bb.mask_token.data.copy_(init.mask_token.data)
-    cls = method_class(cfg.method)
-    if cfg.method == "dinov2":
-        return cls(bb, cfg.dinov2, cfg.crops)
-    return cls.from_config(bb, cfg)  # other methods: a classmethod taking the TrainConfig
+__all__ = ["TrainOutcome", "build_method", "make_optimizer", "train", "train_step"]
 
 
 def _wrap(method: Method, cfg: TrainConfig, ctx: DistContext) -> nn.Module:
@@ -76,17 +71,12 @@ def _wrap(method: Method, cfg: TrainConfig, ctx: DistContext) -> nn.Module:
     if cfg.distributed == "fsdp2":
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        for part in ("student", "teacher"):
-            tree = getattr(method, part, None)
-            if not isinstance(tree, nn.ModuleDict):
-                continue
-            for child in tree.values():
-                for mod in child.modules():
-                    if type(mod).__name__ in ("Block", "XCABlock", "ClassAttentionBlock"):
-                        fully_shard(mod)
-                fully_shard(child)
-                if hasattr(child, "encode"):
-                    register_fsdp_forward_method(child, "encode")  # backbones run through encode()
+        from dinoflow.models.backbone import Backbone
+
+        for unit in method.fsdp_units():
+            fully_shard(unit)
+            if isinstance(unit, Backbone):
+                register_fsdp_forward_method(unit, "encode")  # backbones run through encode()
         fully_shard(method)
         return method
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -103,12 +93,6 @@ def make_optimizer(method: Method, cfg: TrainConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.optim.beta1, cfg.optim.beta2), **impl)
 
 
-def student_modules(method: Method) -> list[nn.Module]:
-    """The modules whose gradients are clipped separately (official DINOv2: each student part)."""
-    student = getattr(method, "student", None)
-    return list(student.values()) if isinstance(student, nn.ModuleDict) else [method]
-
-
 def train_step(
     method: Method,
     model: nn.Module,
@@ -118,11 +102,11 @@ def train_step(
     state: StepState,
     autocast: bool = False,
     clip_grad: float = 0.0,
-    clip_modules: list[nn.Module] | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, Logs]:
     """One optimizer step on this rank's uint8 images ``x``: augment (``prepare``), forward, backward,
-    clip, AdamW, EMA (``after_step``). ``model`` is ``method`` or its DDP/FSDP2 wrapper. The trainer
-    and ``dinoflow bench train-step`` both run exactly this."""
+    clip (each of ``method.clip_groups()`` on its own norm), AdamW, EMA (``after_step``). ``model`` is
+    ``method`` or its DDP/FSDP2 wrapper. Returns the loss and the logs as device tensors (nothing
+    here waits for the device). The trainer and ``dinoflow bench train-step`` both run exactly this."""
     batch = method.prepare(x, view)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         loss, logs = model(batch, state)
@@ -130,7 +114,7 @@ def train_step(
     loss.backward()
     method.after_backward(state)
     if clip_grad > 0:
-        for mod in clip_modules if clip_modules is not None else [method]:
+        for mod in method.clip_groups():
             params = [p for p in mod.parameters() if p.grad is not None]
             if params:
                 torch.nn.utils.clip_grad_norm_(params, clip_grad)
@@ -156,11 +140,11 @@ def train(
     max_steps_this_run: int | None = None,
     method_factory: Callable[[], Method] | None = None,
 ) -> TrainOutcome:
-    """Train ``cfg.method`` on ``images`` (uint8 ``[N, C, H, W]``); checkpoints, curves and the final
-    backbone go under ``output_uri``. Resumes from the newest checkpoint found there.
-    ``store=None`` persists nothing (no resume, no checkpoint, no export; the trained method is in the
-    outcome): for benchmarks and device smoke checks that have no object store.
-    ``method_factory`` builds the method when it needs more than ``cfg`` (distillation: a teacher)."""
+    """Train ``cfg.method`` on ``images`` (uint8 ``[N, C, H, W]``); checkpoints and curves go under
+    ``output_uri``. Resumes from the newest checkpoint found there.
+    ``store=None`` persists nothing (no resume, no checkpoint): for benchmarks, tests and device
+    smoke checks that have no object store. ``method_factory`` builds the method instead of
+    ``build_method(cfg, store)`` (e.g. to reuse an instance the caller already validated)."""
     ctx = ctx or DistContext()
     n = images.shape[0]
     if images.dtype != torch.uint8 or images.ndim != 4:
@@ -178,13 +162,10 @@ def train(
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     make = method_factory or (lambda: build_method(cfg, store))
     method = make().to(ctx.device)
-    if images.shape[1] != method.export_backbone().in_chans:
-        raise SpecError(
-            f"images have {images.shape[1]} channels but {cfg.backbone} wants {method.export_backbone().in_chans}"
-        )
-    fit_data = getattr(method, "fit_data", None)
-    if fit_data is not None:  # e.g. SplitMask's k-means tokenizer; deterministic, so equal on every rank
-        fit_data(images, seed=cfg.seed)
+    in_chans = method.export_backbone().in_chans
+    if images.shape[1] != in_chans:
+        raise SpecError(f"images have {images.shape[1]} channels but {cfg.backbone} wants {in_chans}")
+    method.fit_data(images, seed=cfg.seed)  # deterministic for a seed, so equal on every rank
     model = _wrap(method, cfg, ctx)
     opt = make_optimizer(method, cfg, ctx.device)
 
@@ -203,7 +184,6 @@ def train(
         metrics.serve_metrics(cfg.metrics_port)
     autocast = cfg.precision == "bf16" and ctx.device.type == "cuda"
     peak_lr = cfg.peak_lr()
-    clip_modules = student_modules(method)
     bar = None
     if progress and ctx.is_main:
         from tqdm import tqdm
@@ -211,7 +191,7 @@ def train(
         bar = tqdm(total=total, initial=start, desc=f"{cfg.method} {cfg.backbone}", unit="step")
     stop = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
     last_ckpt_uri = found[-1][1] if found else None
-    loss_val = float("nan")
+    pending = _PendingLogs(cfg, ctx)
     method.train()
     for step in range(start, stop):
         t0 = time.perf_counter()
@@ -226,56 +206,86 @@ def train(
         idx = global_indices(step, n, cfg.batch_size, cfg.seed)[ctx.rank * local_b : (ctx.rank + 1) * local_b]
         x = images[idx].to(ctx.device, non_blocking=True)
         view = BatchView(gen, ctx.rank * local_b, cfg.batch_size)
-        loss, logs = train_step(
-            method, model, opt, x, view, state, autocast, cfg.optim.clip_grad, clip_modules
-        )
-        if ctx.enabled:  # log the global-batch mean, not rank 0's half
-            keys = sorted(k for k in logs if k.endswith("loss"))
-            vals = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
-            torch.distributed.all_reduce(vals)
-            logs.update({k: float(v) / ctx.world_size for k, v in zip(keys, vals, strict=True)})
-        loss_val = float(logs.get("loss", float(loss.detach())))
-        dt = time.perf_counter() - t0
-        row = {"step": step + 1, "lr": lr, "wd": wd, "step_seconds": dt, **logs}
-        curves.append(row)
-        metrics.TRAIN_STEP_SECONDS.labels(cfg.method).observe(dt)
-        metrics.TRAIN_IMAGES_PER_SECOND.labels(cfg.method).set(cfg.batch_size / dt)
-        metrics.TRAIN_STEP.labels(cfg.method).set(step + 1)
-        for k, v in logs.items():
-            if k.endswith("loss"):
-                metrics.TRAIN_LOSS.labels(cfg.method, k).set(v)
-        if bar is not None:
-            bar.update(1)
-            if (step + 1) % cfg.log_every_steps == 0:
-                bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}")
-        if store is not None and ((step + 1) % cfg.checkpoint_every_steps == 0 or step + 1 == total):
-            last_ckpt_uri = _save(store, output_uri, cfg, method, opt, step + 1, curves, ctx)
+        _, logs = train_step(method, model, opt, x, view, state, autocast, cfg.optim.clip_grad)
+        pending.add(step + 1, lr, wd, time.perf_counter() - t0, logs)
+        done = step + 1
+        save = store is not None and (done % cfg.checkpoint_every_steps == 0 or done == total)
+        if done % cfg.log_every_steps == 0 or done == stop or save:
+            rows = pending.flush()  # the only point where the step's numbers leave the device
+            curves += rows
+            if bar is not None:
+                bar.update(len(rows))
+                bar.set_postfix(loss=f"{rows[-1].get('loss', float('nan')):.3f}", lr=f"{lr:.2e}")
+        if save:
+            last_ckpt_uri = _save(store, output_uri, cfg, method, opt, done, curves, ctx)
     if bar is not None:
         bar.close()
 
-    out = TrainOutcome(stop, loss_val, curves, start, checkpoint_uri=last_ckpt_uri, method=method)
-    if stop == total and store is not None:
-        out.curves_uri = join_uri(output_uri, "curves.jsonl")
-        out.backbone_uri = join_uri(output_uri, "backbone")
-        if ctx.is_main:
-            _write_curves(store, out.curves_uri, curves)
-            sharded = cfg.distributed == "fsdp2" and ctx.enabled
-            full = _unsharded_copy(method, make, ctx) if sharded else method
-            assert full is not None
-            export_backbone(
-                store, out.backbone_uri, full.export_backbone(), {"method": cfg.method, "steps": total}
-            )
-            heads = full.head_state()
-            if heads:
-                from safetensors.torch import save
-
-                store.put_bytes(join_uri(out.backbone_uri, "heads.safetensors"), save(heads))
-        elif cfg.distributed == "fsdp2" and ctx.enabled:
-            _unsharded_copy(method, make, ctx)
+    out = TrainOutcome(stop, float("nan"), curves, start, total, checkpoint_uri=last_ckpt_uri, method=method)
+    if stop == total:
+        if store is not None:
+            out.curves_uri = join_uri(output_uri, "curves.jsonl")
+            if ctx.is_main:
+                _write_curves(store, out.curves_uri, curves)
+        if cfg.distributed == "fsdp2" and ctx.enabled:
+            out.method = _unsharded_copy(method, make, ctx)  # every rank gathers; rank 0 keeps it
         ctx.barrier()
     if curves:
         out.final_loss = float(curves[-1]["loss"])
     return out
+
+
+class _PendingLogs:
+    """The steps since the last logging point, their logs still device tensors."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.rows: list[tuple[int, float, float, float, Logs]] = []
+        self.t_last = time.perf_counter()
+
+    def add(self, step: int, lr: float, wd: float, seconds: float, logs: Logs) -> None:
+        self.rows.append((step, lr, wd, seconds, logs))
+
+    def flush(self) -> list[dict[str, float]]:
+        """One device-to-host transfer for every log of the pending steps; loss terms are averaged
+        over the ranks (the global batch's mean, not rank 0's share)."""
+        if not self.rows:
+            return []
+        keys = sorted(self.rows[0][4])
+        dev = self.rows[0][4][keys[0]].device if keys else self.ctx.device
+        vals = torch.stack(
+            [torch.stack([r[4][k].to(dev, torch.float64) for k in keys]) for r in self.rows]
+        )  # [steps, keys]
+        if self.ctx.enabled:
+            losses = [i for i, k in enumerate(keys) if k.endswith("loss")]
+            if losses:
+                part = vals[:, losses]
+                torch.distributed.all_reduce(part)
+                vals[:, losses] = part / self.ctx.world_size
+        table = vals.cpu().tolist()
+        now = time.perf_counter()
+        wall, self.t_last = now - self.t_last, now
+        out = [
+            {"step": step, "lr": lr, "wd": wd, "step_seconds": dt, **dict(zip(keys, row, strict=True))}
+            for (step, lr, wd, dt, _), row in zip(self.rows, table, strict=True)
+        ]
+        if self.ctx.is_main:
+            last = out[-1]
+            dev_type = self.ctx.device.type
+            metrics.record_train_step(
+                self.cfg.method,
+                step=int(last["step"]),
+                step_seconds=wall / len(out),
+                images=self.cfg.batch_size * len(out),
+                losses={k: v for k, v in last.items() if k.endswith("loss")},
+                learning_rate=last["lr"],
+                gpu_memory_peak_bytes=torch.cuda.max_memory_allocated(self.ctx.device)
+                if dev_type == "cuda"
+                else None,
+                rank=self.ctx.rank,
+            )
+        self.rows = []
+        return out
 
 
 def _unsharded_copy(method: Method, make: Callable[[], Method], ctx: DistContext) -> Method | None:

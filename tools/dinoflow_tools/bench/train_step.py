@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
 
     from dinoflow.errors import SpecError
     from dinoflow.methods.base import BatchView, StepState
-    from dinoflow.train.trainer import build_method, make_optimizer, student_modules, train_step
+    from dinoflow.train.trainer import build_method, make_optimizer, train_step
 
     p = argparse.ArgumentParser(prog="dinoflow bench train-step", description=__doc__)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -139,7 +139,6 @@ def main(argv: list[str]) -> None:
     for g in opt.param_groups:  # a mid-run LR / weight decay (values do not change the cost)
         g["lr"] = 1e-4 * g["lr_mult"]
         g["weight_decay"] = 0.04 * g["wd_mult"]
-    clip = student_modules(method)
     bb = method.student["backbone"]
     tb = method.teacher["backbone"]
     src_px = max(bb.img_size, cfg.crops.global_crop_px)
@@ -155,7 +154,7 @@ def main(argv: list[str]) -> None:
     def full_step(x: torch.Tensor = images) -> None:
         st = StepState(step_no[0], 1000, steps_per_epoch=100)
         view = BatchView(torch.Generator().manual_seed(step_no[0]), 0, x.shape[0])
-        train_step(method, method, opt, x, view, st, autocast, cfg.optim.clip_grad, clip)
+        train_step(method, method, opt, x, view, st, autocast, cfg.optim.clip_grad)
         step_no[0] += 1
 
     fixed = method.prepare(images, BatchView(torch.Generator().manual_seed(0), 0, cfg.batch_size))
