@@ -6,13 +6,11 @@ from kfp import dsl
 from dinoflow.components.curate import curate
 from dinoflow.components.dedup import dedup
 from dinoflow.components.distill import distill
-from dinoflow.components.embed import embed
-from dinoflow.components.evaluate import evaluate
 from dinoflow.components.ingest import ingest
 from dinoflow.components.pretrain import pretrain
-from dinoflow.components.promote import promote
 from dinoflow.kfp.gpu import cpu_task, gpu_task
 from dinoflow.pipelines import params as P
+from dinoflow.pipelines.parts import embed_task, evaluate_and_promote
 
 
 @dsl.pipeline(
@@ -48,7 +46,7 @@ def full(
         dedup_spec: DedupSpec JSON (k, thresholds).
         curate_spec: CurateSpec JSON (strategy, target_size).
         pretrain_spec: PretrainSpec JSON (method, backbone, steps; nnodes>1 runs a TrainJob).
-        distill_spec: DistillSpec JSON (students, steps; nnodes>1 runs a TrainJob).
+        distill_spec: DistillSpec JSON (students, steps; one node).
         evaluate_spec: EvaluateSpec JSON (k-NN k and temperature).
         promote_spec: PromoteSpec JSON (model_name, registry_uri, metric, margin).
         pool_split: ingest split holding the raw pool.
@@ -63,46 +61,33 @@ def full(
     gpu = {"gpus": gpus, "node_selector": gpu_node_selector, "tolerations": gpu_tolerations}
 
     ing = cpu_task(ingest(spec_json=ingest_spec, **common), s3_secret_name)
-    pool = gpu_task(
-        embed(
-            spec_json=embed_spec,
-            output_name="embed-pool",
-            split=pool_split,
-            manifest=ing.outputs["result"],
-            **common,
-        ),
-        s3_secret_name,
-        display_name="embed-pool",
-        **gpu,
+    manifest = ing.outputs["result"]
+    pool = embed_task(
+        "embed-pool", embed_spec, s3_secret_name, gpu, split=pool_split, manifest=manifest, **common
     )
-    ev_emb = gpu_task(
-        embed(
-            spec_json=embed_spec,
-            output_name="embed-eval",
-            split=eval_split,
-            manifest=ing.outputs["result"],
-            backbone=pool.outputs["result"],
-            **common,
-        ),
+    embedder = pool.outputs["result"]
+    ev_emb = embed_task(
+        "embed-eval",
+        embed_spec,
         s3_secret_name,
-        display_name="embed-eval",
-        **gpu,
+        gpu,
+        split=eval_split,
+        manifest=manifest,
+        backbone=embedder,
+        **common,
     )
-    seed_emb = gpu_task(
-        embed(
-            spec_json=embed_spec,
-            output_name="embed-seed",
-            split=seed_split,
-            manifest=ing.outputs["result"],
-            backbone=pool.outputs["result"],
-            **common,
-        ),
+    seed_emb = embed_task(
+        "embed-seed",
+        embed_spec,
         s3_secret_name,
-        display_name="embed-seed",
-        **gpu,
+        gpu,
+        split=seed_split,
+        manifest=manifest,
+        backbone=embedder,
+        **common,
     )
     dd = cpu_task(
-        dedup(spec_json=dedup_spec, pool=pool.outputs["result"], eval_set=ev_emb.outputs["result"], **common),
+        dedup(spec_json=dedup_spec, pool=embedder, eval_set=ev_emb.outputs["result"], **common),
         s3_secret_name,
     )
     cu = cpu_task(
@@ -119,20 +104,13 @@ def full(
         s3_secret_name,
         **gpu,
     )
-    ev = cpu_task(
-        evaluate(
-            spec_json=evaluate_spec,
-            split=seed_split,
-            test_split=eval_split,
-            backbone=ds.outputs["result"],
-            dataset=ing.outputs["result"],
-            **common,
-        ),
+    evaluate_and_promote(
+        ds.outputs["result"],
+        evaluate_spec,
+        promote_spec,
         s3_secret_name,
-    )
-    cpu_task(
-        promote(
-            spec_json=promote_spec, backbone=ds.outputs["result"], evaluation=ev.outputs["result"], **common
-        ),
-        s3_secret_name,
+        common,
+        split=seed_split,
+        test_split=eval_split,
+        dataset=manifest,
     )

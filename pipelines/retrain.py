@@ -9,13 +9,11 @@ from kfp import dsl
 
 from dinoflow.components.curate import curate
 from dinoflow.components.dedup import dedup
-from dinoflow.components.embed import embed
-from dinoflow.components.evaluate import evaluate
 from dinoflow.components.ingest import ingest
 from dinoflow.components.pretrain import pretrain
-from dinoflow.components.promote import promote
 from dinoflow.kfp.gpu import cpu_task, gpu_task
 from dinoflow.pipelines import params as P
+from dinoflow.pipelines.parts import embed_task, evaluate_and_promote
 
 
 @dsl.pipeline(
@@ -69,40 +67,31 @@ def retrain(
     champion = f'{{"backbone_uri": "{champion_uri}"}}'
 
     ing = cpu_task(ingest(spec_json=ingest_spec, **common), s3_secret_name)
-    new = gpu_task(
-        embed(
-            spec_json=embed_spec,
-            output_name="embed-new",
-            split=pool_split,
-            overrides_json=champion,
-            manifest=ing.outputs["result"],
-            **common,
-        ),
+    new = embed_task(
+        "embed-new",
+        embed_spec,
         s3_secret_name,
-        display_name="embed-new",
-        **gpu,
+        gpu,
+        split=pool_split,
+        overrides_json=champion,
+        manifest=ing.outputs["result"],
+        **common,
     )
-    cur = gpu_task(
-        embed(
-            spec_json=embed_spec,
-            output_name="embed-curated",
-            overrides_json=f'{{"backbone_uri": "{champion_uri}", "manifest_uri": "{curated_manifest_uri}"}}',
-            **common,
-        ),
+    cur = embed_task(
+        "embed-curated",
+        embed_spec,
         s3_secret_name,
-        display_name="embed-curated",
-        **gpu,
+        gpu,
+        overrides_json=f'{{"backbone_uri": "{champion_uri}", "manifest_uri": "{curated_manifest_uri}"}}',
+        **common,
     )
-    evs = gpu_task(
-        embed(
-            spec_json=embed_spec,
-            output_name="embed-eval",
-            overrides_json=f'{{"backbone_uri": "{champion_uri}", "manifest_uri": "{eval_test_manifest_uri}"}}',
-            **common,
-        ),
+    evs = embed_task(
+        "embed-eval",
+        embed_spec,
         s3_secret_name,
-        display_name="embed-eval",
-        **gpu,
+        gpu,
+        overrides_json=f'{{"backbone_uri": "{champion_uri}", "manifest_uri": "{eval_test_manifest_uri}"}}',
+        **common,
     )
     dd = cpu_task(
         dedup(
@@ -128,21 +117,14 @@ def retrain(
         s3_secret_name,
         **gpu,
     )
-    ev = cpu_task(
-        evaluate(
-            spec_json=evaluate_spec,
-            overrides_json=(
-                f'{{"train_manifest_uri": "{eval_train_manifest_uri}", '
-                f'"test_manifest_uri": "{eval_test_manifest_uri}"}}'
-            ),
-            backbone=pt.outputs["result"],
-            **common,
-        ),
+    evaluate_and_promote(
+        pt.outputs["result"],
+        evaluate_spec,
+        promote_spec,
         s3_secret_name,
-    )
-    cpu_task(
-        promote(
-            spec_json=promote_spec, backbone=pt.outputs["result"], evaluation=ev.outputs["result"], **common
+        common,
+        overrides_json=(
+            f'{{"train_manifest_uri": "{eval_train_manifest_uri}", '
+            f'"test_manifest_uri": "{eval_test_manifest_uri}"}}'
         ),
-        s3_secret_name,
     )

@@ -5,12 +5,11 @@ import json
 
 from kfp import dsl
 
-from dinoflow.components.evaluate import evaluate
 from dinoflow.components.ingest import ingest
 from dinoflow.components.pretrain import pretrain
-from dinoflow.components.promote import promote
 from dinoflow.kfp.gpu import cpu_task, gpu_task
 from dinoflow.pipelines import params as P
+from dinoflow.pipelines.parts import evaluate_and_promote
 
 PRETRAIN = json.dumps(
     {"method": "splitmask", "target_only": True, "steps": 10000, "batch_size": 256, "precision": "bf16"},
@@ -61,20 +60,13 @@ def small_data(
         gpu_node_selector,
         gpu_tolerations,
     )
-    ev = cpu_task(
-        evaluate(
-            spec_json=evaluate_spec,
-            split=train_split,
-            test_split=test_split,
-            backbone=pt.outputs["result"],
-            dataset=ing.outputs["result"],
-            **common,
-        ),
+    evaluate_and_promote(
+        pt.outputs["result"],
+        evaluate_spec,
+        promote_spec,
         s3_secret_name,
-    )
-    cpu_task(
-        promote(
-            spec_json=promote_spec, backbone=pt.outputs["result"], evaluation=ev.outputs["result"], **common
-        ),
-        s3_secret_name,
+        common,
+        split=train_split,
+        test_split=test_split,
+        dataset=ing.outputs["result"],
     )
