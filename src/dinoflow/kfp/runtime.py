@@ -151,6 +151,17 @@ def read_result(artifact: Any) -> dict[str, Any] | None:
     return json.loads(p.read_text())
 
 
+def _json_object(stage: str, name: str, text: str) -> dict[str, Any]:
+    """A pipeline parameter holding a JSON object; anything else fails in one line naming it."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{stage} {name} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise SpecError(f"{stage} {name} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 # -- the component body ----------------------------------------------------------------------------
 def run_component(
     stage: str,
@@ -170,18 +181,8 @@ def run_component(
     from dinoflow.storage import ObjectStore
 
     st = get_stage(stage)
-    try:
-        spec_dict = json.loads(spec_json or "{}")
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{stage} spec_json is not valid JSON: {e}") from None
-    if not isinstance(spec_dict, dict):
-        raise SpecError(f"{stage} spec_json must be a JSON object, got {type(spec_dict).__name__}")
-    try:
-        overrides = json.loads(overrides_json or "{}")
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{stage} overrides_json is not valid JSON: {e}") from None
-    if not isinstance(overrides, dict):
-        raise SpecError(f"{stage} overrides_json must be a JSON object")
+    spec_dict = _json_object(stage, "spec_json", spec_json)
+    overrides = _json_object(stage, "overrides_json", overrides_json)
     # pipeline parameters (URIs) layered over the spec; empty values mean "not given";
     # "@role" keys stand for an upstream result that offers only that URI (e.g. "@init": champion)
     overrides = {k: v for k, v in overrides.items() if v not in ("", None)}
