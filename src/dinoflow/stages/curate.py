@@ -75,16 +75,11 @@ def default_levels(n: int) -> list[int]:
     return levels
 
 
-def run(spec: CurateSpec, store):
-    import numpy as np
-    import pyarrow as pa
-
-    from dinoflow.curation.descriptors import l2_normalize
-    from dinoflow.curation.hkmeans import balanced_sample, hierarchical_kmeans
-    from dinoflow.curation.retrieval import cluster_sample, retrieve_topn
-    from dinoflow.data.embeddings import read_embeddings, read_meta, write_embeddings
-    from dinoflow.data.manifest import read_manifest, write_manifest
-    from dinoflow.metrics import IMAGES_PROCESSED
+def check_inputs(spec: CurateSpec, store):
+    """The pool table, its embedding metadata, the seed embeddings' URIs and the k-means levels,
+    all checked before any heavy work."""
+    from dinoflow.data.embeddings import read_meta
+    from dinoflow.data.manifest import read_manifest
 
     table = read_manifest(store, spec.manifest_uri)
     n = table.num_rows
@@ -110,13 +105,16 @@ def run(spec: CurateSpec, store):
         raise SpecError(f"curate: level-1 k={levels[0]} is larger than the pool ({n} images)")
     if spec.strategy == "cluster" and spec.n_clusters and spec.n_clusters > n:
         raise SpecError(f"curate: n_clusters={spec.n_clusters} is larger than the pool ({n} images)")
+    return table, meta, seed_parts, levels
 
-    pool = l2_normalize(read_embeddings(store, spec.embeddings_uri)[0])
-    seeds = (
-        l2_normalize(np.concatenate([read_embeddings(store, u)[0] for u in seed_parts]))
-        if seed_parts
-        else None
-    )
+
+def select_rows(spec: CurateSpec, pool, seeds, levels: list[int]):
+    """Sorted pool rows chosen by ``spec.strategy``, and details for the report."""
+    import numpy as np
+
+    from dinoflow.curation.hkmeans import balanced_sample, hierarchical_kmeans
+    from dinoflow.curation.retrieval import cluster_sample, retrieve_topn
+
     details: dict = {"strategy": spec.strategy}
     if spec.strategy == "retrieval":
         rows, sims, k = retrieve_topn(pool, seeds, spec.target_size, n_per_query=spec.n_per_query)
@@ -142,11 +140,32 @@ def run(spec: CurateSpec, store):
             len(rows),
             spec.target_size,
         )
+    return rows, details
+
+
+def run(spec: CurateSpec, store):
+    import numpy as np
+    import pyarrow as pa
+
+    from dinoflow.curation.descriptors import l2_normalize
+    from dinoflow.data.embeddings import read_embeddings, write_embeddings
+    from dinoflow.data.manifest import write_manifest
+    from dinoflow.metrics import IMAGES_PROCESSED
+
+    table, meta, seed_parts, levels = check_inputs(spec, store)
+    n = table.num_rows
+    raw, _ = read_embeddings(store, spec.embeddings_uri)
+    pool = l2_normalize(raw)
+    seeds = (
+        l2_normalize(np.concatenate([read_embeddings(store, u)[0] for u in seed_parts]))
+        if seed_parts
+        else None
+    )
+    rows, details = select_rows(spec, pool, seeds, levels)
     curated = table.take(pa.array(rows))
     manifest_uri = spec.out("manifest.parquet")
     write_manifest(store, manifest_uri, curated)
     emb_out = spec.out("embeddings")
-    raw, _ = read_embeddings(store, spec.embeddings_uri)
     write_embeddings(
         store,
         emb_out,

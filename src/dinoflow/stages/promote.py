@@ -61,9 +61,9 @@ def read_decisions(store: Any, registry_uri: str, model_name: str) -> list[dict[
     return [store.get_json(u) for u in store.list(join_uri(registry_uri, model_name, "decisions") + "/")]
 
 
-def run(spec: PromoteSpec, store: Any) -> PromoteResult:
+def _evaluation(spec: PromoteSpec, store: Any) -> tuple[dict[str, Any], dict[str, float], str, str]:
+    """The evaluate run's result, its metrics, the backbone it scored and its test manifest."""
     from dinoflow.errors import SpecError
-    from dinoflow.storage.client import join_uri
 
     marker = store.read_success(spec.evaluation_uri)
     if marker is None or marker.get("stage") != "evaluate":
@@ -81,70 +81,90 @@ def run(spec: PromoteSpec, store: Any) -> PromoteResult:
         raise SpecError(
             f"backbone_uri {spec.backbone_uri} is not the backbone the evaluation scored ({challenger_uri})"
         )
-    test_manifest = marker["spec"]["test_manifest_uri"]
-    value = float(metrics[spec.metric])
+    return ev, metrics, challenger_uri, marker["spec"]["test_manifest_uri"]
 
+
+def _champion_value(spec: PromoteSpec, champion: dict[str, Any] | None, test_manifest: str) -> float | None:
+    """The champion's score on ``spec.metric`` (None without a champion), checked comparable."""
+    from dinoflow.errors import SpecError
+
+    if champion is None:
+        return None
+    old_metrics = champion.get("metrics", {})
+    if spec.metric not in old_metrics:
+        raise SpecError(
+            f"the champion {champion['version']} has no {spec.metric!r} score; choose one of: "
+            f"{', '.join(sorted(old_metrics))}"
+        )
+    if spec.require_same_test_set and champion.get("test_manifest_uri") != test_manifest:
+        raise SpecError(
+            f"the champion was scored on {champion.get('test_manifest_uri')} but the challenger on "
+            f"{test_manifest}: scores are not comparable (re-evaluate one, or set require_same_test_set=false)"
+        )
+    return float(old_metrics[spec.metric])
+
+
+def _verdict(spec: PromoteSpec, value: float, old_value: float | None) -> tuple[bool, str]:
+    if old_value is None:
+        return True, "no champion yet"
+    if value > old_value + spec.margin:
+        return True, f"{spec.metric} {value:.4f} > champion {old_value:.4f} + margin {spec.margin:g}"
+    return False, f"{spec.metric} {value:.4f} <= champion {old_value:.4f} + margin {spec.margin:g}"
+
+
+def _publish(
+    spec: PromoteSpec,
+    store: Any,
+    root: str,
+    ev: dict[str, Any],
+    challenger_uri: str,
+    champion: dict[str, Any],
+) -> str:
+    """Copy the challenger into a new registry version (its JSON last); returns the version's prefix."""
+    from dinoflow.storage.client import join_uri
+
+    n = len({u.split("/versions/")[1].split("/")[0] for u in store.list(join_uri(root, "versions") + "/")})
+    champion["version"] = f"v{n + 1:04d}"
+    dest = join_uri(root, "versions", champion["version"])
+    for name in ("backbone.safetensors", "backbone_extra.safetensors", "backbone.json"):  # JSON last
+        src = join_uri(challenger_uri, name)
+        if name == "backbone.json" or store.exists(src):
+            store.put_bytes(join_uri(dest, name), store.get_bytes(src))
+    card = ev.get("model_card_uri")
+    if card and store.exists(card):
+        store.put_bytes(join_uri(dest, "model_card.md"), store.get_bytes(card), "text/markdown")
+    store.put_json(
+        join_uri(dest, "metrics.json"),
+        {"metrics": champion["metrics"], "evaluation_uri": spec.evaluation_uri},
+    )
+    return dest
+
+
+def run(spec: PromoteSpec, store: Any) -> PromoteResult:
+    from dinoflow.storage.client import join_uri
+
+    ev, metrics, challenger_uri, test_manifest = _evaluation(spec, store)
+    value = float(metrics[spec.metric])
     root = join_uri(spec.registry_uri, spec.model_name)
     champion_json = join_uri(root, "champion.json")
     champion = store.get_json(champion_json) if store.exists(champion_json) else None
-    old_value: float | None = None
-    if champion is not None:
-        old_metrics = champion.get("metrics", {})
-        if spec.metric not in old_metrics:
-            raise SpecError(
-                f"the champion {champion['version']} has no {spec.metric!r} score; choose one of: "
-                f"{', '.join(sorted(old_metrics))}"
-            )
-        old_value = float(old_metrics[spec.metric])
-        if spec.require_same_test_set and champion.get("test_manifest_uri") != test_manifest:
-            raise SpecError(
-                f"the champion was scored on {champion.get('test_manifest_uri')} but the challenger on "
-                f"{test_manifest}: scores are not comparable (re-evaluate one, or set require_same_test_set=false)"
-            )
-
-    if old_value is None:
-        promoted, reason = True, "no champion yet"
-    elif value > old_value + spec.margin:
-        promoted, reason = (
-            True,
-            f"{spec.metric} {value:.4f} > champion {old_value:.4f} + margin {spec.margin:g}",
-        )
-    else:
-        promoted, reason = (
-            False,
-            f"{spec.metric} {value:.4f} <= champion {old_value:.4f} + margin {spec.margin:g}",
-        )
+    old_value = _champion_value(spec, champion, test_manifest)
+    promoted, reason = _verdict(spec, value, old_value)
 
     if promoted:
-        n = len(
-            {u.split("/versions/")[1].split("/")[0] for u in store.list(join_uri(root, "versions") + "/")}
-        )
-        version = f"v{n + 1:04d}"
-        dest = join_uri(root, "versions", version)
-        for name in ("backbone.safetensors", "backbone_extra.safetensors", "backbone.json"):  # JSON last
-            src = join_uri(challenger_uri, name)
-            if name == "backbone.json" or store.exists(src):
-                store.put_bytes(join_uri(dest, name), store.get_bytes(src))
-        card = ev.get("model_card_uri")
-        if card and store.exists(card):
-            store.put_bytes(join_uri(dest, "model_card.md"), store.get_bytes(card), "text/markdown")
-        store.put_json(
-            join_uri(dest, "metrics.json"), {"metrics": metrics, "evaluation_uri": spec.evaluation_uri}
-        )
         new_champion = {
             "model_name": spec.model_name,
-            "version": version,
-            "backbone_uri": dest,
             "source_backbone_uri": challenger_uri,
             "evaluation_uri": spec.evaluation_uri,
             "test_manifest_uri": test_manifest,
             "metric": spec.metric,
             "value": value,
             "metrics": metrics,
-            "promoted_at": _now(),
         }
+        dest = _publish(spec, store, root, ev, challenger_uri, new_champion)
+        new_champion.update(backbone_uri=dest, promoted_at=_now())
         store.put_json(champion_json, new_champion)  # the pointer moves last
-        champion_uri, champion_version = dest, version
+        champion_uri, champion_version = dest, new_champion["version"]
     else:
         champion_uri, champion_version = champion["backbone_uri"], champion["version"]
 
