@@ -1,8 +1,8 @@
 """Object-store settings, read from the environment (``DINOFLOW_S3_*``).
 
 Credentials never have code defaults: a deployment passes them from a Kubernetes Secret as env
-vars; the embedded store (``dinoflow store up``) writes them to its state file, which the CLI reads
-only when no endpoint is configured.
+vars; the embedded store (``dinoflow store up``) writes them to its state file, which is read only
+when no endpoint is configured (``dinoflow.storage.resolve``).
 """
 
 from __future__ import annotations
