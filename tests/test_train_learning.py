@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dinoflow_tools.bench.cpu_recipe import knn_top1
 
 from dinoflow.data.idx import load_fashion_mnist
+from dinoflow.eval.features import extract_features
+from dinoflow.eval.knn import knn_classify
 from dinoflow.train.presets import get_preset
 from dinoflow.train.trainer import build_method, train
 
@@ -20,6 +21,15 @@ def _data(n_train, n_test):
     tr_x, tr_y = torch.from_numpy(xtr[:n_train].copy()).unsqueeze(1), torch.from_numpy(ytr[:n_train].copy())
     te_x, te_y = torch.from_numpy(xte[:n_test].copy()).unsqueeze(1), torch.from_numpy(yte[:n_test].copy())
     return tr_x, tr_y, te_x, te_y
+
+
+@torch.no_grad()
+def knn_top1(backbone, train_x, train_y, test_x, test_y, k: int = 20) -> float:
+    """The evaluate stage's weighted k-NN (T = 0.07) on the CLS token."""
+    meta = backbone.metadata()
+    tr = extract_features(backbone, train_x, train_y, meta, batch_size=1000, n_last_blocks=1)
+    te = extract_features(backbone, test_x, test_y, meta, batch_size=1000, n_last_blocks=1)
+    return float(knn_classify(tr.cls, tr.labels, te.cls, te.labels, ks=[k], temperature=0.07).top1[k])
 
 
 def _run(store, uri, n_train, n_test, steps, **over):

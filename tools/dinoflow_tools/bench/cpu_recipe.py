@@ -15,25 +15,18 @@ import uuid
 from dinoflow.eval.knn import FASHION_MNIST_RAW_PIXEL_KNN_TOP1
 
 
-@__import__("torch").no_grad()
-def features(backbone, images, batch: int = 1000):
+def knn_top1(backbone, train_x, train_y, test_x, test_y, k: int = 20) -> float:
+    """Weighted k-NN top-1 on the CLS token, with the evaluate stage's feature extraction and k-NN."""
     import torch
 
-    backbone.eval()
-    out = []
-    for i in range(0, images.shape[0], batch):
-        x = backbone.normalize(images[i : i + batch].to(backbone.mask_token.device))
-        out.append(backbone.encode(x)["cls"].float().cpu())
-    return torch.cat(out)
-
-
-def knn_top1(backbone, train_x, train_y, test_x, test_y, k: int = 20) -> float:
+    from dinoflow.eval.features import extract_features
     from dinoflow.eval.knn import knn_classify
 
-    res = knn_classify(
-        features(backbone, train_x), train_y, features(backbone, test_x), test_y, ks=[k], temperature=0.07
-    )
-    return float(res.top1[k])
+    meta = backbone.metadata()
+    with torch.no_grad():
+        tr = extract_features(backbone, train_x, train_y, meta, batch_size=1000, n_last_blocks=1)
+        te = extract_features(backbone, test_x, test_y, meta, batch_size=1000, n_last_blocks=1)
+    return float(knn_classify(tr.cls, tr.labels, te.cls, te.labels, ks=[k], temperature=0.07).top1[k])
 
 
 def apply_overrides(cfg, assignments: list[str]):  # TrainConfig in and out

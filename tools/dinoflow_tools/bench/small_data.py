@@ -8,13 +8,14 @@ Here: pretrain on only N Fashion-MNIST *train* images (no other data; N = 2,000 
 equal compute budget per run (CPU seconds of this process, so that other processes on a shared
 machine do not change who gets how much), for DINOv2, MAE, SplitMask (pixel targets) and SplitMask
 (k-means tokens), each on a tiny ViT and a tiny XCiT; then evaluate the frozen features on the 10k
-test set: weighted k-NN (cosine, T = 0.07, k = 20, DINOv2's protocol) with the same N images as the
+test set with the evaluate stage's functions (``dinoflow.eval``): weighted k-NN on the CLS token
+(cosine, T = 0.07, k = 20, DINOv2's protocol) with the same N images as the
 memory, and a linear probe (``dinoflow.eval.linear``: learning rate and feature variant chosen on a
 held-out part of the N train images). References: raw pixels with the same N images, and raw
 pixels with all 60k (84.3 %, FACTS.md).
 
-The training loop is the Method interface (prepare -> forward -> backward -> step -> after_step) with
-one optimizer recipe for every method (AdamW, linear warm-up, cosine to 0, weight decay 0.05, clip
+Each step is the trainer's own (``dinoflow.train.trainer.train_step``), with one optimizer recipe for
+every method (AdamW, linear warm-up, cosine to 0, weight decay 0.05, clip
 3.0); the number of steps of a run is set from the CPU time of its first steps so that the run
 fills its budget. The table and the JSON go to ``--out``; the last output line is the JSON list.
 """
@@ -69,13 +70,13 @@ def _pretrain(
     import torch
 
     from dinoflow.methods.base import BatchView, StepState, merge_groups
+    from dinoflow.train.trainer import train_step
 
     method.to(dev).train()
     groups = merge_groups(method.param_groups())
     for gr in groups:
         gr["weight_decay"] = 0.05 * gr["wd_mult"]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))  # MAE's betas
-    params = [p for gr in groups for p in gr["params"]]
     n = images.shape[0]
     spe = max(1, n // batch)
     clock = time.process_time if dev.type == "cpu" else time.perf_counter
@@ -98,16 +99,12 @@ def _pretrain(
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = torch.randint(n, (batch,), generator=g)
         state = StepState(step, total if max_steps else 10**6, steps_per_epoch=spe)
-        b = method.prepare(images[idx].to(dev), BatchView(g, 0, batch))
-        loss, logs = method(b, state)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward(state)
-        torch.nn.utils.clip_grad_norm_(params, 3.0)  # DINOv2's clip
-        opt.step()
-        method.after_step(state)
-        losses.append(float(loss.detach()))
+        loss, _ = train_step(
+            method, method, opt, images[idx].to(dev), BatchView(g, 0, batch), state, clip_grad=3.0
+        )
+        losses.append(loss.detach())  # DINOv2's clip (3.0) above; read back once, after the run
         step += 1
+    losses = torch.stack(losses).cpu().tolist()
     return {
         "steps": step,
         "images_seen": step * batch,
@@ -133,21 +130,11 @@ def _features(backbone: Any, images: Any, labels: Any, dev: Any) -> Any:
 
 
 def _evaluate(train_fs: Any, test_fs: Any, seed: int) -> dict:
-    import torch
-    import torch.nn.functional as F
-
     from dinoflow.eval.knn import knn_classify
     from dinoflow.eval.linear import linear_protocol
 
-    def knn_input(fs: Any) -> torch.Tensor:  # CLS and average-pooled patches, each L2-normalised
-        parts = [F.normalize(fs.cls, dim=1)]
-        if fs.patch_mean is not None:
-            parts.append(F.normalize(fs.patch_mean, dim=1))
-        return torch.cat(parts, dim=1)
-
-    knn = knn_classify(
-        knn_input(train_fs), train_fs.labels, knn_input(test_fs), test_fs.labels, ks=(20,), temperature=0.07
-    )
+    # The evaluate stage's k-NN: the CLS token, cosine, T = 0.07, k = 20.
+    knn = knn_classify(train_fs.cls, train_fs.labels, test_fs.cls, test_fs.labels, ks=(20,), temperature=0.07)
     lin = linear_protocol(train_fs, test_fs, seed=seed, num_classes=10)
     return {
         "knn_top1": round(float(knn.top1[20]), 4),
