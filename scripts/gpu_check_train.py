@@ -22,9 +22,9 @@ import time
 def main(argv: list[str]) -> int:
     import torch
 
-    from dinoflow_tools.bench.train_step import step_config
     from dinoflow.train.dist import init_distributed
     from dinoflow.train.trainer import build_method, train
+    from dinoflow_tools.bench.train_step import step_config
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cuda")

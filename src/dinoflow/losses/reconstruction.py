@@ -1,6 +1,6 @@
 """Masked-patch reconstruction losses (MAE, SplitMask): only the masked patches count.
 
-Targets are the image cut into non-overlapping patches ([B, N, p*p*C], ``patchify``); with
+Targets are the image cut into non-overlapping patches ([B, N, p*p*C], ``dinoflow.models.patches.patchify``); with
 ``norm_pix`` each target patch is standardised by its own mean and variance (MAE's best setting,
 He et al. 2021, Table 1d). Token targets (a k-means tokenizer) use cross-entropy over the codes.
 """
@@ -9,23 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], row-major patches, each patch (py, px, c)-ordered."""
-    b, c, h, w = x.shape
-    if h % patch or w % patch:
-        raise ValueError(f"image {h}x{w} is not a multiple of the patch size {patch}")
-    x = x.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
-
-
-def unpatchify(p: torch.Tensor, patch: int, chans: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Inverse of ``patchify``: [B, gh*gw, p*p*C] -> [B, C, gh*p, gw*p]."""
-    b = p.shape[0]
-    gh, gw = grid
-    x = p.reshape(b, gh, gw, patch, patch, chans).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, chans, gh * patch, gw * patch)
 
 
 def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dinoflow.losses.reconstruction import masked_mse, normalize_patches, patchify
+from dinoflow.losses.reconstruction import masked_mse, normalize_patches
 from dinoflow.methods.base import BatchView, Logs, StepState, backbone_from_config
 from dinoflow.methods.masking import random_masking
 from dinoflow.methods.mim import MaskedImageModel
 from dinoflow.methods.mim_config import MAEConfig
 from dinoflow.models.backbone import Backbone
+from dinoflow.models.patches import patchify
 
 if TYPE_CHECKING:
     from dinoflow.storage.client import ObjectStore

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 from dinoflow.errors import SpecError
 from dinoflow.losses.infonce import info_nce
-from dinoflow.losses.reconstruction import masked_cross_entropy, masked_mse, normalize_patches, patchify
+from dinoflow.losses.reconstruction import masked_cross_entropy, masked_mse, normalize_patches
 from dinoflow.methods.base import BatchView, Logs, StepState, backbone_from_config
 from dinoflow.methods.masking import split_masks
 from dinoflow.methods.mim import MaskedImageModel
 from dinoflow.methods.mim_config import SplitMaskConfig
 from dinoflow.models.backbone import Backbone
+from dinoflow.models.patches import patchify
 
 if TYPE_CHECKING:
     from dinoflow.storage.client import ObjectStore

@@ -23,14 +23,13 @@ import torch
 from torch import nn
 
 from dinoflow.errors import SpecError
+from dinoflow.models.patches import patchify, unpatchify
 
 log = logging.getLogger(__name__)
 
 
 def _patches(images: torch.Tensor, patch_px: int) -> torch.Tensor:
-    """[B, C, H, W] float -> [B, N, p*p*C] (same layout as losses.reconstruction.patchify)."""
-    from dinoflow.losses.reconstruction import patchify
-
+    """[B, C, H, W] float -> [B, N, p*p*C] (same layout as models.patches.patchify)."""
     return patchify(images, patch_px)
 
 
@@ -149,7 +148,6 @@ class KMeansPatchTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Codes [B, gh*gw] -> images [B, C, gh*p, gw*p] made of the centroids, in pixel scale."""
-        from dinoflow.losses.reconstruction import unpatchify
 
         x = unpatchify(self.centroids[codes], self.patch_px, self.in_chans, grid)
         return x * self.pixel_std.view(1, -1, 1, 1) + self.pixel_mean.view(1, -1, 1, 1)
