@@ -30,7 +30,7 @@ def _ingest(
 
 
 def _demo_preset() -> dict[str, Any]:
-    """The issue-3 DEMO training preset (~5 min of CPU training), as pretrain spec fields."""
+    """The DEMO training preset (~5 min of CPU training), as pretrain spec fields."""
     from dinoflow.stages import get_stage
     from dinoflow.train.presets import DEMO
 
@@ -99,7 +99,7 @@ def demo_arguments(
     preset. The dedup thresholds suit our short-trained embedder, not DINOv2's copy-detection one
     (whose 0.6 / 0.45 would put most same-class Fashion-MNIST images in one group)."""
     # half a pass over the 30k curated images (~1 min); 2.5 passes (~4 min) gave no better k-NN
-    # (66.4 % vs 66.9 %): the short CPU recipe plateaus early, see the issue-3 notes
+    # (66.4 % vs 66.9 %): the short CPU recipe plateaus early
     pretrain = {**_demo_preset(), "epochs": 0.5, "checkpoint_every_steps": 100}
     return {
         "output_root": output_root,
