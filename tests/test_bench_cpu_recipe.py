@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from dinoflow_tools.bench.cpu_recipe import apply_overrides
 
 from dinoflow.errors import SpecError
 from dinoflow.train.presets import get_preset
+from dinoflow_tools.bench.cpu_recipe import apply_overrides
 
 
 def test_set_overrides_nested_and_top_level_fields():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from dinoflow_tools.bench import train_step
 
 torch.set_num_threads(2)

@@ -91,9 +91,8 @@ def test_retrain_continues_from_champion_and_dedups_against_curated():
 
 
 def test_local_runs_lift_retries_and_put_them_back():
-    from dinoflow.pipelines.full import full
-
     from dinoflow.kfp.local import _no_retries
+    from dinoflow.pipelines.full import full
 
     tasks = lambda: full.pipeline_spec.root.dag.tasks  # noqa: E731
     assert tasks()["pretrain"].retry_policy.max_retry_count == 2

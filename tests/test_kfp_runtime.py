@@ -86,9 +86,9 @@ def test_run_component_bad_spec_fails_in_one_line(tmp_path, s3_env):
 
 def test_ingest_component_runs_alone_through_kfp_local(store, bucket_uri, tmp_path):
     """One component called directly under kfp.local: result JSON + Metrics artifact, real store."""
-    from dinoflow.components.ingest import ingest
     from kfp import local
 
+    from dinoflow.components.ingest import ingest
     from dinoflow.data.idx import fashion_mnist_paths
     from dinoflow.kfp.configs import tiny_arguments
     from dinoflow.kfp.local import _env, s3_env

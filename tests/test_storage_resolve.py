@@ -44,7 +44,7 @@ def test_no_endpoint_means_the_embedded_store(no_env, embedded_store, tmp_path):
     assert store.bucket_exists("no-such-bucket-here") is False
 
 
-def test_cli_and_from_env_share_the_resolver(no_env, monkeypatch):
+def test_cli_and_open_store_share_the_resolver(no_env, monkeypatch):
     from dinoflow import cli
     from dinoflow.storage import resolve
 
@@ -58,5 +58,5 @@ def test_cli_and_from_env_share_the_resolver(no_env, monkeypatch):
     with pytest.raises(StorageError, match="resolved"):
         cli._ensure_store(embedded=True)
     with pytest.raises(StorageError, match="resolved"):
-        ObjectStore.from_env()
-    assert calls == [{"start_embedded": True}, {"start_embedded": False}]
+        resolve.open_store()
+    assert calls == [{"start_embedded": True, "home": None}, {"start_embedded": False, "home": None}]

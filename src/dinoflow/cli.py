@@ -28,9 +28,9 @@ app.add_typer(store_app, name="store")
 
 
 def _store():
-    from dinoflow.storage import ObjectStore
+    from dinoflow.storage import open_store
 
-    return ObjectStore.from_env()
+    return open_store()
 
 
 @store_app.command("up")
@@ -91,9 +91,9 @@ def stage(
 
 
 def _ensure_store(embedded: bool = True):
-    from dinoflow.storage import ObjectStore
+    from dinoflow.storage import open_store
 
-    return ObjectStore.from_env(start_embedded=embedded)
+    return open_store(start_embedded=embedded)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    from dinoflow.storage import ObjectStore
+    from dinoflow.storage import open_store
 
     ap = argparse.ArgumentParser(description="Generate the uncurated demo pool into object storage.")
     ap.add_argument("--output", required=True, help="s3:// prefix")
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     info = generate_pool(
-        ObjectStore.from_env(),
+        open_store(),
         a.output,
         a.size,
         contamination=a.contamination,

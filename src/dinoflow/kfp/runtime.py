@@ -178,7 +178,7 @@ def run_component(
 ) -> dict[str, Any]:
     """Parse and wire the spec (spec_json < overrides_json < upstream results), run the stage (or a multi-node TrainJob), write the result JSON."""
     from dinoflow.stages import get_stage
-    from dinoflow.storage import ObjectStore
+    from dinoflow.storage import open_store
 
     st = get_stage(stage)
     spec_dict = _json_object(stage, "spec_json", spec_json)
@@ -196,14 +196,16 @@ def run_component(
     if not spec_dict.get("output_uri"):
         spec_dict["output_uri"] = output_uri_for(output_root, data_version, output_name, spec_dict)
     spec = st.parse_spec(spec_dict)  # one-line SpecError naming the field
-    store = ObjectStore.from_env()
+    store = open_store()
 
     t0 = time.time()
     nnodes = int(getattr(spec, "nnodes", 1) or 1)
     if stage in ("pretrain", "distill") and nnodes > 1:
+        from dinoflow import metrics
         from dinoflow.kfp.trainjob import run_multinode
 
-        result = run_multinode(stage, spec, store)
+        with metrics.stage_run(stage):  # the launcher's view: the whole job, submit to finish
+            result = run_multinode(stage, spec, store)
     else:
         result = st.run(spec, store).model_dump(mode="json")
     t1 = time.time()
@@ -293,9 +295,9 @@ def copy_text(uri: str | None, path: str) -> bool:
     if not uri:
         Path(path).write_text("(the stage produced none)\n")
         return False
-    from dinoflow.storage import ObjectStore
+    from dinoflow.storage import open_store
 
-    Path(path).write_bytes(ObjectStore.from_env().get_bytes(uri))
+    Path(path).write_bytes(open_store().get_bytes(uri))
     return True
 
 
@@ -303,9 +305,9 @@ def log_confusion(classification: Any, result: dict[str, Any]) -> bool:
     """Log a confusion matrix when the evaluate result carries one (or points to its JSON)."""
     cm = result.get("confusion_matrix")
     if cm is None and result.get("confusion_matrix_uri"):
-        from dinoflow.storage import ObjectStore
+        from dinoflow.storage import open_store
 
-        cm = ObjectStore.from_env().get_json(result["confusion_matrix_uri"])
+        cm = open_store().get_json(result["confusion_matrix_uri"])
     if cm is None:
         _touch(classification, {})
         return False

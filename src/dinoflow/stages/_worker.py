@@ -22,12 +22,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from dinoflow.stages.pretrain import PretrainSpec, train_from_spec
-    from dinoflow.storage import ObjectStore
+    from dinoflow.storage import open_store
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with open(a.spec) as f:
         spec = PretrainSpec.model_validate_json(f.read())
-    result = train_from_spec(spec, ObjectStore.from_env())
+    result = train_from_spec(spec, open_store())
     if a.result and int(os.environ.get("RANK", "0")) == 0:
         tmp = a.result + ".tmp"
         with open(tmp, "w") as f:

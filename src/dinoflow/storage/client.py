@@ -90,14 +90,6 @@ class ObjectStore:
         self._crash_hook = crash_hook
         self._known_buckets: set[str] = set()
 
-    @classmethod
-    def from_env(cls, *, start_embedded: bool = False) -> ObjectStore:
-        """Settings from ``DINOFLOW_S3_*``; if no endpoint is set, the embedded store (running, or
-        started when ``start_embedded``); see ``dinoflow.storage.resolve``."""
-        from dinoflow.storage.resolve import resolve_settings
-
-        return cls(resolve_settings(start_embedded=start_embedded))
-
     # -- retries -------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         attempts = self.settings.max_retries + 1

@@ -11,6 +11,8 @@ import os
 
 from dinoflow.errors import StorageError
 from dinoflow.settings import S3Settings
+from dinoflow.storage.client import ObjectStore
+from dinoflow.storage.embedded import EmbeddedStore
 
 
 def configured_settings(settings: S3Settings | None = None) -> S3Settings | None:
@@ -30,8 +32,6 @@ def resolve_settings(
     configured = configured_settings(settings)
     if configured is not None:
         return configured
-    from dinoflow.storage.embedded import EmbeddedStore
-
     embedded = EmbeddedStore(home)
     state = embedded.up() if start_embedded else embedded.status()
     if state is None:
@@ -40,3 +40,9 @@ def resolve_settings(
             "embedded one with `dinoflow store up`"
         )
     return state.settings()
+
+
+def open_store(*, start_embedded: bool = False, home: str | os.PathLike[str] | None = None) -> ObjectStore:
+    """A client for the resolved store: ``DINOFLOW_S3_*`` if they name an endpoint, else the embedded
+    store (running, or started when ``start_embedded``)."""
+    return ObjectStore(resolve_settings(start_embedded=start_embedded, home=home))
