@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dinoflow.losses.reconstruction import (
-    masked_cross_entropy,
-    masked_mse,
-    normalize_patches,
-    patchify,
-    unpatchify,
-)
+from dinoflow.losses.reconstruction import masked_cross_entropy, masked_mse, normalize_patches
 from dinoflow.methods.masking import random_masking, split_masks
+from dinoflow.models.patches import patchify, unpatchify
 
 
 @pytest.mark.parametrize("n", [2, 16, 49, 196])

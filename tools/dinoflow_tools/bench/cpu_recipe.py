@@ -104,6 +104,8 @@ def main(argv: list[str]) -> None:
 def _run(a, cfg, store, train_x, train_y, test_x, test_y, t_start: float) -> None:
     import torch
 
+    from dinoflow.models.export import export_backbone, export_heads
+    from dinoflow.storage import join_uri
     from dinoflow.train.trainer import build_method, train
 
     out_uri = a.output_uri or f"s3://bench-{uuid.uuid4().hex[:10]}/cpu-recipe"
@@ -117,8 +119,12 @@ def _run(a, cfg, store, train_x, train_y, test_x, test_y, t_start: float) -> Non
     out = train(cfg, train_x[: a.train_images], store, out_uri)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    acc = knn_top1(out.method.export_backbone(), train_x, train_y, test_x, test_y)
+    teacher = out.method.export_backbone()
+    acc = knn_top1(teacher, train_x, train_y, test_x, test_y)
     eval_s = time.perf_counter() - t1
+    # kept for later use (e.g. `dinoflow bench distill --teacher-uri`), in the stages' export format
+    backbone_uri = export_backbone(store, join_uri(out_uri, "backbone"), teacher, {"method": cfg.method})
+    export_heads(store, backbone_uri, out.method.head_state())
     wall = time.perf_counter() - t_start
     print(f"{'preset':<24}{a.preset}")
     print(f"{'backbone':<24}{cfg.backbone}")
@@ -142,7 +148,7 @@ def _run(a, cfg, store, train_x, train_y, test_x, test_y, t_start: float) -> Non
                 "eval_seconds": round(eval_s, 1),
                 "wall_seconds": round(wall, 1),
                 "threads": a.threads,
-                "backbone_uri": out.backbone_uri,
+                "backbone_uri": backbone_uri,
             }
         )
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import time
@@ -39,6 +40,28 @@ def _evaluate(backbone: Any, meta: dict, data: tuple, seed: int) -> dict[str, fl
         "linear_top1": round(lin.test_top1, 4),
         "probe": lin.selection.best.name,
     }
+
+
+def _teacher(a: argparse.Namespace, store: Any, crops: Any, images: Any, out_uri: str) -> tuple[Any, Any]:
+    """The frozen teacher (backbone, DINO/iBOT heads): loaded from ``--teacher-uri``, or pretrained
+    here with the CPU preset (DINOv2; its EMA teacher and heads)."""
+    from dinoflow.models import load_backbone
+    from dinoflow.models.export import load_heads
+    from dinoflow.train.presets import get_preset
+    from dinoflow.train.trainer import train
+
+    if a.teacher_uri:
+        return load_backbone(store, a.teacher_uri), load_heads(store, a.teacher_uri)
+    cfg = get_preset(
+        "fashion-mnist-cpu",
+        backbone=a.teacher,
+        steps=a.teacher_steps,
+        batch_size=a.batch_size,
+        checkpoint_every_steps=10**9,
+        seed=a.seed,
+    ).model_copy(update={"crops": crops})
+    method = train(cfg, images, store, out_uri, progress=True).method
+    return method.export_backbone(), method.head_state()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,28 +129,13 @@ def main(argv: list[str] | None = None) -> None:
 
         # 1. the teacher: DINOv2 pretraining of the larger model
         t0 = time.perf_counter()
-        if a.teacher_uri:
-            teacher_uri, teacher_steps = a.teacher_uri, 0
-        else:
-            cfg = get_preset(
-                "fashion-mnist-cpu",
-                backbone=a.teacher,
-                steps=a.teacher_steps,
-                batch_size=a.batch_size,
-                checkpoint_every_steps=10**9,
-                seed=a.seed,
-            ).model_copy(update={"crops": crops})
-            teacher_uri, teacher_steps = (
-                train(cfg, train_images, store, f"{root}/teacher", progress=True).backbone_uri,
-                a.teacher_steps,
-            )
-        teacher_s = time.perf_counter() - t0
-        teacher = load_backbone(store, teacher_uri)
+        teacher_steps = 0 if a.teacher_uri else a.teacher_steps
+        teacher, heads = _teacher(a, store, crops, train_images, f"{root}/teacher")
         rows["teacher"] = {
             **_evaluate(teacher, teacher.metadata(), data, a.seed),
             "backbone": teacher.name,
             "steps": teacher_steps,
-            "seconds": round(teacher_s, 1),
+            "seconds": round(time.perf_counter() - t0, 1),
         }
 
         # The same student recipe for both runs: the preset's crops, batch, steps and optimizer.
@@ -141,14 +149,11 @@ def main(argv: list[str] | None = None) -> None:
         ).model_copy(update={"crops": crops})
 
         # 2. distilled student
-        from safetensors.torch import load
-
-        heads = load(store.get_bytes(f"{teacher_uri}/heads.safetensors"))
         dcfg = scfg.model_copy(update={"method": "distill"})
 
         def make() -> Distill:
             return Distill(
-                load_backbone(store, teacher_uri),
+                copy.deepcopy(teacher),
                 heads,
                 {a.student: create_backbone(a.student)},
                 DistillConfig(ema_momentum_start=scfg.dinov2.momentum_start),
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         # 3. the same student from scratch (DINOv2 pretraining, its EMA teacher exported)
         t0 = time.perf_counter()
         out = train(scfg, train_images, store, f"{root}/scratch", progress=True)
-        scratch = load_backbone(store, out.backbone_uri)
+        scratch = out.method.export_backbone()
         rows["scratch"] = {
             **_evaluate(scratch, scratch.metadata(), data, a.seed),
             "backbone": a.student,
