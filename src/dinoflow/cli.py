@@ -96,7 +96,9 @@ def _ensure_store(embedded: bool = True):
     return open_store(start_embedded=embedded)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+)
 def bench(ctx: typer.Context, name: str) -> None:
     """Run benchmark NAME (e.g. train-step, cpu-recipe, dedup); extra args go to it."""
     from importlib.metadata import entry_points

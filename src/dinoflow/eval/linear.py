@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -218,19 +219,9 @@ class LinearReport:
     test_predictions: torch.Tensor
 
 
-def linear_protocol(
-    train: FeatureSet,
-    test: FeatureSet,
-    lrs: list[float] | tuple[float, ...] = DEFAULT_LRS,
-    epochs: int = 10,
-    batch_size: int = 256,
-    heldout_fraction: float = 0.1,
-    seed: int = 0,
-    num_classes: int | None = None,
-) -> LinearReport:
-    """Select on held-out TRAIN, then score the chosen probe once on TEST."""
-    sel = select_linear_probe(
-        train, train.labels, lrs, epochs, batch_size, heldout_fraction, seed, num_classes
-    )
+def linear_protocol(train: FeatureSet, test: FeatureSet, **search: Any) -> LinearReport:
+    """Select on held-out TRAIN (``search``: the keyword arguments of ``select_linear_probe``), then
+    score the chosen probe once on TEST."""
+    sel = select_linear_probe(train, train.labels, **search)
     pred = sel.predict(test)
     return LinearReport(sel, float((pred == test.labels).float().mean()), pred)

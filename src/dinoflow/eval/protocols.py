@@ -72,12 +72,12 @@ def run_protocols(
     lin = linear_protocol(
         train,
         test,
-        list(p.linear_lrs),
-        p.linear_epochs,
-        p.linear_batch_size,
-        p.heldout_fraction,
-        p.seed,
-        num_classes,
+        lrs=list(p.linear_lrs),
+        epochs=p.linear_epochs,
+        batch_size=p.linear_batch_size,
+        heldout_fraction=p.heldout_fraction,
+        seed=p.seed,
+        num_classes=num_classes,
     )
     lr = select_logistic_regression(
         train.linear_input(1, train.patch_mean is not None),

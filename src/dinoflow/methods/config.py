@@ -42,7 +42,20 @@ class CropsConfig(_Cfg):
         return self
 
 
-class DINOv2Config(_Cfg):
+class DINOObjectiveConfig(_Cfg):
+    """The loss terms shared by DINOv2 pretraining and distillation: DINO (CLS) + iBOT (patches) +
+    KoLeo, teacher targets centred by Sinkhorn-Knopp or an EMA centre."""
+
+    student_temp: float = Field(0.1, gt=0, description="DINOv2 student temperature")
+    centering: Literal["sinkhorn_knopp", "ema"] = Field("sinkhorn_knopp", description="DINOv2 default")
+    sinkhorn_iters: int = Field(3, ge=1, description="DINOv2 default")
+    center_momentum: float = Field(0.9, ge=0, le=1, description="EMA centering (DINO default)")
+    dino_loss_weight: float = Field(1.0, ge=0)
+    ibot_loss_weight: float = Field(1.0, ge=0)
+    koleo_loss_weight: float = Field(0.1, ge=0, description="DINOv2 KoLeo weight on student CLS")
+
+
+class DINOv2Config(DINOObjectiveConfig):
     """The DINOv2 objective: DINO (CLS) + iBOT (masked patches) + KoLeo, EMA teacher."""
 
     head_prototypes: int = Field(65536, ge=2, description="131072 for ViT-g")
@@ -51,18 +64,11 @@ class DINOv2Config(_Cfg):
     head_layers: int = Field(3, ge=1)
     ibot_separate_head: bool = Field(False, description="True for ViT-g in DINOv2")
     ibot_prototypes: int = Field(65536, ge=2)
-    student_temp: float = Field(0.1, gt=0)
     teacher_temp_start: float = Field(0.04, gt=0)
     teacher_temp_end: float = Field(0.07, gt=0)
     teacher_temp_warmup_epochs: float = Field(30, ge=0, description="of 100 in DINOv2")
     momentum_start: float = Field(0.992, ge=0, le=1, description="0.994 for ViT-g")
     momentum_end: float = Field(1.0, ge=0, le=1)
-    centering: Literal["sinkhorn_knopp", "ema"] = "sinkhorn_knopp"
-    sinkhorn_iters: int = Field(3, ge=1)
-    center_momentum: float = Field(0.9, ge=0, le=1)
-    dino_loss_weight: float = Field(1.0, ge=0)
-    ibot_loss_weight: float = Field(1.0, ge=0)
-    koleo_loss_weight: float = Field(0.1, ge=0)
     mask_sample_p: float = Field(0.5, ge=0, le=1)
     mask_ratio_min: float = Field(0.1, ge=0, le=1)
     mask_ratio_max: float = Field(0.5, ge=0, le=1)

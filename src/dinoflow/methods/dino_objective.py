@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dinoflow.losses import DINOLoss, EMACenter, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
+from dinoflow.methods.config import DINOObjectiveConfig
 
 
 @torch.no_grad()
@@ -32,30 +33,19 @@ class DINOObjective(nn.Module):
     ``dino_prototypes`` / ``ibot_prototypes`` size the EMA centres (unused with Sinkhorn-Knopp).
     """
 
-    def __init__(
-        self,
-        student_temp: float,
-        centering: Literal["sinkhorn_knopp", "ema"],
-        sinkhorn_iters: int,
-        center_momentum: float,
-        dino_prototypes: int,
-        ibot_prototypes: int,
-        dino_loss_weight: float,
-        ibot_loss_weight: float,
-        koleo_loss_weight: float,
-    ):
+    def __init__(self, cfg: DINOObjectiveConfig, dino_prototypes: int, ibot_prototypes: int):
         super().__init__()
-        self.centering = centering
-        self.sinkhorn_iters = sinkhorn_iters
-        self.dino_loss_weight = dino_loss_weight
-        self.ibot_loss_weight = ibot_loss_weight
-        self.koleo_loss_weight = koleo_loss_weight
-        self.dino_loss = DINOLoss(student_temp)
-        self.ibot_loss = IBOTPatchLoss(student_temp)
+        self.centering = cfg.centering
+        self.sinkhorn_iters = cfg.sinkhorn_iters
+        self.dino_loss_weight = cfg.dino_loss_weight
+        self.ibot_loss_weight = cfg.ibot_loss_weight
+        self.koleo_loss_weight = cfg.koleo_loss_weight
+        self.dino_loss = DINOLoss(cfg.student_temp)
+        self.ibot_loss = IBOTPatchLoss(cfg.student_temp)
         self.koleo_loss = KoLeoLoss()
-        if centering == "ema":
-            self.dino_center = EMACenter(dino_prototypes, center_momentum)
-            self.ibot_center = EMACenter(ibot_prototypes, center_momentum)
+        if cfg.centering == "ema":
+            self.dino_center = EMACenter(dino_prototypes, cfg.center_momentum)
+            self.ibot_center = EMACenter(ibot_prototypes, cfg.center_momentum)
 
     @torch.no_grad()
     def targets(self, logits: torch.Tensor, temp: float, which: Literal["dino", "ibot"]) -> torch.Tensor:

@@ -7,6 +7,7 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from dinoflow.data.augment import MultiCrop, MultiCropConfig
@@ -78,20 +79,11 @@ class DINOv2(Method):
         self.student = nn.ModuleDict(student)
         self.teacher = copy.deepcopy(self.student)
         for m in self.teacher.modules():  # the teacher never uses stochastic depth
-            if type(m).__name__ == "DropPath":
+            if isinstance(m, DropPath):
                 m.drop_prob = 0.0
         self.teacher.requires_grad_(False)
-        self.objective = DINOObjective(
-            cfg.student_temp,
-            cfg.centering,
-            cfg.sinkhorn_iters,
-            cfg.center_momentum,
-            cfg.head_prototypes,
-            cfg.ibot_prototypes if cfg.ibot_separate_head else cfg.head_prototypes,
-            cfg.dino_loss_weight,
-            cfg.ibot_loss_weight,
-            cfg.koleo_loss_weight,
-        )
+        ibot_prototypes = cfg.ibot_prototypes if cfg.ibot_separate_head else cfg.head_prototypes
+        self.objective = DINOObjective(cfg, cfg.head_prototypes, ibot_prototypes)
         self.multicrop = MultiCrop(multicrop_config(crops), backbone.entry.mean, backbone.entry.std)
 
     @classmethod

@@ -174,17 +174,8 @@ class Distill(Method):
         self.student = nn.ModuleDict(parts)
         self.ema = nn.ModuleDict({f"s{i}": copy.deepcopy(bb) for i, bb in enumerate(students.values())})
         self.ema.requires_grad_(False)
-        self.objective = DINOObjective(
-            cfg.student_temp,
-            cfg.centering,
-            cfg.sinkhorn_iters,
-            cfg.center_momentum,
-            dino.out_dim,
-            shapes["ibot_head"].out_dim if self.has_ibot_head else dino.out_dim,
-            cfg.dino_loss_weight,
-            cfg.ibot_loss_weight,
-            cfg.koleo_loss_weight,
-        )
+        ibot_prototypes = shapes["ibot_head"].out_dim if self.has_ibot_head else dino.out_dim
+        self.objective = DINOObjective(cfg, dino.out_dim, ibot_prototypes)
         first = next(iter(students.values()))
         for bb in students.values():
             if tuple(bb.entry.mean) != tuple(first.entry.mean) or tuple(bb.entry.std) != tuple(

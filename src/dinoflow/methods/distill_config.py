@@ -7,27 +7,21 @@ the final model.
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import Field
 
-from pydantic import BaseModel, ConfigDict, Field
+from dinoflow.methods.config import DINOObjectiveConfig
 
 
-class DistillConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+class DistillConfig(DINOObjectiveConfig):
+    """The DINOv2 objective against a frozen teacher, plus the students' EMA."""
 
-    student_temp: float = Field(0.1, gt=0, description="DINOv2 student temperature")
     teacher_temp: float = Field(
         0.07, gt=0, description="fixed: a frozen pretrained teacher is past DINOv2's 0.04 -> 0.07 warm-up"
     )
-    centering: Literal["sinkhorn_knopp", "ema"] = Field("sinkhorn_knopp", description="DINOv2 default")
-    sinkhorn_iters: int = Field(3, ge=1, description="DINOv2 default")
-    center_momentum: float = Field(0.9, ge=0, le=1, description="EMA centering (DINO default)")
-    dino_loss_weight: float = Field(1.0, ge=0)
     ibot_loss_weight: float = Field(
         1.0,
         ge=0,
         description="iBOT on every patch of the global crops (no masking); 0 lets patch grids differ",
     )
-    koleo_loss_weight: float = Field(0.1, ge=0, description="DINOv2 KoLeo weight on student CLS")
     ema_momentum_start: float = Field(0.992, ge=0, le=1, description="student EMA, DINOv2's teacher schedule")
     ema_momentum_end: float = Field(1.0, ge=0, le=1)

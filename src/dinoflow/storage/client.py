@@ -157,6 +157,11 @@ class ObjectStore:
                 bucket, tmp, io.BytesIO(data), len(data), content_type=content_type
             ),
         )
+        self._publish(uri, bucket, key, tmp)
+
+    def _publish(self, uri: str, bucket: str, key: str, tmp: str) -> None:
+        """Server-side copy of the uploaded temporary object to its final key (what makes a write
+        atomic for readers), then remove the temporary object whatever happened."""
         try:
             if self._crash_hook is not None:
                 self._crash_hook(uri)
@@ -171,14 +176,7 @@ class ObjectStore:
         self.ensure_bucket(bucket)
         tmp = f"{_TMP_DIR}/{uuid.uuid4().hex}/{key}"
         self._call(f"uploading {path} to {uri}", lambda: self._client.fput_object(bucket, tmp, str(path)))
-        try:
-            if self._crash_hook is not None:
-                self._crash_hook(uri)
-            self._call(
-                f"publishing {uri}", lambda: self._client.copy_object(bucket, key, CopySource(bucket, tmp))
-            )
-        finally:
-            self._call(f"cleaning {tmp}", lambda: self._client.remove_object(bucket, tmp))
+        self._publish(uri, bucket, key, tmp)
 
     def put_json(self, uri: str, obj: Any) -> None:
         self.put_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode(), "application/json")

@@ -42,24 +42,30 @@ def _evaluate(backbone: Any, meta: dict, data: tuple, seed: int) -> dict[str, fl
     }
 
 
+def _recipe(a: argparse.Namespace, backbone: str, steps: int, crops: Any) -> Any:
+    """The CPU preset's DINOv2 recipe for ``backbone`` at this run's batch, seed and crops."""
+    from dinoflow.train.presets import get_preset
+
+    return get_preset(
+        "fashion-mnist-cpu",
+        backbone=backbone,
+        steps=steps,
+        batch_size=a.batch_size,
+        checkpoint_every_steps=10**9,
+        seed=a.seed,
+    ).model_copy(update={"crops": crops})
+
+
 def _teacher(a: argparse.Namespace, store: Any, crops: Any, images: Any, out_uri: str) -> tuple[Any, Any]:
     """The frozen teacher (backbone, DINO/iBOT heads): loaded from ``--teacher-uri``, or pretrained
     here with the CPU preset (DINOv2; its EMA teacher and heads)."""
     from dinoflow.models import load_backbone
     from dinoflow.models.export import load_heads
-    from dinoflow.train.presets import get_preset
     from dinoflow.train.trainer import train
 
     if a.teacher_uri:
         return load_backbone(store, a.teacher_uri), load_heads(store, a.teacher_uri)
-    cfg = get_preset(
-        "fashion-mnist-cpu",
-        backbone=a.teacher,
-        steps=a.teacher_steps,
-        batch_size=a.batch_size,
-        checkpoint_every_steps=10**9,
-        seed=a.seed,
-    ).model_copy(update={"crops": crops})
+    cfg = _recipe(a, a.teacher, a.teacher_steps, crops)
     method = train(cfg, images, store, out_uri, progress=True).method
     return method.export_backbone(), method.head_state()
 
@@ -139,14 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         }
 
         # The same student recipe for both runs: the preset's crops, batch, steps and optimizer.
-        scfg = get_preset(
-            "fashion-mnist-cpu",
-            backbone=a.student,
-            steps=a.student_steps,
-            batch_size=a.batch_size,
-            checkpoint_every_steps=10**9,
-            seed=a.seed,
-        ).model_copy(update={"crops": crops})
+        scfg = _recipe(a, a.student, a.student_steps, crops)
 
         # 2. distilled student
         dcfg = scfg.model_copy(update={"method": "distill"})
