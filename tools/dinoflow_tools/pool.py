@@ -502,23 +502,21 @@ def generate_pool(store, output_uri: str, size: int = 2000, *, samples_per_shard
         "pool",
         samples_per_shard,
     )
-    eval_uri, _ = _write_set(
-        store,
-        join_uri(output_uri, "eval"),
-        p.eval_images,
-        ["fashion_mnist"] * len(p.eval_images),
-        p.eval_labels,
-        "test",
-        samples_per_shard,
-    )
-    seeds_uri, _ = _write_set(
-        store,
-        join_uri(output_uri, "seeds"),
-        p.seed_images,
-        ["fashion_mnist"] * len(p.seed_images),
-        p.seed_labels,
-        "seed",
-        samples_per_shard,
+    # the labelled Fashion-MNIST sets: evaluation (decontaminated against) and curation seeds
+    eval_uri, seeds_uri = (
+        _write_set(
+            store,
+            join_uri(output_uri, name),
+            images,
+            ["fashion_mnist"] * len(images),
+            labels,
+            split,
+            samples_per_shard,
+        )[0]
+        for name, images, labels, split in (
+            ("eval", p.eval_images, p.eval_labels, "test"),
+            ("seeds", p.seed_images, p.seed_labels, "seed"),
+        )
     )
     keys = [r["key"] for r in rows]
     gt = pa.table(
