@@ -6,8 +6,10 @@ host and what to check; parameters are checked against the compiled pipeline bef
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,15 +117,30 @@ def explain(host: str, e: BaseException) -> DinoflowError:
     return DinoflowError(f"KFP at {host} failed: {type(e).__name__}: {text[:200]}")
 
 
+@contextlib.contextmanager
+def talking_to(host: str) -> Iterator[None]:
+    """Turn any failure of a KFP API call (transport, auth, API errors) into one line."""
+    try:
+        yield
+    except DinoflowError:
+        raise
+    except Exception as e:
+        raise explain(host, e) from None
+
+
+def _package(host: str, pipeline: str, params: list[str] | None, token: str | None, namespace: str | None):
+    """The compiled pipeline's path, its typed arguments and a client (all checked before any call)."""
+    path = pipeline_yaml(pipeline)
+    return path, parse_params(path, params or []), connect(host, token, namespace)
+
+
 def connect(host: str, token: str | None = None, namespace: str | None = None) -> Any:
     import kfp
 
     if not re.match(r"^https?://", host or ""):
         raise DinoflowError(f"--host must be an http(s):// URL of the KFP API, got {host!r}")
-    try:  # no request is made here; the first call below reports an unreachable host
+    with talking_to(host):  # no request is made here; the first call reports an unreachable host
         return kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
-    except Exception as e:  # transport, auth and API errors from kfp_server_api/urllib3
-        raise explain(host, e) from None
 
 
 def submit(
@@ -137,19 +154,11 @@ def submit(
     run_name: str | None = None,
 ) -> str:
     """Start one run of ``pipeline``; returns its run id."""
-    path = pipeline_yaml(pipeline)
-    args = parse_params(path, params or [])
-    client = connect(host, token, namespace)
-    try:
+    path, args, client = _package(host, pipeline, params, token, namespace)
+    with talking_to(host):
         run = client.create_run_from_pipeline_package(
-            str(path),
-            arguments=args,
-            run_name=run_name,
-            experiment_name=experiment,
-            namespace=namespace,
+            str(path), arguments=args, run_name=run_name, experiment_name=experiment, namespace=namespace
         )
-    except Exception as e:
-        raise explain(host, e) from None
     return run.run_id
 
 
@@ -166,10 +175,8 @@ def schedule(
 ) -> str:
     """A recurring run of the retrain pipeline, one at a time (``max_concurrency=1``)."""
     cron = check_cron(cron)
-    path = pipeline_yaml(pipeline)
-    args = parse_params(path, params or [])
-    client = connect(host, token, namespace)
-    try:
+    path, args, client = _package(host, pipeline, params, token, namespace)
+    with talking_to(host):
         exp = client.create_experiment(experiment, namespace=namespace)  # get or create
         job = client.create_recurring_run(
             experiment_id=exp.experiment_id,
@@ -180,8 +187,6 @@ def schedule(
             params=args,
             enabled=True,
         )
-    except Exception as e:
-        raise explain(host, e) from None
     return job.recurring_run_id
 
 
@@ -189,10 +194,8 @@ def list_runs(
     host: str, limit: int = 20, *, token: str | None = None, namespace: str | None = None
 ) -> list[dict[str, Any]]:
     client = connect(host, token, namespace)
-    try:
+    with talking_to(host):
         resp = client.list_runs(page_size=limit, sort_by="created_at desc", namespace=namespace)
-    except Exception as e:
-        raise explain(host, e) from None
     return [
         {
             "run_id": r.run_id,
