@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dinoflow.data.stream import CropGroup
+
 
 @dataclass(frozen=True)
 class MultiCropConfig:
@@ -129,7 +131,13 @@ class MultiCrop:
         cfg = self.cfg
         boxes = crop_boxes(g, n, scale, cfg.ratio)[sl]
         flip = (torch.rand(n, generator=g) < cfg.flip_p)[sl]
-        y = resized_crop(x, boxes, flip, px)
+        return self._photometric(resized_crop(x, boxes, flip, px), g, n, sl, px, blur_p, sol_p)
+
+    def _photometric(
+        self, y: torch.Tensor, g: torch.Generator, n: int, sl: slice, px: int, blur_p, sol_p
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        x = y
         y = color_jitter(y, g, cfg, n, sl)
         gray_on = (torch.rand(n, generator=g) < cfg.grayscale_p)[sl].to(x.device)
         if y.shape[1] == 3:
@@ -142,6 +150,40 @@ class MultiCrop:
         sol_on = (torch.rand(n, generator=g) < sol_p)[sl].to(x.device)
         y = torch.where(sol_on.view(-1, 1, 1, 1) & (y >= 0.5), 1 - y, y)  # solarize at 128/255
         return (y - self.mean.to(y.device)) / self.std.to(y.device)
+
+    def groups(self) -> list[CropGroup]:
+        """The geometric crops a data worker cuts from each original image (``crop_image``)."""
+        cfg = self.cfg
+        out = [
+            CropGroup(cfg.global_crops_number, cfg.global_crop_px, cfg.global_scale, cfg.ratio, cfg.flip_p)
+        ]
+        if cfg.local_crops_number:
+            out.append(
+                CropGroup(cfg.local_crops_number, cfg.local_crop_px, cfg.local_scale, cfg.ratio, cfg.flip_p)
+            )
+        return out
+
+    def photometric(
+        self, crops: list[torch.Tensor], g: torch.Generator, offset: int = 0, global_batch: int | None = None
+    ):
+        """Crops already cut per image by the data workers (uint8 ``[n, b, C, px, px]`` per group of
+        ``groups()``) -> normalised float global and local crops, as ``__call__`` returns them; the
+        photometric draws are made for the whole global batch and sliced, as there."""
+        cfg = self.cfg
+        b = crops[0].shape[1]
+        n = global_batch or b
+        sl = slice(offset, offset + b)
+        blur_g = [cfg.blur_p[0], cfg.blur_p[1]] + [cfg.blur_p[1]] * max(0, cfg.global_crops_number - 2)
+        sol_g = [0.0, cfg.solarize_p] + [cfg.solarize_p] * max(0, cfg.global_crops_number - 2)
+        glob = [
+            self._photometric(crops[0][i].float() / 255.0, g, n, sl, cfg.global_crop_px, blur_g[i], sol_g[i])
+            for i in range(cfg.global_crops_number)
+        ]
+        loc = [
+            self._photometric(crops[1][i].float() / 255.0, g, n, sl, cfg.local_crop_px, cfg.blur_p[2], 0.0)
+            for i in range(cfg.local_crops_number)
+        ]
+        return torch.cat(glob), (torch.cat(loc) if loc else None)
 
     def __call__(
         self, images: torch.Tensor, g: torch.Generator, offset: int = 0, global_batch: int | None = None

@@ -43,6 +43,7 @@ from dinoflow.errors import SpecError
 from dinoflow.models.backbone import Backbone
 
 if TYPE_CHECKING:
+    from dinoflow.data.stream import CropGroup
     from dinoflow.storage.client import ObjectStore
     from dinoflow.train.config import TrainConfig
 
@@ -172,9 +173,17 @@ class Method(nn.Module, ABC):
         """Fit data-dependent parts on the training images (uint8 ``[N, C, H, W]``) before the first
         step; must be deterministic for a seed (every rank fits its own copy). Default: nothing."""
 
+    def crop_groups(self) -> list[CropGroup]:
+        """The random-resized crops (+ flips) the data workers cut from each original image, at its
+        own size and aspect ratio (``dinoflow.data.stream``); ``prepare`` then gets them as a list,
+        one uint8 ``[n, b, C, px, px]`` per group."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare its crops (crop_groups)")
+
     @abstractmethod
-    def prepare(self, images: torch.Tensor, view: BatchView) -> dict[str, Any]:
-        """uint8 ``[b, C, H, W]`` on the training device -> the batch ``forward`` takes."""
+    def prepare(self, images: torch.Tensor | list[torch.Tensor], view: BatchView) -> dict[str, Any]:
+        """This rank's share of the batch on the training device -> the batch ``forward`` takes:
+        either the crops of ``crop_groups()`` (what the trainer passes) or uint8 square images
+        ``[b, C, H, W]`` that the method crops itself on the device (benches, unit tests)."""
 
     @abstractmethod
     def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, Logs]:

@@ -12,6 +12,7 @@ from torch import nn
 
 from dinoflow.data.augment import MultiCrop, MultiCropConfig
 from dinoflow.data.masks import ibot_masks
+from dinoflow.data.stream import CropGroup
 from dinoflow.errors import SpecError
 from dinoflow.losses import DINOHead
 from dinoflow.losses.schedules import cosine, teacher_temperature
@@ -91,10 +92,16 @@ class DINOv2(Method):
         return cls(backbone_from_config(cfg, store), cfg.dinov2, cfg.crops)
 
     # -- data ----------------------------------------------------------------------------------
+    def crop_groups(self) -> list[CropGroup]:
+        return self.multicrop.groups()
+
     def prepare(self, images: torch.Tensor, view: BatchView) -> dict[str, Any]:
         g = view.generator
-        glob, loc = self.multicrop(images, g, view.offset, view.global_batch)
-        n_g, b = self.crops.global_crops_number, images.shape[0]
+        if isinstance(images, list):  # crops the data workers cut from the original images
+            glob, loc = self.multicrop.photometric(images, g, view.offset, view.global_batch)
+        else:
+            glob, loc = self.multicrop(images, g, view.offset, view.global_batch)
+        n_g, b = self.crops.global_crops_number, glob.shape[0] // self.crops.global_crops_number
         grid = self.student["backbone"].patch_grid(self.crops.global_crop_px, self.crops.global_crop_px)
         masks = None
         if self.cfg.ibot_loss_weight > 0:
@@ -106,7 +113,7 @@ class DINOv2(Method):
                 (self.cfg.mask_ratio_min, self.cfg.mask_ratio_max),
             )
             m = m.view(n_g, view.global_batch, -1)[:, view.offset : view.offset + b]
-            masks = m.reshape(n_g * b, -1).to(images.device)
+            masks = m.reshape(n_g * b, -1).to(glob.device)
         return {"global": glob, "local": loc, "masks": masks}
 
     # -- schedules -----------------------------------------------------------------------------

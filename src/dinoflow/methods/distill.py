@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dinoflow.data.augment import MultiCrop
+from dinoflow.data.stream import CropGroup
 from dinoflow.errors import SpecError
 from dinoflow.losses import DINOHead
 from dinoflow.losses.schedules import cosine
@@ -218,7 +219,13 @@ class Distill(Method):
         self.ema.eval()
         return self
 
-    def prepare(self, images: torch.Tensor, view: BatchView) -> dict[str, Any]:
+    def crop_groups(self) -> list[CropGroup]:
+        return self.multicrop.groups()
+
+    def prepare(self, images: torch.Tensor | list[torch.Tensor], view: BatchView) -> dict[str, Any]:
+        if isinstance(images, list):  # crops the data workers cut from the original images
+            glob, loc = self.multicrop.photometric(images, view.generator, view.offset, view.global_batch)
+            return {"global": glob, "local": loc}
         glob, loc = self.multicrop(images, view.generator, view.offset, view.global_batch)
         return {"global": glob, "local": loc}
 

@@ -39,8 +39,8 @@ class MAE(MaskedImageModel):
     def prepare(self, images: torch.Tensor, view: BatchView) -> dict[str, Any]:
         x01 = self.augment(images, view)
         mask, _ = random_masking(view.global_batch, self.n_patches, self.cfg.mask_ratio, view.generator)
-        b = images.shape[0]
-        return {"x": self.normalize(x01), "mask": mask[view.offset : view.offset + b].to(images.device)}
+        b = x01.shape[0]
+        return {"x": self.normalize(x01), "mask": mask[view.offset : view.offset + b].to(x01.device)}
 
     def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, Logs]:
         x, mask = batch["x"], batch["mask"]

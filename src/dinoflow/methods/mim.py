@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dinoflow.data.augment import crop_boxes, resized_crop
+from dinoflow.data.stream import CropGroup
 from dinoflow.errors import SpecError
 from dinoflow.methods.base import BatchView, Method, param_groups_for_backbone, param_groups_plain
 from dinoflow.methods.mim_config import DecoderConfig, MIMAugConfig
@@ -150,9 +151,19 @@ class MaskedImageModel(Method):
         return self.backbone.patch_size
 
     # -- data ----------------------------------------------------------------------------------
-    def augment(self, images: torch.Tensor, view: BatchView) -> torch.Tensor:
+    def crop_groups(self) -> list[CropGroup]:
+        return [
+            CropGroup(
+                1, self.crop_px, (self.aug.crop_scale_min, self.aug.crop_scale_max), flip_p=self.aug.flip_p
+            )
+        ]
+
+    def augment(self, images: torch.Tensor | list[torch.Tensor], view: BatchView) -> torch.Tensor:
         """uint8 [b, C, H, W] -> float crops in [0, 1], [b, C, crop_px, crop_px] (drawn for the
-        global batch from the shared generator, then sliced)."""
+        global batch from the shared generator, then sliced). Crops the data workers already cut
+        (``[crops]``, uint8 ``[1, b, C, crop_px, crop_px]``) are only scaled to [0, 1]."""
+        if isinstance(images, list):
+            return images[0][0].float() / 255.0
         if images.ndim != 4 or images.shape[1] != self.backbone.in_chans:
             raise SpecError(
                 f"{self.name} on {self.backbone.name} wants uint8 images [B, {self.backbone.in_chans}, H, W], "

@@ -74,11 +74,11 @@ class SplitMask(MaskedImageModel):
             )
         x01 = self.augment(images, view)
         mask_a, mask_b = split_masks(view.global_batch, self.n_patches, view.generator)
-        sl = slice(view.offset, view.offset + images.shape[0])
+        sl = slice(view.offset, view.offset + x01.shape[0])
         batch = {
             "x": self.normalize(x01),
-            "mask_a": mask_a[sl].to(images.device),
-            "mask_b": mask_b[sl].to(images.device),
+            "mask_a": mask_a[sl].to(x01.device),
+            "mask_b": mask_b[sl].to(x01.device),
         }
         if self.tokenizer is not None:
             batch["codes"] = self.tokenizer.encode(x01 * 255.0)  # tokenizer was fitted on 0-255 pixels

@@ -21,7 +21,9 @@ __all__ = ["DistillResult", "DistillSpec", "build", "default_crops", "run"]
 
 class DistillSpec(DistillTrainConfig, StageSpec):
     manifest_uri: str = Field(..., description="images to distill on (labels unused)")
-    image_px: int | None = Field(None, ge=4, description="resize images on load (default: as stored)")
+    image_px: int | None = Field(
+        None, ge=4, description="squash images to this square before cropping (default: crop the originals)"
+    )
     max_images: int | None = Field(None, ge=1, description="seeded random subset of the manifest")
 
 
@@ -51,8 +53,8 @@ def run(spec: DistillSpec, store: Any) -> DistillResult:
     import numpy as np
     import torch
 
-    from dinoflow.data.dataset import load_images
     from dinoflow.data.manifest import read_manifest
+    from dinoflow.data.stream import ManifestSource
     from dinoflow.errors import DinoflowError
     from dinoflow.models import export_backbone
     from dinoflow.storage.client import join_uri
@@ -63,8 +65,7 @@ def run(spec: DistillSpec, store: Any) -> DistillResult:
     if spec.max_images is not None and table.num_rows > spec.max_images:
         idx = np.sort(np.random.default_rng(spec.seed).choice(table.num_rows, spec.max_images, replace=False))
         table = table.take(idx)
-    in_chans = store.get_json(join_uri(spec.teacher_uri, "backbone.json"))["in_chans"]
-    images, _ = load_images(store, table, channels=in_chans, size_px=spec.image_px)
+    images = ManifestSource(store.settings, table, resize_px=spec.image_px)
     torch.manual_seed(spec.seed)
     out = train(spec, images, store, spec.output_uri, progress=True, method_factory=make)
     if out.method is None:

@@ -27,7 +27,9 @@ from dinoflow.train.config import TrainConfig
 class PretrainSpec(TrainConfig, StageSpec):
     manifest_uri: str = Field(..., description="Parquet manifest of the training images (s3://)")
     split: str | None = Field(None, description="keep only manifest rows of this split (e.g. 'train')")
-    image_px: int | None = Field(None, ge=4, description="resize images to this square size on load")
+    image_px: int | None = Field(
+        None, ge=4, description="squash images to this square before cropping (default: crop the originals)"
+    )
     nproc: int = Field(1, ge=1, description="processes (torchrun) on this node")
     nnodes: int = Field(1, ge=1, description="nodes (multi-node runs go through a TrainJob)")
     target_only: bool = Field(
@@ -54,11 +56,12 @@ class PretrainResult(StageResult):
     resumed_from_step: int = 0
 
 
-def load_training_images(spec: PretrainSpec, store, channels: int):
+def load_training_images(spec: PretrainSpec, store):
+    """The training images as a stream source over the manifest's shards (nothing decoded here)."""
     import pyarrow.compute as pc
 
-    from dinoflow.data.dataset import load_images
     from dinoflow.data.manifest import read_manifest
+    from dinoflow.data.stream import ManifestSource
 
     table = read_manifest(store, spec.manifest_uri)
     if spec.split is not None:
@@ -70,7 +73,7 @@ def load_training_images(spec: PretrainSpec, store, channels: int):
             f"target_only: manifest {spec.manifest_uri} has unlabelled rows; target-only pretraining "
             "takes a labelled dataset's own train split (use target_only=false for an uncurated pool)"
         )
-    return load_images(store, table, channels=channels, size_px=spec.image_px)
+    return ManifestSource(store.settings, table, resize_px=spec.image_px)
 
 
 def train_from_spec(spec: PretrainSpec, store) -> PretrainResult:
@@ -81,8 +84,8 @@ def train_from_spec(spec: PretrainSpec, store) -> PretrainResult:
     from dinoflow.train.dist import init_distributed, shutdown
     from dinoflow.train.trainer import train
 
-    entry = get_entry(spec.backbone)
-    images, _ = load_training_images(spec, store, entry.in_chans)
+    get_entry(spec.backbone)
+    images = load_training_images(spec, store)
     cfg = TrainConfig.model_validate(spec.model_dump(include=set(TrainConfig.model_fields)))
     ctx = init_distributed()
     try:
@@ -108,7 +111,7 @@ def train_from_spec(spec: PretrainSpec, store) -> PretrainResult:
         curves_uri=out.curves_uri or "",
         steps=out.steps,
         final_loss=out.final_loss,
-        n_images=int(images.shape[0]),
+        n_images=len(images),
         resumed_from_step=out.resumed_from_step,
     )
 

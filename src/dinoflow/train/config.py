@@ -27,6 +27,22 @@ class OptimConfig(BaseModel):
     beta2: float = Field(0.999, ge=0, lt=1)
 
 
+class DataConfig(BaseModel):
+    """How training input streams (``dinoflow.data.stream``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(2, ge=0, description="DataLoader workers per process (0: decode in the process)")
+    streams: int | None = Field(
+        None,
+        ge=1,
+        description="logical input streams the global batch is drawn from; a multiple of the processes, "
+        "at most batch_size; default batch_size. Changing it changes the sample order",
+    )
+    shuffle_buffer: int = Field(1000, ge=1, description="rows in each stream's shuffle buffer")
+    prefetch_batches: int = Field(2, ge=1, description="chunks each worker prepares ahead")
+
+
 class TrainConfig(BaseModel):
     """Everything the trainer needs besides the data."""
 
@@ -44,6 +60,7 @@ class TrainConfig(BaseModel):
         default_factory=SplitMaskConfig, description="used when method == 'splitmask'"
     )
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     steps: int | None = Field(100, ge=1, description="optimizer steps (or give epochs)")
     epochs: float | None = Field(None, gt=0, description="passes over the data; overrides steps when set")
     batch_size: int = Field(64, ge=1, description="global batch size (all processes)")

@@ -1,10 +1,12 @@
 """The shared trainer: one loop for every method, 1 process or many (torchrun; DDP or FSDP2).
 
-Data comes as an in-memory uint8 tensor ``[N, C, H, W]`` (every rank holds it; each rank takes its
-slice of every global batch) and is augmented on the device by the method's ``prepare``. The
-position in the data is a pure function of the step (per-epoch permutation seeded by
-``seed + epoch``), and every step reseeds its random generators from ``(seed, step, rank)``, so a run
-resumed from a checkpoint replays the interrupted run exactly.
+Data streams (``dinoflow.data.stream``): an ``ImageSource`` (a manifest's shards, or an in-memory
+uint8 tensor ``[N, C, H, W]`` for tests and benches) is read by DataLoader workers that decode each
+image and cut the method's random-resized crops from it at its own size and aspect; each rank gets
+its slice of every global batch, and the method's ``prepare`` finishes the augmentation on the
+device. The stream's position is a pure function of the step (recorded in the checkpoint as
+``data_position``), and every step reseeds its random generators from ``(seed, step, rank)``, so a
+run resumed from a checkpoint replays the interrupted run exactly.
 
 The trainer writes what training needs to resume and to be followed (``checkpoints/`` and
 ``curves.jsonl`` under the ``output_uri`` the caller gives); exporting the trained method is the
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from dinoflow import metrics
+from dinoflow.data.stream import Batches, ImageSource, StreamPlan, TensorSource, TrainStream
 from dinoflow.errors import SpecError
 from dinoflow.losses.schedules import cosine
 from dinoflow.methods import build_method
@@ -38,6 +41,8 @@ from dinoflow.train.config import TrainConfig
 from dinoflow.train.dist import DistContext
 
 log = logging.getLogger(__name__)
+
+FIT_IMAGES = 10_000  # images a method's fit_data sees (e.g. SplitMask's k-means tokenizer)
 
 
 @dataclass
@@ -56,7 +61,7 @@ class TrainOutcome:
         return self.steps >= self.total_steps
 
 
-__all__ = ["TrainOutcome", "build_method", "make_optimizer", "train", "train_step"]
+__all__ = ["TrainOutcome", "build_method", "make_optimizer", "stream_plan", "train", "train_step"]
 
 
 def _wrap(method: Method, cfg: TrainConfig, ctx: DistContext) -> nn.Module:
@@ -97,13 +102,14 @@ def train_step(
     method: Method,
     model: nn.Module,
     opt: torch.optim.Optimizer,
-    x: torch.Tensor,
+    x: torch.Tensor | list[torch.Tensor],
     view: BatchView,
     state: StepState,
     autocast: bool = False,
     clip_grad: float = 0.0,
 ) -> tuple[torch.Tensor, Logs]:
-    """One optimizer step on this rank's uint8 images ``x``: augment (``prepare``), forward, backward,
+    """One optimizer step on this rank's share of the batch ``x`` (the workers' uint8 crops, or
+    uint8 images the method crops itself): augment (``prepare``), forward, backward,
     clip (each of ``method.clip_groups()`` on its own norm), AdamW, EMA (``after_step``). ``model`` is
     ``method`` or its DDP/FSDP2 wrapper. Returns the loss and the logs as device tensors (nothing
     here waits for the device). The trainer and ``dinoflow bench train-step`` both run exactly this."""
@@ -123,16 +129,31 @@ def train_step(
     return loss, logs
 
 
-def global_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
-    spe = n // batch
-    epoch, i = divmod(step, spe)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)[i * batch : (i + 1) * batch]
+def stream_plan(cfg: TrainConfig, n_images: int) -> StreamPlan:
+    """How the global batch is drawn from the data: fixed by the config, not by the world size."""
+    return StreamPlan(
+        n_images, cfg.batch_size, cfg.data.streams or cfg.batch_size, cfg.seed, cfg.data.shuffle_buffer
+    )
+
+
+def _check_position(saved: dict[str, Any], plan: StreamPlan, uri: str) -> None:
+    want = {
+        "n_images": plan.n_rows,
+        "streams": plan.streams,
+        "shuffle_buffer": plan.buffer,
+        "seed": plan.seed,
+    }
+    got = {k: saved.get(k) for k in want}
+    if "streams" in saved and got != want:
+        raise SpecError(
+            f"{uri} was written reading the data as {got}; this run reads it as {want}: the resumed run "
+            "would not see the same images (keep the manifest and the data settings, or start afresh)"
+        )
 
 
 def train(
     cfg: TrainConfig,
-    images: torch.Tensor,
+    images: torch.Tensor | ImageSource,
     store: ObjectStore | None,
     output_uri: str,
     ctx: DistContext | None = None,
@@ -140,17 +161,15 @@ def train(
     max_steps_this_run: int | None = None,
     method_factory: Callable[[], Method] | None = None,
 ) -> TrainOutcome:
-    """Train ``cfg.method`` on ``images`` (uint8 ``[N, C, H, W]``); checkpoints and curves go under
-    ``output_uri``. Resumes from the newest checkpoint found there.
+    """Train ``cfg.method`` on ``images`` (an ``ImageSource``, e.g. a manifest's shards, or uint8
+    ``[N, C, H, W]``); checkpoints and curves go under ``output_uri``. Resumes from the newest
+    checkpoint found there.
     ``store=None`` persists nothing (no resume, no checkpoint): for benchmarks, tests and device
     smoke checks that have no object store. ``method_factory`` builds the method instead of
     ``build_method(cfg, store)`` (e.g. to reuse an instance the caller already validated)."""
     ctx = ctx or DistContext()
-    n = images.shape[0]
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise SpecError(
-            f"training images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
-        )
+    source = TensorSource(images) if isinstance(images, torch.Tensor) else images
+    n = len(source)
     if cfg.batch_size % ctx.world_size:
         raise SpecError(f"batch_size {cfg.batch_size} must be divisible by the {ctx.world_size} processes")
     if n < cfg.batch_size:
@@ -162,10 +181,14 @@ def train(
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     make = method_factory or (lambda: build_method(cfg, store))
     method = make().to(ctx.device)
-    in_chans = method.export_backbone().in_chans
-    if images.shape[1] != in_chans:
-        raise SpecError(f"images have {images.shape[1]} channels but {cfg.backbone} wants {in_chans}")
-    method.fit_data(images, seed=cfg.seed)  # deterministic for a seed, so equal on every rank
+    bb = method.export_backbone()
+    in_chans = bb.in_chans
+    if isinstance(source, TensorSource) and source.channels != in_chans:
+        raise SpecError(f"images have {source.channels} channels but {cfg.backbone} wants {in_chans}")
+    if type(method).fit_data is not Method.fit_data:  # deterministic for a seed: equal on every rank
+        method.fit_data(source.sample_images(FIT_IMAGES, bb.img_size, in_chans), seed=cfg.seed)
+    plan = stream_plan(cfg, n)
+    plan.streams_of(ctx.rank, ctx.world_size)  # fails early on a world size that does not divide it
     model = _wrap(method, cfg, ctx)
     opt = make_optimizer(method, cfg, ctx.device)
 
@@ -177,6 +200,7 @@ def train(
         ckpt.load_full_state(method, opt, state["model"], state["optimizer"])
         ckpt.set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
         start, curves = state["step"], state["curves"]
+        _check_position(state.get("data_position", {}), plan, uri)
         if ctx.is_main:
             log.info("resumed from %s (step %d of %d)", uri, start, total)
 
@@ -192,6 +216,10 @@ def train(
     stop = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
     last_ckpt_uri = found[-1][1] if found else None
     pending = _PendingLogs(cfg, ctx)
+    stream = TrainStream(
+        source, plan, method.crop_groups(), in_chans, ctx.rank, ctx.world_size, start, stop, cfg.data.workers
+    )
+    batches = iter(Batches(stream, pin_memory=ctx.device.type == "cuda", prefetch=cfg.data.prefetch_batches))
     method.train()
     for step in range(start, stop):
         t0 = time.perf_counter()
@@ -203,8 +231,7 @@ def train(
             g["weight_decay"] = wd * g["wd_mult"]
         torch.manual_seed(cfg.seed * 7919 + step * 131 + ctx.rank)  # drop path etc.: replayable
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # shared by all ranks
-        idx = global_indices(step, n, cfg.batch_size, cfg.seed)[ctx.rank * local_b : (ctx.rank + 1) * local_b]
-        x = images[idx].to(ctx.device, non_blocking=True)
+        x = [c.to(ctx.device, non_blocking=True) for c in next(batches)["crops"]]
         view = BatchView(gen, ctx.rank * local_b, cfg.batch_size)
         _, logs = train_step(method, model, opt, x, view, state, autocast, cfg.optim.clip_grad)
         pending.add(step + 1, lr, wd, time.perf_counter() - t0, logs)
@@ -217,7 +244,7 @@ def train(
                 bar.update(len(rows))
                 bar.set_postfix(loss=f"{rows[-1].get('loss', float('nan')):.3f}", lr=f"{lr:.2e}")
         if save:
-            last_ckpt_uri = _save(store, output_uri, cfg, method, opt, done, curves, ctx)
+            last_ckpt_uri = _save(store, output_uri, cfg, method, opt, done, curves, ctx, plan)
     if bar is not None:
         bar.close()
 
@@ -300,7 +327,7 @@ def _unsharded_copy(method: Method, make: Callable[[], Method], ctx: DistContext
     return plain
 
 
-def _save(store, output_uri, cfg, method, opt, step, curves, ctx) -> str | None:
+def _save(store, output_uri, cfg, method, opt, step, curves, ctx, plan: StreamPlan) -> str | None:
     msd, osd = ckpt.full_state(method, opt)
     rng = ckpt.rng_state()
     rngs: list[Any] = [rng]
@@ -316,7 +343,15 @@ def _save(store, output_uri, cfg, method, opt, step, curves, ctx) -> str | None:
             "optimizer": osd,
             "step": step,
             "rng": rngs,
-            "data_position": {"step": step, "samples_seen": step * cfg.batch_size},
+            "data_position": {
+                "step": step,
+                "samples_seen": step * cfg.batch_size,
+                "n_images": plan.n_rows,
+                "streams": plan.streams,
+                "shuffle_buffer": plan.buffer,
+                "seed": plan.seed,
+                "epoch_offset": plan.positions(step),  # int64 [streams, 2]: each stream's (epoch, offset)
+            },
             "curves": curves,
             "config": cfg.model_dump(mode="json"),
         }
