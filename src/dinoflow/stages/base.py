@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -57,6 +58,9 @@ def run_with_marker(
 ) -> StageResult:
     """Run ``run_fn(spec, store)`` unless its ``_SUCCESS`` marker already records this spec.
 
+    Under torchrun (a TrainJob node, or ``torchrun ... dinoflow stage``) every rank runs the stage and
+    only rank 0 writes the marker, after its own export: another rank's marker could come first.
+
     A run that does work is timed and counted by outcome (``metrics.stage_run``, pushed when a
     Pushgateway is configured); a reused result is not a run."""
     marker = store.read_success(spec.output_uri)
@@ -73,6 +77,8 @@ def run_with_marker(
         t0 = time.perf_counter()
         result = run_fn(spec, store)
         result = result.model_copy(update={"seconds": round(time.perf_counter() - t0, 3)})
+        if int(os.environ.get("RANK", "0")) != 0:
+            return result  # one rank of a torchrun world: rank 0 writes the marker after its export
         store.write_success(
             spec.output_uri,
             {

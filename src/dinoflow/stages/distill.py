@@ -1,5 +1,6 @@
-"""distill: a frozen pretrained teacher -> smaller students (DINOv2 Sec. 5), on the shared trainer,
-in one process.
+"""distill: a frozen pretrained teacher -> smaller students (DINOv2 Sec. 5), on the shared trainer:
+one process, ``nproc`` processes (torchrun) or ``nnodes`` nodes (a Kubeflow TrainJob/PyTorchJob),
+placed like pretrain's (``dinoflow.stages._worker``).
 
 Writes under ``output_uri``: the trainer's checkpoints and ``curves.jsonl``, ``backbone/`` (the first
 student's EMA) and ``students/{name}/`` for every student's EMA, each in the shared export format
@@ -13,6 +14,7 @@ from typing import Any
 from pydantic import Field
 
 from dinoflow.methods.distill import default_crops
+from dinoflow.stages._worker import check_divisible, launch_local, launch_mode
 from dinoflow.stages.base import StageResult, StageSpec
 from dinoflow.train.config import DistillTrainConfig
 
@@ -25,6 +27,8 @@ class DistillSpec(DistillTrainConfig, StageSpec):
         None, ge=4, description="squash images to this square before cropping (default: crop the originals)"
     )
     max_images: int | None = Field(None, ge=1, description="seeded random subset of the manifest")
+    nproc: int = Field(1, ge=1, description="processes (torchrun) on this node")
+    nnodes: int = Field(1, ge=1, description="nodes; > 1 runs as a Kubeflow TrainJob/PyTorchJob")
 
 
 class DistillResult(StageResult):
@@ -50,6 +54,15 @@ def build(spec: DistillSpec, store: Any) -> Any:
 
 
 def run(spec: DistillSpec, store: Any) -> DistillResult:
+    check_divisible(spec)
+    if launch_mode(spec) == "torchrun":
+        build(spec, store)()  # refuse an impossible teacher/student pair before launching processes
+        return launch_local("distill", spec, store, DistillResult)
+    return train_from_spec(spec, store)  # one process, or this process's share of a launched world
+
+
+def train_from_spec(spec: DistillSpec, store: Any) -> DistillResult:
+    """The in-process body (also what each torchrun worker runs); rank 0 exports."""
     import numpy as np
     import torch
 
@@ -58,6 +71,7 @@ def run(spec: DistillSpec, store: Any) -> DistillResult:
     from dinoflow.errors import DinoflowError
     from dinoflow.models import export_backbone
     from dinoflow.storage.client import join_uri
+    from dinoflow.train.dist import init_distributed, shutdown
     from dinoflow.train.trainer import train
 
     make = build(spec, store)
@@ -67,15 +81,22 @@ def run(spec: DistillSpec, store: Any) -> DistillResult:
         table = table.take(idx)
     images = ManifestSource(store.settings, table, resize_px=spec.image_px)
     torch.manual_seed(spec.seed)
-    out = train(spec, images, store, spec.output_uri, progress=True, method_factory=make)
-    if out.method is None:
+    ctx = init_distributed()
+    try:
+        out = train(spec, images, store, spec.output_uri, ctx, progress=True, method_factory=make)
+    finally:
+        shutdown(ctx)
+    if out.method is None and ctx.is_main:
         raise DinoflowError("the trainer returned no trained method")
     meta = {"method": "distill", "teacher_uri": spec.teacher_uri, "steps": out.steps}
     uris: dict[str, str] = {}
     if out.finished:
-        export_backbone(store, join_uri(spec.output_uri, "backbone"), out.method.export_backbone(), meta)
-        for name, ema in out.method.export_students().items():
-            uris[name] = export_backbone(store, join_uri(spec.output_uri, "students", name), ema, meta)
+        for name in spec.students:
+            uris[name] = join_uri(spec.output_uri, "students", name)
+        if ctx.is_main:
+            export_backbone(store, join_uri(spec.output_uri, "backbone"), out.method.export_backbone(), meta)
+            for name, ema in out.method.export_students().items():
+                uris[name] = export_backbone(store, uris[name], ema, meta)
     return DistillResult(
         output_uri=spec.output_uri,
         backbone_uris=uris,

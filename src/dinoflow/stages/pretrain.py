@@ -6,20 +6,17 @@ schedule position, RNG states, data position; newest ``keep_checkpoints`` kept),
 final TEACHER in the shared export format, plus ``heads.safetensors`` with the teacher's DINO/iBOT
 heads for distillation) and ``curves.jsonl`` (one JSON object per step). A rerun after a crash
 resumes from the newest checkpoint. ``nproc > 1`` re-launches under
-``torchrun --standalone --nproc_per_node=N -m dinoflow.stages._worker``.
+``torchrun --standalone --nproc_per_node=N -m dinoflow.stages._worker``; under a launched world (a
+TrainJob/PyTorchJob node's torchrun, ``nnodes > 1``) each process trains its share
+(``dinoflow.stages._worker.launch_mode``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
-
 from pydantic import Field, model_validator
 
 from dinoflow.errors import DinoflowError, SpecError
+from dinoflow.stages._worker import check_divisible, launch_local, launch_mode
 from dinoflow.stages.base import StageResult, StageSpec
 from dinoflow.train.config import TrainConfig
 
@@ -31,7 +28,7 @@ class PretrainSpec(TrainConfig, StageSpec):
         None, ge=4, description="squash images to this square before cropping (default: crop the originals)"
     )
     nproc: int = Field(1, ge=1, description="processes (torchrun) on this node")
-    nnodes: int = Field(1, ge=1, description="nodes (multi-node runs go through a TrainJob)")
+    nnodes: int = Field(1, ge=1, description="nodes; > 1 runs as a Kubeflow TrainJob/PyTorchJob")
     target_only: bool = Field(
         False,
         description="small-data mode (SplitMask paper): pretrain on a labelled target dataset's own "
@@ -122,52 +119,11 @@ def _check(spec: PretrainSpec) -> None:
 
     get_entry(spec.backbone)
     method_class(spec.method)
-    if spec.batch_size % (spec.nproc * spec.nnodes):
-        raise SpecError(
-            f"batch_size {spec.batch_size} must be divisible by nproc*nnodes = {spec.nproc * spec.nnodes}"
-        )
-    if spec.nnodes > 1:
-        raise SpecError("nnodes > 1 runs as a Kubeflow TrainJob (pipeline component), not from this stage")
+    check_divisible(spec)
 
 
 def run(spec: PretrainSpec, store) -> PretrainResult:
     _check(spec)
-    if spec.nproc == 1 or "WORLD_SIZE" in os.environ:
-        return train_from_spec(spec, store)
-    return _torchrun(spec, store)
-
-
-def _torchrun(spec: PretrainSpec, store) -> PretrainResult:
-    s = store.settings
-    env = dict(os.environ)
-    env.update(
-        DINOFLOW_S3_ENDPOINT=s.endpoint,
-        DINOFLOW_S3_ACCESS_KEY=s.access_key.get_secret_value(),
-        DINOFLOW_S3_SECRET_KEY=s.secret_key.get_secret_value(),
-        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
-        with open(spec_path, "w") as f:
-            f.write(spec.model_dump_json())
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={spec.nproc}",
-            "-m",
-            "dinoflow.stages._worker",
-            "--spec",
-            spec_path,
-            "--result",
-            result_path,
-        ]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not os.path.exists(result_path):
-            lines = (proc.stderr + proc.stdout).splitlines()
-            errors = [ln for ln in lines if "Error" in ln and "elastic" not in ln][-3:]
-            tail = errors or lines[-15:]
-            raise DinoflowError(f"torchrun pretrain failed (exit {proc.returncode}):\n" + "\n".join(tail))
-        with open(result_path) as f:
-            return PretrainResult.model_validate(json.load(f))
+    if launch_mode(spec) == "torchrun":
+        return launch_local("pretrain", spec, store, PretrainResult)
+    return train_from_spec(spec, store)  # one process, or this process's share of a launched world
