@@ -148,3 +148,16 @@ def test_non_square_rgb_source_streams_and_trains_a_step(store, bucket_uri):
     }
     res = stage.run(stage.parse_spec(spec), store)
     assert res.steps == 1 and res.n_images == 30 and np.isfinite(res.final_loss)
+
+
+def test_bench_data_plane_runs_small(store, s3_env, monkeypatch, capsys):
+    import json
+
+    from dinoflow_tools.bench import data_plane
+
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    data_plane.main(["--sizes", "200", "--rate-images", "96,32", "--rss-steps", "2", "--batch-size", "16"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["gray28_images_per_s_per_worker"] > 0 and figures["rgb224_images_per_s_per_worker"] > 0
+    assert figures["peak_rss_main_mib_200_images"] > 0
