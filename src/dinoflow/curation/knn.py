@@ -142,6 +142,9 @@ def knn_search(
     ids = np.empty((len(queries), kk), np.int64)
     for s in range(0, len(queries), batch):
         sims[s : s + batch], ids[s : s + batch] = index.search(queries[s : s + batch], kk)
+    # float16-stored unit vectors can score a hair above 1; a cosine is at most 1, so a threshold of 1
+    # (the spec's upper bound) really means "never"
+    np.minimum(sims, 1.0, out=sims)
     return KnnResult(sims, ids, choice, gpu, index if keep_index else None)
 
 
