@@ -8,7 +8,7 @@ from dinoflow.components.dedup import dedup
 from dinoflow.components.distill import distill
 from dinoflow.components.ingest import ingest
 from dinoflow.components.pretrain import pretrain
-from dinoflow.kfp.gpu import cpu_task, gpu_task
+from dinoflow.kfp.gpu import cpu_task, training_task
 from dinoflow.pipelines import params as P
 from dinoflow.pipelines.parts import embed_task, evaluate_and_promote
 
@@ -32,6 +32,8 @@ def full(
     seed_split: str = "train",
     eval_split: str = "test",
     gpus: int = P.GPUS,
+    nodes: int = P.NODES,
+    trainjob_config_map: str = P.TRAINJOB_CONFIG_MAP,
     gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default)
     gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
     s3_secret_name: str = P.SECRET,
@@ -52,7 +54,10 @@ def full(
         pool_split: ingest split holding the raw pool.
         seed_split: ingest split whose images seed retrieval curation (and train the probes).
         eval_split: ingest split that is evaluated on and decontaminated against.
-        gpus: GPUs per GPU task (embed, pretrain, distill).
+        gpus: GPUs per GPU task (embed, pretrain, distill); the training steps' nproc.
+        nodes: nodes per training job; > 1 runs pretrain/distill as a Kubeflow TrainJob (nodes x gpus)
+            from a CPU launcher.
+        trainjob_config_map: ConfigMap with the TrainJob settings (the chart's <release>-trainjob; optional).
         gpu_node_selector: node labels of the GPU pool.
         gpu_tolerations: tolerations for the GPU pool's taints.
         s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
@@ -94,18 +99,24 @@ def full(
         curate(spec_json=curate_spec, pool=dd.outputs["result"], seed=seed_emb.outputs["result"], **common),
         s3_secret_name,
     )
-    pt = gpu_task(
-        pretrain(spec_json=pretrain_spec, manifest=cu.outputs["result"], **common), s3_secret_name, **gpu
+    train = {
+        "secret_name": s3_secret_name,
+        "gpu": gpu,
+        "nodes": nodes,
+        "trainjob_config_map": trainjob_config_map,
+    }
+    curated = cu.outputs["result"]
+    pt = training_task(
+        pretrain, {"spec_json": pretrain_spec, "manifest": curated, **common}, name="pretrain", **train
     )
-    ds = gpu_task(
-        distill(
-            spec_json=distill_spec, manifest=cu.outputs["result"], teacher=pt.outputs["result"], **common
-        ),
-        s3_secret_name,
-        **gpu,
+    ds = training_task(
+        distill,
+        {"spec_json": distill_spec, "manifest": curated, "teacher": pt, **common},
+        name="distill",
+        **train,
     )
     evaluate_and_promote(
-        ds.outputs["result"],
+        ds,
         evaluate_spec,
         promote_spec,
         s3_secret_name,

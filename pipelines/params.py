@@ -48,6 +48,8 @@ PROMOTE = _j(
 )
 
 GPUS = 1
+NODES = 1  # > 1: pretrain/distill run as a Kubeflow TrainJob of NODES x GPUS
+TRAINJOB_CONFIG_MAP = kfp_defaults.TRAINJOB_CONFIG_MAP
 GPU_NODE_SELECTOR = kfp_defaults.GPU_NODE_SELECTOR
 GPU_TOLERATIONS = kfp_defaults.GPU_TOLERATIONS
 SECRET = kfp_defaults.S3_SECRET_NAME

@@ -11,7 +11,7 @@ from dinoflow.components.curate import curate
 from dinoflow.components.dedup import dedup
 from dinoflow.components.ingest import ingest
 from dinoflow.components.pretrain import pretrain
-from dinoflow.kfp.gpu import cpu_task, gpu_task
+from dinoflow.kfp.gpu import cpu_task, training_task
 from dinoflow.pipelines import params as P
 from dinoflow.pipelines.parts import embed_task, evaluate_and_promote
 
@@ -36,6 +36,8 @@ def retrain(
     promote_spec: str = P.PROMOTE,
     pool_split: str = "train",
     gpus: int = P.GPUS,
+    nodes: int = P.NODES,
+    trainjob_config_map: str = P.TRAINJOB_CONFIG_MAP,
     gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default)
     gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
     s3_secret_name: str = P.SECRET,
@@ -57,7 +59,9 @@ def retrain(
         evaluate_spec: EvaluateSpec JSON.
         promote_spec: PromoteSpec JSON.
         pool_split: ingest split holding the new images.
-        gpus: GPUs per GPU task.
+        gpus: GPUs per GPU task; pretraining's nproc.
+        nodes: nodes per training job; > 1 pretrains as a Kubeflow TrainJob (nodes x gpus) from a CPU launcher.
+        trainjob_config_map: ConfigMap with the TrainJob settings (the chart's <release>-trainjob; optional).
         gpu_node_selector: node labels of the GPU pool.
         gpu_tolerations: tolerations for the GPU pool's taints.
         s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
@@ -107,18 +111,22 @@ def retrain(
         curate(spec_json=curate_spec, pool=dd.outputs["result"], seed=cur.outputs["result"], **common),
         s3_secret_name,
     )
-    pt = gpu_task(
-        pretrain(
-            spec_json=pretrain_spec,
-            overrides_json=f'{{"@init": "{champion_uri}"}}',
-            manifest=cu.outputs["result"],
+    pt = training_task(
+        pretrain,
+        {
+            "spec_json": pretrain_spec,
+            "overrides_json": f'{{"@init": "{champion_uri}"}}',
+            "manifest": cu.outputs["result"],
             **common,
-        ),
+        },
         s3_secret_name,
-        **gpu,
+        gpu,
+        nodes,
+        trainjob_config_map,
+        name="pretrain",
     )
     evaluate_and_promote(
-        pt.outputs["result"],
+        pt,
         evaluate_spec,
         promote_spec,
         s3_secret_name,

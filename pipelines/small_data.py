@@ -7,7 +7,7 @@ from kfp import dsl
 
 from dinoflow.components.ingest import ingest
 from dinoflow.components.pretrain import pretrain
-from dinoflow.kfp.gpu import cpu_task, gpu_task
+from dinoflow.kfp.gpu import cpu_task, training_task
 from dinoflow.pipelines import params as P
 from dinoflow.pipelines.parts import evaluate_and_promote
 
@@ -31,6 +31,8 @@ def small_data(
     train_split: str = "train",
     test_split: str = "test",
     gpus: int = P.GPUS,
+    nodes: int = P.NODES,
+    trainjob_config_map: str = P.TRAINJOB_CONFIG_MAP,
     gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default)
     gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
     s3_secret_name: str = P.SECRET,
@@ -46,22 +48,27 @@ def small_data(
         promote_spec: PromoteSpec JSON.
         train_split: ingest split pretrained on (labels unused) and used to fit the probes.
         test_split: ingest split scored.
-        gpus: GPUs for pretraining.
+        gpus: GPUs for pretraining (its nproc).
+        nodes: nodes; > 1 pretrains as a Kubeflow TrainJob (nodes x gpus) from a CPU launcher.
+        trainjob_config_map: ConfigMap with the TrainJob settings (the chart's <release>-trainjob; optional).
         gpu_node_selector: node labels of the GPU pool.
         gpu_tolerations: tolerations for the GPU pool's taints.
         s3_secret_name: Kubernetes Secret with keys endpoint, access_key, secret_key.
     """
     common = {"output_root": output_root, "data_version": data_version}
     ing = cpu_task(ingest(spec_json=ingest_spec, **common), s3_secret_name)
-    pt = gpu_task(
-        pretrain(spec_json=pretrain_spec, split=train_split, manifest=ing.outputs["result"], **common),
+    gpu = {"gpus": gpus, "node_selector": gpu_node_selector, "tolerations": gpu_tolerations}
+    pt = training_task(
+        pretrain,
+        {"spec_json": pretrain_spec, "split": train_split, "manifest": ing.outputs["result"], **common},
         s3_secret_name,
-        gpus,
-        gpu_node_selector,
-        gpu_tolerations,
+        gpu,
+        nodes,
+        trainjob_config_map,
+        name="pretrain",
     )
     evaluate_and_promote(
-        pt.outputs["result"],
+        pt,
         evaluate_spec,
         promote_spec,
         s3_secret_name,

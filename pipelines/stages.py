@@ -16,7 +16,7 @@ from kfp import dsl
 
 from dinoflow.components import get_component
 from dinoflow.kfp import GPU_STAGES
-from dinoflow.kfp.gpu import cpu_task, gpu_task
+from dinoflow.kfp.gpu import cpu_task, gpu_task, training_task
 from dinoflow.pipelines import params as P
 from dinoflow.stages import STAGES
 
@@ -33,6 +33,11 @@ _GPU_DOC = """        gpus: GPUs for this task.
         gpu_node_selector: node labels of the GPU pool.
         gpu_tolerations: tolerations for the GPU pool's taints.
 """
+
+_TRAIN_DOC = """        nodes: nodes; > 1 runs the stage as a Kubeflow TrainJob (nodes x gpus) from a CPU launcher.
+        trainjob_config_map: ConfigMap with the TrainJob settings (the chart's <release>-trainjob; optional).
+"""
+TRAINING_STAGES = ("pretrain", "distill")
 
 
 def stage_only(stage: str) -> Callable[..., Any]:
@@ -72,10 +77,32 @@ def stage_only(stage: str) -> Callable[..., Any]:
         )
         gpu_task(task, s3_secret_name, gpus, gpu_node_selector, gpu_tolerations)
 
+    def training_stage(
+        spec_json: str,
+        output_root: str = P.OUTPUT_ROOT,
+        data_version: str = P.DATA_VERSION,
+        overrides_json: str = "{}",
+        s3_secret_name: str = P.SECRET,
+        gpus: int = P.GPUS,
+        nodes: int = P.NODES,
+        trainjob_config_map: str = P.TRAINJOB_CONFIG_MAP,
+        gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default, never mutated)
+        gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
+    ):
+        args = {
+            "spec_json": spec_json,
+            "output_root": output_root,
+            "data_version": data_version,
+            "overrides_json": overrides_json,
+        }
+        gpu = {"gpus": gpus, "node_selector": gpu_node_selector, "tolerations": gpu_tolerations}
+        training_task(component, args, s3_secret_name, gpu, nodes, trainjob_config_map, name=stage)
+
     gpu = stage in GPU_STAGES
-    fn = gpu_stage if gpu else cpu_stage
+    training = stage in TRAINING_STAGES
+    fn = training_stage if training else gpu_stage if gpu else cpu_stage
     fn.__name__ = fn.__qualname__ = f"{stage}_only"
-    fn.__doc__ = _DOC.format(stage=stage) + (_GPU_DOC if gpu else "")
+    fn.__doc__ = _DOC.format(stage=stage) + (_GPU_DOC if gpu else "") + (_TRAIN_DOC if training else "")
     return dsl.pipeline(name=f"dinoflow-stage-{stage}", description=f"Run the {stage} stage alone.")(fn)
 
 

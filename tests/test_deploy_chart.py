@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _deploy import CHART, helm, pod_specs, render, validate
+from _deploy import CHART, crd_schema, helm, pod_specs, render, validate
 
 CI = CHART / "ci"
 VALUE_SETS = {
@@ -84,7 +84,7 @@ def test_rbac_is_least_privilege(rendered):
     (role,) = _by_kind(docs, "Role")
     assert not _by_kind(docs, "ClusterRole") and not _by_kind(docs, "ClusterRoleBinding")
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
-    verbs = ["create", "get", "list", "watch", "delete"]
+    verbs = ["create", "get", "list", "watch", "patch", "delete"]  # patch: a retry adopts its job
     assert rules[(("trainer.kubeflow.org",), ("trainjobs",))]["verbs"] == verbs
     assert rules[(("kubeflow.org",), ("pytorchjobs",))]["verbs"] == verbs
     secret_rule = rules[(("",), ("secrets",))]
@@ -247,3 +247,50 @@ def test_schema_is_valid_json_schema():
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.validate(yaml.safe_load((CHART / "values.yaml").read_text()), schema)
+
+
+@pytest.mark.parametrize("name", ["default", "gpu-pool"])
+def test_trainjob_config_map_reaches_the_launchers_job(name, monkeypatch):
+    """The <release>-trainjob ConfigMap holds exactly the keys the compiled launchers load as env;
+    those values, read by job_from_env, make a job that validates against the CRD and references
+    the chart's namespaced TrainingRuntime when it is enabled (else the cluster runtime)."""
+    import jsonschema
+
+    from dinoflow.kfp import TRAINJOB_ENV_KEYS
+    from dinoflow.kfp.trainjob import build_manifest, job_from_env
+    from dinoflow.stages import get_stage
+
+    docs = render(VALUE_SETS[name])
+    cfg = _config(docs)
+    (cm,) = [d for d in _by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-trainjob")]
+    assert cm["metadata"]["name"] == cfg["runParameters"]["trainjob_config_map"]
+    assert sorted(cm["data"]) == sorted(TRAINJOB_ENV_KEYS)
+    env = {**cm["data"], "DINOFLOW_POD_NAME": "launcher-abc", "DINOFLOW_POD_UID": "uid-1"}
+    env["DINOFLOW_RUN_ID"] = "8d1c7e0b-2f0a-4c3e-9a55-1f2e3d4c5b6a"
+    monkeypatch.setenv("DINOFLOW_NAMESPACE", "ml")
+    spec = get_stage("pretrain").parse_spec(
+        {"output_uri": "s3://d/p", "manifest_uri": "s3://d/m.parquet", "nnodes": 2, "nproc": 8}
+    )
+    m = build_manifest(job_from_env("pretrain", spec, env))
+    jsonschema.validate(m, crd_schema("trainer.kubeflow.org_trainjobs.yaml"))
+    ref = m["spec"]["runtimeRef"]
+    runtimes = _by_kind(docs, "TrainingRuntime")
+    if runtimes:
+        (rt,) = runtimes
+        assert ref["kind"] == "TrainingRuntime" and ref["name"] == rt["metadata"]["name"]
+        assert m["metadata"]["namespace"] == rt["metadata"]["namespace"] == "ml"
+    else:
+        assert ref == {
+            "kind": "ClusterTrainingRuntime",
+            "name": "torch-distributed",
+            "apiGroup": "trainer.kubeflow.org",
+        }
+    assert m["spec"]["trainer"]["image"] == cfg["images"]["cuda"]
+    assert m["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "launcher-abc", "uid": "uid-1"}
+    ]
+    assert m["metadata"]["name"].startswith("dinoflow-pretrain-8d1c7e0b-")
+    pod = m["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod = pod["template"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == cfg["serviceAccount"]
+    assert pod.get("nodeSelector", {}) == cfg["gpuPool"]["nodeSelector"]

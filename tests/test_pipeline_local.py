@@ -114,3 +114,45 @@ def test_new_data_version_reexecutes_and_same_version_hits_cache(store, bucket_u
     assert same.executed == []
     assert bumped.executed == ["ingest"]
     assert bumped.result("ingest")["output_uri"] != first.result("ingest")["output_uri"]
+
+
+def _launcher_args(bucket_uri: str) -> dict:
+    spec = {
+        "manifest_uri": f"{bucket_uri}/in/manifest.parquet",
+        "method": "dinov2",
+        "backbone": "vit_mini_p7_28",
+        "steps": 1,
+        "batch_size": 8,
+    }
+    return {"spec_json": json.dumps(spec), "output_root": bucket_uri, "data_version": "m1", "nodes": 2}
+
+
+def test_multi_node_pretrain_runs_its_cpu_launcher_which_submits_a_trainjob(
+    store, bucket_uri, tmp_path, monkeypatch, capfd
+):
+    """nodes=2 takes the launcher branch in kfp.local: it builds the 2-node job and goes to the
+    Kubernetes API, which this machine does not have (the lifecycle is tested in test_trainjob)."""
+    from dinoflow.errors import DinoflowError
+    from dinoflow.pipelines.stages import PIPELINES
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    with pytest.raises(DinoflowError, match="failed"):
+        run_pipeline(PIPELINES["pretrain"], _launcher_args(bucket_uri), tmp_path, store.settings)
+    out = capfd.readouterr()
+    assert "no Kubernetes access" in out.out + out.err
+
+
+def test_multi_node_launcher_returns_the_result_its_job_recorded(store, bucket_uri, tmp_path):
+    """When the job's output is complete (a retry after the job finished), the launcher returns the
+    recorded result without submitting anything; dsl.OneOf hands it on as the step's result."""
+    from dinoflow.kfp.runtime import output_uri_for
+    from dinoflow.pipelines.stages import PIPELINES
+
+    args = _launcher_args(bucket_uri)
+    spec = {"nproc": 1, "nnodes": 2, **json.loads(args["spec_json"])}  # gpus=1 -> nproc, nodes -> nnodes
+    out = output_uri_for(bucket_uri, "m1", "pretrain", spec)
+    recorded = {"output_uri": out, "backbone_uri": f"{out}/backbone", "steps": 1}
+    store.write_success(out, {"spec_hash": "x", "result": recorded})
+    run = run_pipeline(PIPELINES["pretrain"], args, tmp_path, store.settings)
+    assert run.executed == ["pretrain"]
+    assert run.result("pretrain") == recorded

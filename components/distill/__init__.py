@@ -1,4 +1,4 @@
-"""KFP component: the distill stage (frozen teacher -> smaller students) on one node."""
+"""KFP component: the distill stage (frozen teacher -> smaller students); multi-node specs run as a TrainJob."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Metrics, Output
@@ -15,11 +15,18 @@ def distill(
     metrics: Output[Metrics],
     output_name: str = "distill",
     overrides_json: str = "{}",
+    gpus: int = 0,
+    nnodes: int = 0,
+    run_id: str = "",
     split: str = "train",
     manifest: Input[Artifact] = None,
     teacher: Input[Artifact] = None,
 ):
-    """Distill the teacher into the students named in the spec."""
+    """Distill the teacher into the students named in the spec.
+
+    gpus and nnodes are the spec's nproc and nnodes unless spec_json sets them (nnodes > 1: this task
+    launches a Kubeflow TrainJob and waits on it); run_id names that job after the KFP run.
+    """
     from dinoflow.kfp import runtime
 
     runtime.component_main("distill", locals(), inputs=("manifest", "teacher"))

@@ -15,11 +15,18 @@ def pretrain(
     metrics: Output[Metrics],
     output_name: str = "pretrain",
     overrides_json: str = "{}",
+    gpus: int = 0,
+    nnodes: int = 0,
+    run_id: str = "",
     split: str = "train",
     manifest: Input[Artifact] = None,
     init: Input[Artifact] = None,
 ):
-    """Pretrain a backbone on the manifest; init continues from an earlier backbone (retrain)."""
+    """Pretrain a backbone on the manifest; init continues from an earlier backbone (retrain).
+
+    gpus and nnodes are the spec's nproc and nnodes unless spec_json sets them (nnodes > 1: this task
+    launches a Kubeflow TrainJob and waits on it); run_id names that job after the KFP run.
+    """
     from dinoflow.kfp import runtime
 
     runtime.component_main("pretrain", locals(), inputs=("manifest", "init"))

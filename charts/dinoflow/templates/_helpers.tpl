@@ -127,6 +127,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "dinoflow.runParameters" -}}
 s3_secret_name: {{ include "dinoflow.secretName" . }}
 gpus: {{ .Values.gpuPool.gpusPerNode }}
+nodes: {{ .Values.gpuPool.numNodes }}
+trainjob_config_map: {{ printf "%s-trainjob" (include "dinoflow.fullname" .) }}
 gpu_node_selector: {{ toJson .Values.gpuPool.nodeSelector }}
 gpu_tolerations: {{ toJson .Values.gpuPool.tolerations }}
 {{- range $k, $v := .Values.schedule.parameters }}

@@ -27,6 +27,24 @@ GPU_STAGES = ("embed", "pretrain", "distill")
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATIONS = [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
 
+# What the chart's ``<release>-trainjob`` ConfigMap holds (dinoflow.kfp.trainjob.job_from_env reads
+# them); the compiled pipelines load these keys as env of the multi-node launcher, optionally.
+TRAINJOB_ENV_KEYS = (
+    "DINOFLOW_TRAINJOB_KIND",
+    "DINOFLOW_TRAINJOB_RUNTIME_KIND",
+    "DINOFLOW_TRAINJOB_RUNTIME",
+    "DINOFLOW_TRAINJOB_IMAGE",
+    "DINOFLOW_TRAINJOB_IMAGE_PULL_SECRETS",
+    "DINOFLOW_S3_SECRET",
+    "DINOFLOW_TRAINJOB_SERVICE_ACCOUNT",
+    "DINOFLOW_TRAINJOB_QUEUE",
+    "DINOFLOW_TRAINJOB_PRIORITY_CLASS",
+    "DINOFLOW_TRAINJOB_NODE_SELECTOR",
+    "DINOFLOW_TRAINJOB_TOLERATIONS",
+    "DINOFLOW_TRAINJOB_TIMEOUT_SECONDS",
+)
+TRAINJOB_CONFIG_MAP = "dinoflow-trainjob"  # the chart's name for release "dinoflow"; a pipeline parameter
+
 __all__ = [
     "GPU_IMAGE",
     "GPU_NODE_SELECTOR",
@@ -35,4 +53,6 @@ __all__ = [
     "IMAGE",
     "S3_SECRET_KEYS",
     "S3_SECRET_NAME",
+    "TRAINJOB_CONFIG_MAP",
+    "TRAINJOB_ENV_KEYS",
 ]

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from kfp import kubernetes
+from kfp import dsl, kubernetes
 
-from dinoflow.kfp import S3_SECRET_KEYS
+from dinoflow.kfp import S3_SECRET_KEYS, TRAINJOB_ENV_KEYS
 
 GPU_CPU_REQUEST = "8"
 GPU_MEMORY_REQUEST = "48G"
 CPU_CPU_REQUEST = "2"
 CPU_MEMORY_REQUEST = "8G"
 SHM_SIZE = "16Gi"  # PyTorch DataLoader workers pass batches through shared memory
+LAUNCHER_CPU_REQUEST = "250m"  # a multi-node launcher only submits a TrainJob and polls it
+LAUNCHER_MEMORY_REQUEST = "1G"
 RETRIES = 2  # GPU nodes get preempted/evicted; a retry resumes from the newest checkpoint
 RETRY_BACKOFF = "60s"
 RETRY_BACKOFF_FACTOR = 2.0
@@ -69,3 +71,55 @@ def gpu_task(
     )
     _retries(task)
     return with_credentials(task, secret_name)
+
+
+def launcher_task(
+    task: Any, secret_name: Any, trainjob_config_map: Any, display_name: str | None = None
+) -> Any:
+    """The launcher of a multi-node job: a small CPU pod (no GPU) that submits the TrainJob/PyTorchJob
+    and waits on it. It gets the job's settings from the chart's ConfigMap (optional: without it the
+    code's defaults apply), its own pod name and uid for the job's ownerReference, and retries (a
+    retry adopts the job its first try created)."""
+    task.set_cpu_request(LAUNCHER_CPU_REQUEST).set_memory_request(LAUNCHER_MEMORY_REQUEST)
+    task.set_caching_options(enable_caching=True)
+    if display_name:
+        task.set_display_name(display_name)
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=trainjob_config_map,
+        config_map_key_to_env={k: k for k in TRAINJOB_ENV_KEYS},
+        optional=True,
+    )
+    kubernetes.use_field_path_as_env(task, "DINOFLOW_POD_NAME", "metadata.name")
+    kubernetes.use_field_path_as_env(task, "DINOFLOW_POD_UID", "metadata.uid")
+    kubernetes.use_field_path_as_env(task, "DINOFLOW_NAMESPACE", "metadata.namespace")
+    _retries(task)
+    return with_credentials(task, secret_name)
+
+
+def training_task(
+    component: Any,
+    args: dict[str, Any],
+    secret_name: Any,
+    gpu: dict[str, Any],
+    nodes: Any,
+    trainjob_config_map: Any,
+    name: str,
+) -> Any:
+    """A pretrain/distill step that holds GPUs only where it trains.
+
+    KFP fixes a task's resources when the pipeline is defined, so the choice is made on the ``nodes``
+    pipeline parameter: ``nodes > 1`` runs a CPU launcher (:func:`launcher_task`) that submits an
+    ``nodes`` x ``gpus`` TrainJob; otherwise a GPU task trains in its own pod. Returns the ``result``
+    artifact of whichever branch ran (``dsl.OneOf``), for downstream tasks."""
+    gpus = gpu["gpus"]
+    with dsl.If(nodes > 1, name=f"{name}-multi-node"):
+        multi = launcher_task(
+            component(**args, gpus=gpus, nnodes=nodes, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
+            secret_name,
+            trainjob_config_map,
+            display_name=f"{name} (launcher)",
+        )
+    with dsl.Else(name=f"{name}-one-node"):
+        one = gpu_task(component(**args, gpus=gpus, nnodes=1), secret_name, display_name=name, **gpu)
+    return dsl.OneOf(multi.outputs["result"], one.outputs["result"])

@@ -57,17 +57,53 @@ def _no_retries(pipeline_fn: Any) -> Iterator[None]:
     if graph is None:
         yield
         return
-    saved = {}
-    for name, task in graph.root.dag.tasks.items():
-        if task.HasField("retry_policy"):
-            saved[name] = type(task.retry_policy)()
-            saved[name].CopyFrom(task.retry_policy)
-            task.ClearField("retry_policy")
+    dags = [graph.root.dag] + [c.dag for c in graph.components.values() if c.HasField("dag")]
+    saved = []  # (dag, task name, policy): condition branches hold tasks of their own
+    for dag in dags:
+        for name, task in dag.tasks.items():
+            if task.HasField("retry_policy"):
+                policy = type(task.retry_policy)()
+                policy.CopyFrom(task.retry_policy)
+                saved.append((dag, name, policy))
+                task.ClearField("retry_policy")
     try:
         yield
     finally:
-        for name, policy in saved.items():
-            graph.root.dag.tasks[name].retry_policy.CopyFrom(policy)
+        for dag, name, policy in saved:
+            dag.tasks[name].retry_policy.CopyFrom(policy)
+
+
+@contextlib.contextmanager
+def _oneof_artifacts() -> Iterator[None]:
+    """kfp.local (2.17) resolves ``dsl.OneOf`` over parameters but refuses it over artifacts
+    ("Expected 1 artifact in ArtifactSelectorSpec"), which the pipelines use to join the one-node and
+    multi-node branches of a training step. For this run, a DAG output with several artifact
+    selectors takes the one whose producer ran, as kfp.local already does for parameters and as the
+    KFP backend does on a cluster."""
+    from kfp.local.orchestrator import orchestrator_utils as ou
+
+    cls = ou.OrchestratorUtils
+    original = cls.__dict__["get_dag_output_artifacts"]
+
+    def get_dag_output_artifacts(_cls: Any, dag_outputs_spec: Any, io_store: Any) -> dict[str, Any]:
+        outputs: dict[str, Any] = {}
+        for key, spec in dag_outputs_spec.artifacts.items():
+            found = []
+            for sel in spec.artifact_selectors:
+                try:
+                    found.append(io_store.get_task_output(sel.producer_subtask, sel.output_artifact_key))
+                except (KeyError, ValueError):
+                    continue  # the branch that did not run
+            if len(found) != 1:
+                raise ValueError(f"DAG output {key!r}: {len(found)} of its branches produced it, want 1")
+            outputs[key] = found[0]
+        return outputs
+
+    cls.get_dag_output_artifacts = classmethod(get_dag_output_artifacts)
+    try:
+        yield
+    finally:
+        cls.get_dag_output_artifacts = original
 
 
 @contextlib.contextmanager
@@ -122,7 +158,7 @@ def run_pipeline(
     )
     env = {**s3_env(settings), EVENTS_ENV: str(events_file)}
     t0 = time.perf_counter()
-    with _env(env), _no_retries(pipeline_fn):
+    with _env(env), _no_retries(pipeline_fn), _oneof_artifacts():
         try:
             pipeline_fn(**arguments)
         except RuntimeError as e:  # kfp.local: "Pipeline '...' finished with status FAILURE ..."

@@ -162,6 +162,10 @@ def _json_object(stage: str, name: str, text: str) -> dict[str, Any]:
     return value
 
 
+# A component's typed inputs that stand for spec fields (under the spec JSON): GPUs per node -> nproc.
+TYPED_DEFAULTS = {"gpus": "nproc", "nnodes": "nnodes"}
+
+
 # -- the component body ----------------------------------------------------------------------------
 def run_component(
     stage: str,
@@ -175,13 +179,22 @@ def run_component(
     split: str = "train",
     test_split: str = "test",
     student: str = "",
+    defaults: dict[str, Any] | None = None,
+    run_id: str = "",
 ) -> dict[str, Any]:
-    """Parse and wire the spec (spec_json < overrides_json < upstream results), run the stage (or a multi-node TrainJob), write the result JSON."""
+    """Parse and wire the spec (typed ``defaults`` < spec_json < overrides_json < upstream results),
+    run the stage (or a multi-node TrainJob), write the result JSON.
+
+    ``defaults`` are the pipeline's typed parameters mapped onto spec fields (``gpus`` -> ``nproc``,
+    ``nodes`` -> ``nnodes``); a field the spec JSON sets wins, and fields the stage's spec does not have
+    are dropped. ``run_id`` (the KFP run's id) names a multi-node job after its run."""
     from dinoflow.stages import get_stage
     from dinoflow.storage import open_store
 
     st = get_stage(stage)
-    spec_dict = _json_object(stage, "spec_json", spec_json)
+    fields = set(st.spec_cls.model_fields)
+    spec_dict = {k: v for k, v in (defaults or {}).items() if k in fields and v not in ("", None, 0)}
+    spec_dict.update(_json_object(stage, "spec_json", spec_json))
     overrides = _json_object(stage, "overrides_json", overrides_json)
     # pipeline parameters (URIs) layered over the spec; empty values mean "not given";
     # "@role" keys stand for an upstream result that offers only that URI (e.g. "@init": champion)
@@ -191,7 +204,6 @@ def run_component(
     for k, v in overrides.items():
         if k.startswith("@"):
             results[k[1:]] = {"backbone_uri": v, "manifest_uri": v}
-    fields = set(st.spec_cls.model_fields)
     spec_dict = fill_from_upstream(stage, spec_dict, results, fields, split, test_split, student)
     if not spec_dict.get("output_uri"):
         spec_dict["output_uri"] = output_uri_for(output_root, data_version, output_name, spec_dict)
@@ -204,6 +216,8 @@ def run_component(
         from dinoflow import metrics
         from dinoflow.kfp.trainjob import run_multinode
 
+        if run_id and not run_id.startswith("{{"):  # an unresolved placeholder means no run id
+            os.environ.setdefault("DINOFLOW_RUN_ID", run_id)
         with metrics.stage_run(stage):  # the launcher's view: the whole job, submit to finish
             result = run_multinode(stage, spec, store)
     else:
@@ -248,6 +262,8 @@ def component_main(stage: str, args: dict[str, Any], inputs: tuple[str, ...] = (
         overrides_json=args["overrides_json"],
         inputs={role: args[role] for role in inputs},
         **{k: args[k] for k in ("split", "test_split", "student") if k in args},
+        defaults={field: args[arg] for arg, field in TYPED_DEFAULTS.items() if arg in args},
+        run_id=args.get("run_id") or "",
     )
     log_metrics(args["metrics"], res)
     if "classification" in args:

@@ -512,7 +512,9 @@ def run_multinode(
         job = job_from_env(stage, spec)
         manifest = build_manifest(job)
         api = api or custom_objects_api()
-        timeout = timeout_seconds or float(os.environ.get("DINOFLOW_TRAINJOB_TIMEOUT_SECONDS", 7 * 24 * 3600))
+        timeout = timeout_seconds or float(
+            os.environ.get("DINOFLOW_TRAINJOB_TIMEOUT_SECONDS") or 7 * 24 * 3600
+        )
         with ManagedJob(manifest, api) as managed:
             log.info(
                 "%s %s %s/%s (%d nodes x %d GPUs)",
