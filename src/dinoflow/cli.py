@@ -159,20 +159,58 @@ def submit(
 @app.command()
 def schedule(
     host: HostOpt,
-    cron: Annotated[str, typer.Option(help="6 fields, seconds first: '0 0 3 * * *' = daily 03:00")],
+    action: Annotated[
+        str, typer.Argument(help="set (create or update; the default), list, pause, resume or delete")
+    ] = "set",
+    cron: Annotated[
+        str | None, typer.Option(help="6 fields, seconds first: '0 0 3 * * *' = daily 03:00 (set)")
+    ] = None,
     param: ParamOpt = None,
     token: TokenOpt = None,
     namespace: NsOpt = None,
-    name: Annotated[str, typer.Option(help="recurring run name")] = "dinoflow-retrain",
+    name: Annotated[str | None, typer.Option(help="recurring run name (default dinoflow-retrain)")] = None,
+    pipeline_name: Annotated[
+        str | None, typer.Option(help="name the pipeline is uploaded under (default: --name)")
+    ] = None,
     experiment: Annotated[str, typer.Option(help="KFP experiment")] = "dinoflow",
+    max_concurrency: Annotated[int, typer.Option(help="runs of the schedule at once")] = 1,
+    catchup: Annotated[
+        bool, typer.Option("--catchup/--no-catchup", help="run the intervals missed while paused")
+    ] = False,
+    service_account: Annotated[
+        str | None, typer.Option(help="Kubernetes ServiceAccount the runs use")
+    ] = None,
 ) -> None:
-    """Create a recurring run of the retrain pipeline (max_concurrency=1)."""
+    """Keep one recurring run of the retrain pipeline per name: `set` uploads the pipeline and a
+    version, then creates or updates the recurring run; `list`, `pause`, `resume`, `delete` manage it."""
+    from dinoflow.errors import DinoflowError
     from dinoflow.kfp import client
 
-    rid = client.schedule(
-        host, cron, param or [], token=token, namespace=namespace, name=name, experiment=experiment
+    if action == "set":
+        if not cron:
+            raise DinoflowError("schedule set needs --cron (6 fields, seconds first, e.g. '0 0 3 * * *')")
+        rid, outcome = client.schedule(
+            host,
+            cron,
+            param or [],
+            token=token,
+            namespace=namespace,
+            name=name or "dinoflow-retrain",
+            pipeline_name=pipeline_name,
+            experiment=experiment,
+            max_concurrency=max_concurrency,
+            no_catchup=not catchup,
+            service_account=service_account,
+        )
+        typer.echo(f"schedule '{name or 'dinoflow-retrain'}' at '{cron}' {outcome}: recurring run {rid}")
+        return
+    rows = client.manage_schedules(
+        host, action, name, token=token, namespace=namespace, experiment=experiment
     )
-    typer.echo(f"scheduled retrain '{name}' at '{cron}': recurring run {rid}")
+    for r in rows:
+        typer.echo(f"{r['mode'] or '':<8} {r['cron']:<16} {r['recurring_run_id']}  {r['name']}")
+    if not rows:
+        typer.echo("no recurring runs")
 
 
 @app.command()

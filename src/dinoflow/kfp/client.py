@@ -162,6 +162,50 @@ def submit(
     return run.run_id
 
 
+SCHEDULE_TAG = "dinoflow-schedule"  # recurring-run descriptions start with it, then the settings' hash
+
+
+def _all(list_fn: Any, field: str, **kw: Any) -> list[Any]:
+    """Every item of a paged KFP list call."""
+    out: list[Any] = []
+    token = ""
+    while True:
+        resp = list_fn(page_token=token, page_size=100, **kw)
+        out += getattr(resp, field) or []
+        token = getattr(resp, "next_page_token", "") or ""
+        if not token:
+            return out
+
+
+def upload(client: Any, path: Path, name: str, namespace: str | None = None) -> tuple[str, str]:
+    """The pipeline ``name`` (uploaded if new) and a version named after the compiled YAML's content
+    (uploaded if new): an unchanged package reuses its version. Returns (pipeline id, version id)."""
+    import hashlib
+
+    from dinoflow import __version__
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    version_name = f"{name}-{__version__}-{digest}"
+    pid = client.get_pipeline_id(name)
+    if pid is None:
+        pid = client.upload_pipeline(str(path), pipeline_name=name, namespace=namespace).pipeline_id
+    for v in _all(client.list_pipeline_versions, "pipeline_versions", pipeline_id=pid):
+        if v.display_name == version_name:
+            return pid, v.pipeline_version_id
+    version = client.upload_pipeline_version(str(path), version_name, pipeline_id=pid)
+    return pid, version.pipeline_version_id
+
+
+def find_schedules(
+    client: Any, name: str | None, experiment_id: str | None, namespace: str | None
+) -> list[Any]:
+    """Recurring runs called ``name`` (all when None) in the experiment."""
+    runs = _all(
+        client.list_recurring_runs, "recurring_runs", experiment_id=experiment_id, namespace=namespace
+    )
+    return [r for r in runs if name is None or r.display_name == name]
+
+
 def schedule(
     host: str,
     cron: str,
@@ -172,22 +216,100 @@ def schedule(
     namespace: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     name: str = "dinoflow-retrain",
-) -> str:
-    """A recurring run of the retrain pipeline, one at a time (``max_concurrency=1``)."""
+    pipeline_name: str | None = None,
+    max_concurrency: int = 1,
+    no_catchup: bool = True,
+    service_account: str | None = None,
+    client: Any = None,
+) -> tuple[str, str]:
+    """Create or update the recurring run ``name``: upload the pipeline and a version of it, then
+    keep one recurring run of that name with these settings. Unchanged settings keep the existing
+    run (``unchanged``); changed ones create the new run first, then delete the old ones
+    (``updated``), so a failed call never leaves no schedule. Returns (recurring run id, outcome)."""
+    import hashlib
+
     cron = check_cron(cron)
-    path, args, client = _package(host, pipeline, params, token, namespace)
+    if max_concurrency < 1:
+        raise DinoflowError(f"--max-concurrency must be >= 1, got {max_concurrency}")
+    path = pipeline_yaml(pipeline)
+    args = parse_params(path, params or [])
+    client = client or connect(host, token, namespace)
     with talking_to(host):
         exp = client.create_experiment(experiment, namespace=namespace)  # get or create
+        pid, vid = upload(client, path, pipeline_name or name, namespace)
+        settings = {
+            "version": vid,
+            "cron": cron,
+            "params": args,
+            "max_concurrency": max_concurrency,
+            "no_catchup": no_catchup,
+            "service_account": service_account or "",
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        description = f"{SCHEDULE_TAG} {digest}: {pipeline} pipeline, cron '{cron}'"
+        old = find_schedules(client, name, exp.experiment_id, namespace)
+        same = [r for r in old if (r.description or "").startswith(f"{SCHEDULE_TAG} {digest}")]
+        if len(old) == 1 and same:
+            return old[0].recurring_run_id, "unchanged"
         job = client.create_recurring_run(
             experiment_id=exp.experiment_id,
             job_name=name,
+            description=description,
             cron_expression=cron,
-            max_concurrency=1,
-            pipeline_package_path=str(path),
+            max_concurrency=max_concurrency,
+            no_catchup=no_catchup,
             params=args,
+            pipeline_id=pid,
+            version_id=vid,
             enabled=True,
+            service_account=service_account or None,
         )
-    return job.recurring_run_id
+        for r in old:
+            client.delete_recurring_run(r.recurring_run_id)
+    return job.recurring_run_id, "updated" if old else "created"
+
+
+def manage_schedules(
+    host: str,
+    action: str,
+    name: str | None = None,
+    *,
+    token: str | None = None,
+    namespace: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    client: Any = None,
+) -> list[dict[str, Any]]:
+    """``list`` the recurring runs (of ``name``, or all in the experiment), or ``pause``, ``resume``
+    or ``delete`` the ones called ``name``. Returns the rows acted on."""
+    if action not in ("list", "pause", "resume", "delete"):
+        raise DinoflowError(f"unknown schedule action {action!r}; choose set, list, pause, resume or delete")
+    if action != "list" and not name:
+        raise DinoflowError(f"schedule {action} needs --name")
+    client = client or connect(host, token, namespace)
+    with talking_to(host):
+        exp = client.get_experiment(experiment_name=experiment, namespace=namespace)
+        found = find_schedules(client, name, exp.experiment_id, namespace)
+        if action != "list" and not found:
+            raise DinoflowError(f"no recurring run called {name!r} in experiment {experiment!r}")
+        act = {
+            "pause": client.disable_recurring_run,
+            "resume": client.enable_recurring_run,
+            "delete": client.delete_recurring_run,
+        }.get(action)
+        for r in found:
+            if act:
+                act(r.recurring_run_id)
+    return [
+        {
+            "recurring_run_id": r.recurring_run_id,
+            "name": r.display_name,
+            "mode": {"pause": "DISABLE", "resume": "ENABLE", "delete": "DELETED"}.get(action, r.mode),
+            "cron": getattr(getattr(r.trigger, "cron_schedule", None), "cron", "") if r.trigger else "",
+            "max_concurrency": r.max_concurrency,
+            "no_catchup": r.no_catchup,
+        }
+        for r in found
+    ]
 
 
 def list_runs(
