@@ -18,7 +18,7 @@ from dinoflow.components import get_component
 from dinoflow.kfp import GPU_STAGES
 from dinoflow.kfp.gpu import cpu_task, gpu_task, training_task
 from dinoflow.pipelines import params as P
-from dinoflow.stages import STAGES
+from dinoflow.stages import STAGES, TRAINING_STAGES
 
 _DOC = """Run the {stage} stage alone.
 
@@ -37,7 +37,11 @@ _GPU_DOC = """        gpus: GPUs for this task.
 _TRAIN_DOC = """        nodes: nodes; > 1 runs the stage as a Kubeflow TrainJob (nodes x gpus) from a CPU launcher.
         trainjob_config_map: ConfigMap with the TrainJob settings (the chart's <release>-trainjob; optional).
 """
-TRAINING_STAGES = ("pretrain", "distill")
+
+
+def _spec_args(params: dict[str, Any]) -> dict[str, Any]:
+    """The component inputs every stage-only pipeline passes through unchanged."""
+    return {k: params[k] for k in ("spec_json", "output_root", "data_version", "overrides_json")}
 
 
 def stage_only(stage: str) -> Callable[..., Any]:
@@ -51,13 +55,7 @@ def stage_only(stage: str) -> Callable[..., Any]:
         overrides_json: str = "{}",
         s3_secret_name: str = P.SECRET,
     ):
-        task = component(
-            spec_json=spec_json,
-            output_root=output_root,
-            data_version=data_version,
-            overrides_json=overrides_json,
-        )
-        cpu_task(task, s3_secret_name)
+        cpu_task(component(**_spec_args(locals())), s3_secret_name)
 
     def gpu_stage(
         spec_json: str,
@@ -69,13 +67,7 @@ def stage_only(stage: str) -> Callable[..., Any]:
         gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default, never mutated)
         gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
     ):
-        task = component(
-            spec_json=spec_json,
-            output_root=output_root,
-            data_version=data_version,
-            overrides_json=overrides_json,
-        )
-        gpu_task(task, s3_secret_name, gpus, gpu_node_selector, gpu_tolerations)
+        gpu_task(component(**_spec_args(locals())), s3_secret_name, gpus, gpu_node_selector, gpu_tolerations)
 
     def training_stage(
         spec_json: str,
@@ -89,14 +81,10 @@ def stage_only(stage: str) -> Callable[..., Any]:
         gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default, never mutated)
         gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
     ):
-        args = {
-            "spec_json": spec_json,
-            "output_root": output_root,
-            "data_version": data_version,
-            "overrides_json": overrides_json,
-        }
         gpu = {"gpus": gpus, "node_selector": gpu_node_selector, "tolerations": gpu_tolerations}
-        training_task(component, args, s3_secret_name, gpu, nodes, trainjob_config_map, name=stage)
+        training_task(
+            component, _spec_args(locals()), s3_secret_name, gpu, nodes, trainjob_config_map, name=stage
+        )
 
     gpu = stage in GPU_STAGES
     training = stage in TRAINING_STAGES

@@ -188,7 +188,7 @@ def run_component(
     ``defaults`` are the pipeline's typed parameters mapped onto spec fields (``gpus`` -> ``nproc``,
     ``nodes`` -> ``nnodes``); a field the spec JSON sets wins, and fields the stage's spec does not have
     are dropped. ``run_id`` (the KFP run's id) names a multi-node job after its run."""
-    from dinoflow.stages import get_stage
+    from dinoflow.stages import TRAINING_STAGES, get_stage
     from dinoflow.storage import open_store
 
     st = get_stage(stage)
@@ -212,7 +212,7 @@ def run_component(
 
     t0 = time.time()
     nnodes = int(getattr(spec, "nnodes", 1) or 1)
-    if stage in ("pretrain", "distill") and nnodes > 1:
+    if stage in TRAINING_STAGES and nnodes > 1:
         from dinoflow import metrics
         from dinoflow.kfp.trainjob import run_multinode
 

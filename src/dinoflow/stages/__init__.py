@@ -17,6 +17,7 @@ from dinoflow.errors import SpecError
 from dinoflow.stages.base import StageResult, StageSpec, run_with_marker
 
 STAGES = ("ingest", "embed", "dedup", "curate", "pretrain", "distill", "evaluate", "promote")
+TRAINING_STAGES = ("pretrain", "distill")  # run under torchrun; nnodes > 1 runs as a TrainJob
 
 
 @dataclass(frozen=True)
@@ -56,4 +57,4 @@ def get_stage(name: str) -> Stage:
     return Stage(name, importlib.import_module(f"dinoflow.stages.{name}"))
 
 
-__all__ = ["STAGES", "Stage", "StageResult", "StageSpec", "get_stage"]
+__all__ = ["STAGES", "TRAINING_STAGES", "Stage", "StageResult", "StageSpec", "get_stage"]

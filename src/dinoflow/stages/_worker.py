@@ -31,8 +31,7 @@ import tempfile
 from typing import Any, Literal
 
 from dinoflow.errors import DinoflowError, SpecError
-
-TRAINING_STAGES = ("pretrain", "distill")
+from dinoflow.stages import TRAINING_STAGES
 
 
 def launch_mode(spec: Any) -> Literal["worker", "inline", "torchrun"]:
