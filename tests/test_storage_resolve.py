@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dinoflow.errors import StorageError
@@ -33,12 +35,7 @@ def test_no_endpoint_means_the_embedded_store(no_env, embedded_store, tmp_path):
     with pytest.raises(StorageError, match="dinoflow store up"):
         resolve_settings(home=home)  # not running and not allowed to start one
     # the running embedded store at home (the session's store records its state in its own home)
-    from dinoflow.storage.embedded import EmbeddedStore
-
-    running = EmbeddedStore(tmp_path / "s")
-    running.state_file.parent.mkdir(parents=True)
-    running.state_file.write_text(embedded_store.model_dump_json())
-    s = resolve_settings(home=tmp_path / "s")
+    s = resolve_settings(home=Path(embedded_store.data_dir).parent)
     assert s.endpoint == embedded_store.endpoint
     store = ObjectStore(s)
     assert store.bucket_exists("no-such-bucket-here") is False
