@@ -36,6 +36,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone blocks")
+    p.add_argument("--compile-heads", action="store_true", help="also the DINO heads and losses")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -49,6 +51,8 @@ def main(argv: list[str]) -> int:
         a.local_crops,
         compile=a.compile,
         steps=a.steps,
+        compile_heads=a.compile_heads,
+        activation_checkpointing=a.activation_checkpointing,
     ).model_copy(update={"log_every_steps": 1})
     cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"warmup_steps": 1})})
     ctx = init_distributed(a.device)
@@ -76,6 +80,8 @@ def main(argv: list[str]) -> int:
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "precision": cfg.precision,
         "compile": cfg.compile,
+        "compile_heads": cfg.compile_heads,
+        "activation_checkpointing": cfg.activation_checkpointing,
         "batch": cfg.batch_size,
         "crops": f"{cfg.crops.global_crops_number}x{cfg.crops.global_crop_px}px + "
         f"{cfg.crops.local_crops_number}x{cfg.crops.local_crop_px}px",

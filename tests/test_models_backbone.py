@@ -79,3 +79,49 @@ def test_export_reloads_in_plain_timm(store, bucket_uri, name):
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again.mask_token, bb.mask_token)
     assert meta["embed_dim"] == bb.embed_dim and meta["in_chans"] == 1
+
+
+def _grads(bb, x, masks, checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
+    """Gradients of a loss on encode()'s outputs, and how many times block 0's forward started (a
+    recomputation stops once it has what the backward needs, so a forward *pre*-hook counts it)."""
+    bb.activation_checkpointing = checkpointing
+    calls = []
+    hook = bb.model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    bb.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # drop path draws: the recomputation must replay them
+    out = bb.encode(x, masks, n_last_blocks=2)
+    loss = out["cls"].square().sum() + out["patch"].pow(3).mean() + out["cls_blocks"][0].abs().sum()
+    loss.backward()
+    hook.remove()
+    return {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}, len(calls)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    bb = create_backbone("vit_test_p4_28", drop_path_rate=0.3).train()
+    x = torch.randn(4, 1, 28, 28)
+    masks = torch.rand(4, 49) < 0.4
+    plain, runs_plain = _grads(bb, x, masks, checkpointing=False)
+    ckpt, runs_ckpt = _grads(bb, x, masks, checkpointing=True)
+    # Checkpointing really recomputes (each block runs again in the backward) ...
+    assert (runs_plain, runs_ckpt) == (1, 2)
+    # ... and changes nothing: every gradient is equal, the mask token's and the drop-path blocks' too.
+    assert plain.keys() == ckpt.keys() and "mask_token" in plain
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=0, atol=1e-7, msg=k)
+    # Without a gradient (the teacher) nothing is recomputed; the blocks stay plain modules.
+    with torch.no_grad():
+        calls = []
+        hook = bb.model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        bb.encode(x)
+        hook.remove()
+    assert len(calls) == 1
+    assert bb.block_modules() == list(bb.model.blocks)
+    assert all(k.startswith(("model.", "mask_token")) for k in bb.state_dict())
+
+
+def test_activation_checkpointing_is_vit_only():
+    bb = create_backbone("xcit_test_p8_28")
+    with pytest.raises(SpecError, match="ViT"):
+        bb.activation_checkpointing = True
+    assert not bb.activation_checkpointing

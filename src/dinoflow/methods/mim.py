@@ -203,9 +203,7 @@ class MaskedImageModel(Method):
         k = self.backbone.num_prefix_tokens()
         pat = t[:, k:].gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         t = m.norm_pre(torch.cat([t[:, :k], pat], dim=1))
-        for blk in m.blocks:
-            t = blk(t)
-        t = m.norm(t)
+        t = m.norm(self.backbone.forward_blocks(t))  # activation checkpointing applies here too
         return t[:, 0], t[:, k:]
 
     def decode(self, enc: dict[str, Any], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,12 @@
 masked patches are replaced by a learned mask token right after the patch embedding (before the
 position embedding and the blocks, as in iBOT / DINOv2), for XCiT too (after its conv patch embed).
 The wrapped timm module keeps timm's parameter names, so its state dict loads into plain timm.
+
+``activation_checkpointing = True`` (ViT) recomputes each block's activations in the backward
+(non-reentrant ``torch.utils.checkpoint`` around the block's call): only the block inputs are kept,
+so ViT-g/14 trains on one 80 GB GPU. The blocks stay the modules they are (same names, the same
+FSDP2 units from ``block_modules()``, compiled in place by ``torch.compile``): the checkpoint wraps
+the call, not the module, so a sharded block re-gathers its weights for the recomputation.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dinoflow.errors import SpecError
 from dinoflow.models.registry import BackboneEntry, get_entry
@@ -37,6 +44,32 @@ class Backbone(nn.Module):
         # Learned mask token (iBOT); zero-init as in the official DINOv2 code.
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
         self._grids: dict[tuple[int, int], tuple[int, int]] = {}
+        self._checkpointing = False
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self._checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        if on and self.family != "vit":
+            # XCiT's LPI BatchNorm would update its running statistics again in the recomputation.
+            raise SpecError(f"activation checkpointing runs on ViT backbones; {self.name} is {self.family}")
+        self._checkpointing = bool(on)
+
+    def run_block(self, blk: nn.Module, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        """``blk(x, *args)``, recomputed in the backward when activation checkpointing is on and a
+        gradient is being recorded (the RNG state is replayed, so drop path draws the same)."""
+        if self._checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, *args, use_reentrant=False)
+        return blk(x, *args)
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The ViT tokens ``[B, N, D]`` through every block (for callers that run the blocks on
+        their own tokens, e.g. MAE's visible patches)."""
+        for blk in self.model.blocks:
+            x = self.run_block(blk, x)
+        return x
 
     @property
     def depth(self) -> int:
@@ -99,7 +132,7 @@ class Backbone(nn.Module):
         outs = []
         first = len(m.blocks) - n_last
         for i, blk in enumerate(m.blocks):
-            x = blk(x)
+            x = self.run_block(blk, x)
             if i >= first:
                 outs.append(x)
         last = m.norm(outs[-1])
@@ -121,11 +154,11 @@ class Backbone(nn.Module):
             x = x + m.pos_embed(b, hp, wp).reshape(b, -1, x.shape[1]).permute(0, 2, 1)
         x = m.pos_drop(x)
         for blk in m.blocks:
-            x = blk(x, hp, wp)
+            x = self.run_block(blk, x, hp, wp)
         x = torch.cat((m.cls_token.expand(b, -1, -1), x), dim=1)
         outs = []
         for blk in m.cls_attn_blocks:
-            x = blk(x)
+            x = self.run_block(blk, x)
             outs.append(x)
         outs = outs[n_cls - n_last :]
         last = m.norm(outs[-1])

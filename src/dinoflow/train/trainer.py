@@ -61,16 +61,48 @@ class TrainOutcome:
         return self.steps >= self.total_steps
 
 
-__all__ = ["TrainOutcome", "build_method", "make_optimizer", "stream_plan", "train", "train_step"]
+__all__ = [
+    "TrainOutcome",
+    "build_method",
+    "make_optimizer",
+    "speed_up",
+    "stream_plan",
+    "train",
+    "train_step",
+]
+
+
+def speed_up(method: Method, cfg: TrainConfig) -> Method:
+    """Apply the config's speed/memory settings in place, before any sharding: activation
+    checkpointing of every backbone that trains, ``torch.compile`` of each transformer block
+    (``compile``; a block is compiled once and reused across instances of the same shape) and of
+    the DINO heads and loss modules (``compile_heads``). Module names and parameters are unchanged,
+    so optimizer groups, checkpoints and FSDP2 units are the same with and without them."""
+    from dinoflow.losses import DINOHead, DINOLoss, IBOTPatchLoss, KoLeoLoss
+    from dinoflow.models.backbone import Backbone
+
+    if cfg.activation_checkpointing:
+        trained = [m for m in method.modules() if isinstance(m, Backbone) and _trains(m)]
+        if not trained:
+            raise SpecError("activation_checkpointing is on but no backbone of the method trains")
+        for bb in trained:
+            bb.activation_checkpointing = True
+    for name, mod in method.named_modules():
+        if cfg.compile and name.endswith("blocks") and isinstance(mod, nn.Sequential | nn.ModuleList):
+            for blk in mod:
+                blk.compile()
+        if cfg.compile_heads and isinstance(mod, DINOHead | DINOLoss | IBOTPatchLoss | KoLeoLoss):
+            mod.compile()
+    return method
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 def _wrap(method: Method, cfg: TrainConfig, ctx: DistContext) -> nn.Module:
     """The module whose forward the loop calls (DDP wrapper, or the FSDP2-sharded method)."""
-    if cfg.compile:
-        for name, mod in method.named_modules():
-            if name.endswith("blocks") and isinstance(mod, nn.Sequential | nn.ModuleList):
-                for blk in mod:
-                    blk.compile()
+    speed_up(method, cfg)
     if not ctx.enabled:
         return method
     if cfg.distributed == "fsdp2":
@@ -196,7 +228,7 @@ def train(
     found = ckpt.list_checkpoints(store, output_uri) if store is not None else []
     if found:
         step0, uri = found[-1]
-        state = ckpt.load_checkpoint(store, uri)
+        state = ckpt.load_checkpoint(store, uri, cfg.model_dump(mode="json"))  # same config, same bytes
         ckpt.load_full_state(method, opt, state["model"], state["optimizer"])
         ckpt.set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
         start, curves = state["step"], state["curves"]
