@@ -1,5 +1,10 @@
 """The full run: ingest -> embed (bootstrap when no embedder) -> dedup (+ decontamination against
-the evaluation set) -> curate -> pretrain -> distill -> evaluate -> promote."""
+the evaluation set) -> curate -> pretrain -> distill -> evaluate -> promote.
+
+Submitted from the KFP UI with its defaults it trains on what ``dinoflow upload`` puts in the object
+store (Fashion-MNIST); it publishes the evaluation set and the curated set beside its outputs for the
+scheduled retrain, which also starts from the champion that promote records in the registry.
+"""
 
 from kfp import dsl
 
@@ -18,7 +23,17 @@ from dinoflow.pipelines.parts import embed_task, evaluate_and_promote
     description="DINOv2 recipe end to end: curate a raw pool, pretrain, distill, evaluate, promote.",
 )
 def full(
+    source_uri: str = P.SOURCE_URI,
+    source_kind: str = P.SOURCE_KIND,
+    backbone: str = P.BACKBONE,
+    steps: int = P.STEPS,
+    batch_size: int = P.BATCH_SIZE,
+    students: str = P.STUDENTS,
+    gpus: int = P.GPUS,
+    nodes: int = P.NODES,
+    model_name: str = P.MODEL_NAME,
     output_root: str = P.OUTPUT_ROOT,
+    registry_uri: str = P.REGISTRY_URI,
     data_version: str = P.DATA_VERSION,
     ingest_spec: str = P.INGEST,
     embed_spec: str = P.EMBED,
@@ -31,8 +46,6 @@ def full(
     pool_split: str = "train",
     seed_split: str = "train",
     eval_split: str = "test",
-    gpus: int = P.GPUS,
-    nodes: int = P.NODES,
     trainjob_config_map: str = P.TRAINJOB_CONFIG_MAP,
     gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default)
     gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
@@ -41,22 +54,32 @@ def full(
     """Run the whole factory.
 
     Args:
+        source_uri: the dataset folder to ingest ({split}/... under it; `dinoflow upload` writes one).
+        source_kind: auto (by file name: IDX pairs, .tar shards, class folders of images), idx,
+            folder, shards or files.
+        backbone: the backbone to pretrain (a dinoflow backbone name, e.g. vit_tiny_p4_28, vit_small_p14).
+        steps: optimizer steps of pretraining and of distillation.
+        batch_size: global batch size of pretraining and of distillation.
+        students: backbones to distill into, comma-separated; the first is evaluated and promoted.
+        gpus: GPUs per node of pretraining and distillation (their torchrun nproc); embed and evaluate
+            run on one GPU of the same pool.
+        nodes: nodes per training job; > 1 runs pretrain/distill as a Kubeflow TrainJob (nodes x gpus)
+            from a CPU launcher.
+        model_name: the registry entry the student is promoted under.
         output_root: s3:// prefix; each task writes under {output_root}/{data_version}/{task}/{spec hash}.
+        registry_uri: s3:// prefix of the model registry (champion pointer, versions, decision log).
         data_version: name of the input data's version; the cache keys on it, so bump it when inputs change.
-        ingest_spec: IngestSpec JSON (splits pool/seed/eval; `dinoflow schema ingest`).
+        ingest_spec: IngestSpec JSON over the typed parameters (e.g. splits instead of source_uri).
         embed_spec: EmbedSpec JSON; leave backbone_uri out to bootstrap an embedder on the pool.
         dedup_spec: DedupSpec JSON (k, thresholds).
         curate_spec: CurateSpec JSON (strategy, target_size).
-        pretrain_spec: PretrainSpec JSON (method, backbone, steps; nnodes>1 runs a TrainJob).
-        distill_spec: DistillSpec JSON (students, steps; one node).
+        pretrain_spec: PretrainSpec JSON over the typed parameters (method, crops, optimizer...).
+        distill_spec: DistillSpec JSON over the typed parameters.
         evaluate_spec: EvaluateSpec JSON (k-NN k and temperature).
-        promote_spec: PromoteSpec JSON (model_name, registry_uri, metric, margin).
+        promote_spec: PromoteSpec JSON (metric, margin).
         pool_split: ingest split holding the raw pool.
         seed_split: ingest split whose images seed retrieval curation (and train the probes).
         eval_split: ingest split that is evaluated on and decontaminated against.
-        gpus: GPUs per GPU task (embed, pretrain, distill); the training steps' nproc.
-        nodes: nodes per training job; > 1 runs pretrain/distill as a Kubeflow TrainJob (nodes x gpus)
-            from a CPU launcher.
         trainjob_config_map: ConfigMap with the TrainJob settings (the chart's <release>-trainjob; optional).
         gpu_node_selector: node labels of the GPU pool.
         gpu_tolerations: tolerations for the GPU pool's taints.
@@ -64,8 +87,19 @@ def full(
     """
     common = {"output_root": output_root, "data_version": data_version}
     gpu = {"gpus": gpus, "node_selector": gpu_node_selector, "tolerations": gpu_tolerations}
+    to = P.pointers(output_root, registry_uri, model_name)
 
-    ing = cpu_task(ingest(spec_json=ingest_spec, **common), s3_secret_name)
+    ing = cpu_task(
+        ingest(
+            spec_json=ingest_spec,
+            source_uri=source_uri,
+            source_kind=source_kind,
+            overrides_json=f'{{"seen_uri": "{to["seen"]}"}}',
+            publish_uri=to["eval_set"],
+            **common,
+        ),
+        s3_secret_name,
+    )
     manifest = ing.outputs["result"]
     pool = embed_task(
         "embed-pool", embed_spec, s3_secret_name, gpu, split=pool_split, manifest=manifest, **common
@@ -96,7 +130,13 @@ def full(
         s3_secret_name,
     )
     cu = cpu_task(
-        curate(spec_json=curate_spec, pool=dd.outputs["result"], seed=seed_emb.outputs["result"], **common),
+        curate(
+            spec_json=curate_spec,
+            pool=dd.outputs["result"],
+            seed=seed_emb.outputs["result"],
+            publish_uri=to["curated"],
+            **common,
+        ),
         s3_secret_name,
     )
     train = {
@@ -105,13 +145,24 @@ def full(
         "nodes": nodes,
         "trainjob_config_map": trainjob_config_map,
     }
+    sizes = {"steps": steps, "batch_size": batch_size}
     curated = cu.outputs["result"]
     pt = training_task(
-        pretrain, {"spec_json": pretrain_spec, "manifest": curated, **common}, name="pretrain", **train
+        pretrain,
+        {"spec_json": pretrain_spec, "manifest": curated, "arch": backbone, **sizes, **common},
+        name="pretrain",
+        **train,
     )
     ds = training_task(
         distill,
-        {"spec_json": distill_spec, "manifest": curated, "teacher": pt, **common},
+        {
+            "spec_json": distill_spec,
+            "manifest": curated,
+            "teacher": pt,
+            "students": students,
+            **sizes,
+            **common,
+        },
         name="distill",
         **train,
     )
@@ -121,6 +172,8 @@ def full(
         promote_spec,
         s3_secret_name,
         common,
+        gpu,
+        registry={"model_name": model_name, "registry_uri": registry_uri},
         split=seed_split,
         test_split=eval_split,
         dataset=manifest,

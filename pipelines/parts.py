@@ -8,9 +8,15 @@ from dinoflow.components.promote import promote
 from dinoflow.kfp.gpu import cpu_task, gpu_task
 
 
+def one_gpu(gpu: dict[str, Any]) -> dict[str, Any]:
+    """The GPU pool's placement with one GPU: embed and evaluate run one device each."""
+    return {**gpu, "gpus": 1}
+
+
 def embed_task(name: str, spec_json: Any, secret: Any, gpu: dict[str, Any], **args: Any) -> Any:
-    """An embed task shown as ``name`` (several run in one pipeline: pool, seed, eval...)."""
-    return gpu_task(embed(spec_json=spec_json, output_name=name, **args), secret, display_name=name, **gpu)
+    """An embed task shown as ``name`` (several run in one pipeline: pool, seed, eval...), one GPU."""
+    task = embed(spec_json=spec_json, output_name=name, **args)
+    return gpu_task(task, secret, display_name=name, **one_gpu(gpu))
 
 
 def evaluate_and_promote(
@@ -19,11 +25,25 @@ def evaluate_and_promote(
     promote_spec: Any,
     secret: Any,
     common: dict[str, Any],
+    gpu: dict[str, Any],
+    registry: dict[str, Any] | None = None,
     **evaluate_args: Any,
 ) -> Any:
-    """Evaluate ``backbone`` (a pretrain or distill result), then promote it if it beats the champion."""
-    ev = cpu_task(evaluate(spec_json=evaluate_spec, backbone=backbone, **evaluate_args, **common), secret)
+    """Evaluate ``backbone`` (a pretrain or distill result) on one GPU of the pool, then promote it if
+    it beats the champion (``registry``: the model_name and registry_uri inputs of promote)."""
+    ev = gpu_task(
+        evaluate(spec_json=evaluate_spec, backbone=backbone, **evaluate_args, **common),
+        secret,
+        **one_gpu(gpu),
+    )
     cpu_task(
-        promote(spec_json=promote_spec, backbone=backbone, evaluation=ev.outputs["result"], **common), secret
+        promote(
+            spec_json=promote_spec,
+            backbone=backbone,
+            evaluation=ev.outputs["result"],
+            **(registry or {}),
+            **common,
+        ),
+        secret,
     )
     return ev

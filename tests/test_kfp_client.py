@@ -10,12 +10,7 @@ from typer.testing import CliRunner
 from dinoflow.errors import DinoflowError
 from dinoflow.kfp import client
 
-RETRAIN_REQUIRED = [
-    "champion_uri=s3://r/champ",
-    "curated_manifest_uri=s3://r/cur.parquet",
-    "eval_train_manifest_uri=s3://r/tr.parquet",
-    "eval_test_manifest_uri=s3://r/te.parquet",
-]
+RETRAIN_REQUIRED = ["model_name=fmnist", "source_uri=s3://r/raw/fashion-mnist"]  # all have defaults
 
 
 @pytest.fixture
@@ -77,8 +72,9 @@ def test_params_typed_by_the_compiled_pipeline():
         client.parse_params(path, ["gpu=1"])
     with pytest.raises(DinoflowError, match="expected a int"):
         client.parse_params(path, ["gpus=1.5"])
-    with pytest.raises(DinoflowError, match="needs --param for: champion_uri"):
-        client.parse_params(client.pipeline_yaml("retrain"), [])
+    with pytest.raises(DinoflowError, match="needs --param for: spec_json"):
+        client.parse_params(client.pipeline_yaml("stage-evaluate"), [])
+    assert client.parse_params(client.pipeline_yaml("retrain"), []) == {}  # schedulable as it is
     with pytest.raises(DinoflowError, match="unknown pipeline"):
         client.pipeline_yaml("nope")
     with pytest.raises(DinoflowError, match="http"):

@@ -28,8 +28,10 @@ def test_gpu_stages_request_gpus_pool_shm_and_secret_and_cpu_stages_do_not():
     spec, platform = _docs(pdir / "full.yaml")
     executors = spec["deploymentSpec"]["executors"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    # pretrain/distill: the one-node branch on the GPU pool; "pretrain"/"distill" are the launchers
-    gpu_tasks = {"embed", "embed-2", "embed-3", "pretrain-2", "distill-2"}
+    # pretrain/distill: the one-node branch on the GPU pool with `gpus` GPUs ("pretrain"/"distill" are
+    # the launchers); embed and evaluate: one GPU of the same pool
+    training = {"pretrain-2", "distill-2"}
+    one_gpu = {"embed", "embed-2", "embed-3", "evaluate"}
     launchers = {"pretrain", "distill"}
     tasks = dict(_all_tasks(spec))
     for name, task in tasks.items():
@@ -41,11 +43,12 @@ def test_gpu_stages_request_gpus_pool_shm_and_secret_and_cpu_stages_do_not():
         assert sec["secretNameParameter"]["componentInputParameter"].endswith("s3_secret_name")
         assert {m["secretKey"]: m["envVar"] for m in sec["keyToEnv"]} == S3_SECRET_KEYS
         assert task["cachingOptions"].get("enableCache") is True
-        if name in gpu_tasks:
+        if name in training | one_gpu:
             assert container["image"] == GPU_IMAGE
             acc = container["resources"]["accelerator"]
             assert acc["resourceType"] == "nvidia.com/gpu"
-            assert acc["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+            want = "{{$.inputs.parameters['pipelinechannel--gpus']}}" if name in training else "1"
+            assert acc["resourceCount"] == want, name
             assert (
                 container["resources"]["resourceCpuRequest"]
                 and container["resources"]["resourceMemoryRequest"]
@@ -66,7 +69,58 @@ def test_gpu_stages_request_gpus_pool_shm_and_secret_and_cpu_stages_do_not():
             assert container["image"] == IMAGE
             assert "accelerator" not in container.get("resources", {})
             assert "nodeSelector" not in plat and "emptyDirMounts" not in plat
-    assert gpu_tasks | launchers <= set(tasks)
+    assert training | one_gpu | launchers <= set(tasks)
+
+
+@pytest.mark.parametrize("pipeline", ["full", "retrain", "small_data"])
+def test_typed_parameters_reach_the_training_specs(pipeline):
+    """The UI's typed parameters are wired to the components' typed inputs, which the runtime maps onto
+    spec fields under the spec JSON: gpus -> nproc (each training branch), nodes -> nnodes, backbone,
+    steps, batch size, students (distill), source (ingest), model name and registry (promote)."""
+    _, pdir = default_dirs()
+    spec = _docs(pdir / f"{pipeline}.yaml")[0]
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"source_uri", "source_kind", "backbone", "steps", "batch_size", "gpus", "nodes"} <= set(declared)
+    tasks = dict(_all_tasks(spec))
+
+    def wired(task, arg, param):
+        got = task["inputs"]["parameters"][arg]["componentInputParameter"]
+        assert got.endswith(param), (arg, got)
+
+    trainers = [n for n in tasks if n.startswith("pretrain") or n.startswith("distill")]
+    assert len(trainers) == {"full": 4}.get(pipeline, 2)
+    for n in trainers:
+        wired(tasks[n], "gpus", "gpus")
+        wired(tasks[n], "steps", "steps")
+        wired(tasks[n], "batch_size", "batch_size")
+        wired(
+            tasks[n],
+            "students" if n.startswith("distill") else "arch",
+            "students" if n.startswith("distill") else "backbone",
+        )
+    wired(tasks["ingest"], "source_uri", "source_uri")
+    wired(tasks["ingest"], "source_kind", "source_kind")
+    wired(tasks["promote"], "model_name", "model_name")
+    wired(tasks["promote"], "registry_uri", "registry_uri")
+    from dinoflow.kfp.runtime import typed_defaults
+
+    assert typed_defaults(
+        {"gpus": 4, "nnodes": 2, "arch": "vit_small_p14", "students": "a, b", "steps": 0}
+    ) == {
+        "nproc": 4,
+        "nnodes": 2,
+        "backbone": "vit_small_p14",
+        "students": ["a", "b"],
+    }
+
+
+def test_full_defaults_ingest_what_dinoflow_upload_writes():
+    from dinoflow.kfp import DATA_PREFIX, DATASET
+
+    _, pdir = default_dirs()
+    params = _docs(pdir / "full.yaml")[0]["root"]["inputDefinitions"]["parameters"]
+    assert params["source_uri"]["defaultValue"] == f"{DATA_PREFIX}/{DATASET}"
+    assert params["ingest_spec"]["defaultValue"] == "{}"
 
 
 @pytest.mark.parametrize("pipeline", ["full", "retrain", "small_data", "stage-pretrain", "stage-distill"])
@@ -142,14 +196,28 @@ def test_pipeline_parameters_are_typed_and_documented():
 
 
 def test_retrain_continues_from_champion_and_dedups_against_curated():
+    """The retrain ingests only new data with a per-run data version (its schedule time), then, only
+    when something is new, dedups it against the curated set, grows that set, continues from the
+    champion (read from the registry when the task runs) and evaluates on the champion's test set."""
     _, pdir = default_dirs()
     spec = _docs(pdir / "retrain.yaml")[0]
     tasks = dict(_all_tasks(spec))
+    ing = tasks["ingest"]
+    assert ing["cachingOptions"] == {}  # caching off: it looks at the source on every run
+    params = ing["inputs"]["parameters"]
+    assert params["schedule_time"]["runtimeValue"]["constant"] == "{{$.pipeline_job_schedule_time_utc}}"
+    assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert spec["root"]["inputDefinitions"]["parameters"]["data_version"]["defaultValue"] == ""
+    (cond,) = [t for n, t in spec["root"]["dag"]["tasks"].items() if n.startswith("condition")]
+    assert "pipelinechannel--ingest-images" in cond["triggerPolicy"]["condition"]
+    assert "> 0" in cond["triggerPolicy"]["condition"]
     dedup_inputs = tasks["dedup"]["inputs"]["artifacts"]
     assert {"pool", "eval_set", "reference"} <= set(dedup_inputs)
-    for name in ("pretrain", "pretrain-2"):  # the multi-node launcher and the one-node GPU task
-        over = tasks[name]["inputs"]["parameters"]["overrides_json"]["runtimeValue"]["constant"]
-        assert '"@init"' in over and "champion_uri" in over
+    for name in ("pretrain", "pretrain-2", "evaluate", "promote"):  # every step after ingest
+        version = tasks[name]["inputs"]["parameters"]["data_version"]["componentInputParameter"]
+        assert version == "pipelinechannel--ingest-version", (name, version)
+    text = (pdir / "retrain.yaml").read_text()
+    assert "@init" in text and "champion.json" in text and "curated.json" in text
 
 
 def test_local_runs_lift_retries_and_put_them_back():

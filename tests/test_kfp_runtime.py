@@ -113,3 +113,37 @@ def test_confusion_matrix_carries_class_names(tmp_path):
     spec = cm.metadata["confusionMatrix"]
     assert [a["displayName"] for a in spec["annotationSpecs"]] == ["Coat", "Bag"]
     assert spec["rows"] == [{"row": [3, 1]}, {"row": [0, 4]}]
+
+
+def test_data_version_comes_from_the_schedule_time_else_the_run_id():
+    assert runtime.data_version_of("v7", "2026-01-09T13:00:00Z", "abc") == "v7"
+    assert runtime.data_version_of("", "2026-01-09T13:00:00Z", "abc") == "t20260109T130000Z"
+    # kfp.local (and a backend that leaves it unfilled) passes the placeholder itself
+    assert runtime.data_version_of("", "{{$.pipeline_job_schedule_time_utc}}", "8d1c-7e0b") == "run-8d1c7e0b"
+    with pytest.raises(SpecError, match="data_version is empty"):
+        runtime.data_version_of("", "{{$.pipeline_job_schedule_time_utc}}", "{{$.pipeline_job_uuid}}")
+
+
+def test_typed_defaults_sit_under_the_spec_json_and_give_way_to_splits(tmp_path, s3_env, bucket_uri):
+    """A typed input fills a field the spec JSON leaves out; source_uri steps aside for named splits
+    (the run fails on the missing file only after the spec was accepted)."""
+    spec = {"kind": "idx", "source": "s", "splits": {"train": ["/nonexistent/a", "/nonexistent/b"]}}
+    with pytest.raises(SpecError, match="does not exist"):
+        runtime.run_component(
+            "ingest",
+            json.dumps(spec),
+            bucket_uri,
+            "v1",
+            "ingest",
+            str(tmp_path / "r"),
+            defaults=runtime.typed_defaults({"source_uri": "s3://x/raw/fm", "source_kind": "auto"}),
+        )
+
+
+def test_a_pointer_is_read_when_the_task_runs(store, bucket_uri):
+    with pytest.raises(SpecError, match="run the full pipeline first"):
+        runtime.resolve_pointer(store, f"{bucket_uri}/registry/m/champion.json")
+    store.put_json(f"{bucket_uri}/registry/m/champion.json", {"backbone_uri": f"{bucket_uri}/v0001"})
+    champion = runtime.resolve_pointer(store, f"{bucket_uri}/registry/m/champion.json")
+    spec = runtime.fill_from_upstream("pretrain", {}, {"init": champion}, fields("pretrain"))
+    assert spec == {"init_backbone_uri": f"{bucket_uri}/v0001"}

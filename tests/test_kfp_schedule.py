@@ -15,12 +15,7 @@ from typer.testing import CliRunner
 from dinoflow.errors import DinoflowError
 from dinoflow.kfp import client
 
-REQUIRED = [
-    "champion_uri=s3://r/champ",
-    "curated_manifest_uri=s3://r/cur.parquet",
-    "eval_train_manifest_uri=s3://r/tr.parquet",
-    "eval_test_manifest_uri=s3://r/te.parquet",
-]
+REQUIRED = ["model_name=fmnist", "source_uri=s3://r/raw/fashion-mnist"]  # run parameters a chart sets
 
 
 class FakeKfp:
@@ -186,7 +181,7 @@ def test_schedule_uploads_a_version_and_keeps_one_recurring_run_per_name():
     assert run.no_catchup is True and run.max_concurrency == "2"
     assert run.service_account == "dinoflow-runner"
     assert run.trigger.cron_schedule.cron == "0 0 3 * * *"
-    assert run.runtime_config.parameters["champion_uri"] == "s3://r/champ"
+    assert run.runtime_config.parameters["model_name"] == "fmnist"
     version_ids = {v.pipeline_version_id for v in fake.versions}
     assert run.pipeline_version_reference.pipeline_version_id in version_ids
     assert fake.pipelines == {"dinoflow-retrain": run.pipeline_version_reference.pipeline_id}

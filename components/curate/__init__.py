@@ -15,10 +15,12 @@ def curate(
     metrics: Output[Metrics],
     output_name: str = "curate",
     overrides_json: str = "{}",
+    publish_uri: str = "",
     pool: Input[Artifact] = None,
     seed: Input[Artifact] = None,
 ):
-    """Curate the (deduplicated) pool around the seed-set embeddings."""
+    """Curate the (deduplicated) pool around the seed-set embeddings; publish_uri: the result is also
+    written there (the curated set the next retrain grows)."""
     from dinoflow.kfp import runtime
 
     runtime.component_main("curate", locals(), inputs=("pool", "seed"))

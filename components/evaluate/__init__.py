@@ -3,10 +3,10 @@
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Input, Markdown, Metrics, Output
 
-from dinoflow.kfp import IMAGE
+from dinoflow.kfp import GPU_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def evaluate(
     spec_json: str,
     output_root: str,
@@ -24,7 +24,7 @@ def evaluate(
     backbone: Input[Artifact] = None,
     dataset: Input[Artifact] = None,
 ):
-    """Evaluate a backbone on the dataset's train/test splits."""
+    """Evaluate a backbone on the dataset's train/test splits (features on a GPU when there is one)."""
     from dinoflow.kfp import runtime
 
     runtime.component_main("evaluate", locals(), inputs=("backbone", "dataset"))

@@ -17,6 +17,9 @@ def pretrain(
     overrides_json: str = "{}",
     gpus: int = 0,
     nnodes: int = 0,
+    arch: str = "",
+    steps: int = 0,
+    batch_size: int = 0,
     run_id: str = "",
     split: str = "train",
     manifest: Input[Artifact] = None,
@@ -24,8 +27,9 @@ def pretrain(
 ):
     """Pretrain a backbone on the manifest; init continues from an earlier backbone (retrain).
 
-    gpus and nnodes are the spec's nproc and nnodes unless spec_json sets them (nnodes > 1: this task
-    launches a Kubeflow TrainJob and waits on it); run_id names that job after the KFP run.
+    gpus, nnodes, arch, steps and batch_size are the spec's nproc, nnodes, backbone, steps and
+    batch_size unless spec_json sets them (0 or empty: not given; nnodes > 1: this task launches a
+    Kubeflow TrainJob and waits on it); run_id names that job after the KFP run.
     """
     from dinoflow.kfp import runtime
 

@@ -16,10 +16,13 @@ def promote(
     output_name: str = "promote",
     overrides_json: str = "{}",
     student: str = "",
+    model_name: str = "",
+    registry_uri: str = "",
     backbone: Input[Artifact] = None,
     evaluation: Input[Artifact] = None,
 ):
-    """Promote the evaluated backbone when it beats the registry's champion."""
+    """Promote the evaluated backbone when it beats the registry's champion; model_name and
+    registry_uri are the spec's unless spec_json sets them."""
     from dinoflow.kfp import runtime
 
     runtime.component_main("promote", locals(), inputs=("backbone", "evaluation"))

@@ -3,6 +3,7 @@
 dinoflow store up|down|status        the embedded S3 store
 dinoflow schema STAGE                a stage's JSON schema
 dinoflow stage STAGE --spec F.json   run one stage
+dinoflow upload [PATH] --to s3://...  put a dataset where the pipelines ingest it
 dinoflow bench NAME [ARGS...]        benchmarks (last output line is JSON)
 """
 
@@ -17,6 +18,7 @@ from typing import Annotated
 import typer
 
 from dinoflow.errors import DinoflowError
+from dinoflow.kfp import DATA_PREFIX
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="dinoflow: self-supervised vision backbones on Kubeflow."
@@ -88,6 +90,46 @@ def stage(
     store = _ensure_store(embedded)
     result = s.run(parsed, store)
     typer.echo(result.model_dump_json(indent=2))
+
+
+@app.command()
+def upload(
+    path: Annotated[
+        Path | None, typer.Argument(help="a dataset folder laid out as {split}/{class}/{image}")
+    ] = None,
+    to: Annotated[
+        str, typer.Option("--to", help="s3:// prefix of the datasets (the chart's data prefix)")
+    ] = DATA_PREFIX,
+    name: Annotated[
+        str | None, typer.Option(help="dataset folder name (default: fashion-mnist / PATH's)")
+    ] = None,
+    fashion_mnist: Annotated[
+        Path | None,
+        typer.Option(help="folder with Fashion-MNIST's 4 IDX .gz files (default: the Debian package's)"),
+    ] = None,
+) -> None:
+    """Put a dataset under TO/NAME for the pipelines to ingest: Fashion-MNIST (without PATH) or any
+    folder. Objects already there are kept; nothing stored is overwritten."""
+    from dinoflow.data import sources
+    from dinoflow.data.idx import FASHION_MNIST_CLASSES
+    from dinoflow.storage import open_store
+    from dinoflow.storage.client import join_uri
+
+    if path is None:
+        files = sources.fashion_mnist_files(str(fashion_mnist) if fashion_mnist else None)
+        name = name or "fashion-mnist"
+        info = {"source": "fashion-mnist", "label_names": FASHION_MNIST_CLASSES}
+    else:
+        files = sources.folder_files(path)
+        name = name or path.resolve().name
+        info = {"source": name}
+    store = open_store()  # the configured endpoint (DINOFLOW_S3_*), else a running embedded store
+    done = sources.upload_dataset(store, files, join_uri(to, name), info)
+    typer.echo(
+        f"{done.dataset_uri}: {done.uploaded} object(s) uploaded ({done.bytes_uploaded / 1e6:.1f} MB), "
+        f"{done.already_there} already there"
+    )
+    typer.echo(f"ingest it with the pipeline parameter source_uri={done.dataset_uri}")
 
 
 def _ensure_store(embedded: bool = True):

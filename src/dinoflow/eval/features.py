@@ -127,17 +127,19 @@ def extract_features(
     n_last_blocks: int = N_LAST_BLOCKS,
     progress: Callable[[int], None] | None = None,
 ) -> FeatureSet:
-    """Run the frozen backbone over uint8 images [N, C, H, W] in batches."""
+    """Run the frozen backbone over uint8 images [N, C, H, W] in batches, on the backbone's device;
+    the features come back on the CPU."""
     backbone.eval()
+    device = next(backbone.parameters()).device
     n_last_blocks = min(n_last_blocks, available_blocks(backbone))
     images = fit_images(images, int(meta["in_chans"]), int(meta["img_size"]))
     cls_blocks, patch_means = [], []
     for start in range(0, images.shape[0], batch_size):
-        x = normalize_images(images[start : start + batch_size], meta["mean"], meta["std"])
+        x = normalize_images(images[start : start + batch_size], meta["mean"], meta["std"]).to(device)
         out = backbone.encode(x, n_last_blocks=n_last_blocks)
         blocks = out.get("cls_blocks") or [out["cls"]]
-        cls_blocks.append(torch.stack([b.float() for b in blocks], 1))
-        patch_means.append(out["patch"].float().mean(1))
+        cls_blocks.append(torch.stack([b.float() for b in blocks], 1).cpu())
+        patch_means.append(out["patch"].float().mean(1).cpu())
         if progress is not None:
             progress(x.shape[0])
     return FeatureSet(

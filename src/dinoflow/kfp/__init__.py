@@ -20,7 +20,12 @@ S3_SECRET_KEYS = {
     "secret_key": "DINOFLOW_S3_SECRET_KEY",
 }
 
-GPU_STAGES = ("embed", "pretrain", "distill")
+GPU_STAGES = ("embed", "pretrain", "distill", "evaluate")
+
+# Where `dinoflow upload` puts datasets (one folder each) and the one the pipelines ingest by default;
+# a chart install bakes its own bucket into the uploaded pipelines' defaults (dinoflow.kfp.deploy).
+DATA_PREFIX = "s3://dinoflow/raw"
+DATASET = "fashion-mnist"
 
 # The GPU pool, by the NVIDIA GPU operator's node label and the usual taint (GKE/EKS device-plugin
 # conventions): the default of the pipelines' parameters, the TrainJob's pods and the chart overlays.
@@ -46,6 +51,8 @@ TRAINJOB_ENV_KEYS = (
 TRAINJOB_CONFIG_MAP = "dinoflow-trainjob"  # the chart's name for release "dinoflow"; a pipeline parameter
 
 __all__ = [
+    "DATASET",
+    "DATA_PREFIX",
     "GPU_IMAGE",
     "GPU_NODE_SELECTOR",
     "GPU_STAGES",

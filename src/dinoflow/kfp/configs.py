@@ -86,7 +86,9 @@ def tiny_arguments(
                 "report_examples": 2,
             }
         ),
-        "promote_spec": _J({"model_name": "tiny", "registry_uri": f"{output_root}/registry"}),
+        "promote_spec": _J({"metric": "knn_top1"}),
+        "model_name": "tiny",
+        "registry_uri": f"{output_root}/registry",
     }
 
 
@@ -122,5 +124,7 @@ def demo_arguments(
         "evaluate_spec": _J(
             {"knn_k": [10, 20], "linear_lrs": [0.01, 0.1], "linear_epochs": 5, "logreg_cs": [0.1, 1.0]}
         ),
-        "promote_spec": _J({"model_name": "fmnist-demo", "registry_uri": f"{output_root}/registry"}),
+        "promote_spec": _J({"metric": "knn_top1"}),
+        "model_name": "fmnist-demo",
+        "registry_uri": f"{output_root}/registry",
     }

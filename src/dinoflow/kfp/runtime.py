@@ -162,8 +162,63 @@ def _json_object(stage: str, name: str, text: str) -> dict[str, Any]:
     return value
 
 
-# A component's typed inputs that stand for spec fields (under the spec JSON): GPUs per node -> nproc.
-TYPED_DEFAULTS = {"gpus": "nproc", "nnodes": "nnodes"}
+# A component's typed inputs that stand for spec fields (under the spec JSON): GPUs per node -> nproc,
+# the full pipeline's typed parameters (source, backbone, steps, ...) -> the stages' fields.
+TYPED_DEFAULTS = {
+    "gpus": "nproc",
+    "nnodes": "nnodes",
+    "source_uri": "source_uri",
+    "source_kind": "kind",
+    "arch": "backbone",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "students": "students",
+    "model_name": "model_name",
+    "registry_uri": "registry_uri",
+}
+# A typed default gives way when the spec names its inputs another way (an ingest spec with splits).
+_GIVES_WAY = {"source_uri": ("splits",)}
+
+
+def typed_defaults(args: dict[str, Any]) -> dict[str, Any]:
+    """The spec fields that a component's typed inputs set (empty, 0 or None: not given)."""
+    out: dict[str, Any] = {}
+    for arg, field in TYPED_DEFAULTS.items():
+        value = args.get(arg)
+        if value in ("", None, 0) or not isinstance(value, str | int):
+            continue
+        if field == "students" and isinstance(value, str):  # the UI's "a, b" -> ["a", "b"]
+            value = [x.strip() for x in value.split(",") if x.strip()]
+        out[field] = value
+    return out
+
+
+def data_version_of(data_version: str, schedule_time: str = "", run_id: str = "") -> str:
+    """The run's data version: the one given, else the schedule time of a scheduled run (KFP fills
+    ``PIPELINE_JOB_SCHEDULE_TIME_UTC``; a one-off run gets its creation time), else the run id
+    (kfp.local and backends that leave the placeholder unfilled)."""
+    import re
+
+    if data_version:
+        return data_version
+    for value, prefix in ((schedule_time, "t"), (run_id, "run-")):
+        if value and not value.startswith("{{"):
+            return prefix + re.sub(r"[^0-9A-Za-z]+", "", value)[:32]
+    raise SpecError("data_version is empty and the run has neither a schedule time nor a run id")
+
+
+def resolve_pointer(store: Any, uri: str) -> dict[str, Any]:
+    """An upstream result kept at a fixed place (``*.json``: the registry's champion, the curated set
+    or evaluation set a pipeline published), read when the task runs."""
+    if not store.exists(uri):
+        raise SpecError(
+            f"{uri} does not exist: run the full pipeline first (it publishes the champion, the "
+            "curated set and the evaluation set a retrain starts from)"
+        )
+    value = store.get_json(uri)
+    if not isinstance(value, dict):
+        raise SpecError(f"{uri} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 # -- the component body ----------------------------------------------------------------------------
@@ -181,34 +236,52 @@ def run_component(
     student: str = "",
     defaults: dict[str, Any] | None = None,
     run_id: str = "",
+    schedule_time: str = "",
+    publish_uri: str = "",
 ) -> dict[str, Any]:
     """Parse and wire the spec (typed ``defaults`` < spec_json < overrides_json < upstream results),
     run the stage (or a multi-node TrainJob), write the result JSON.
 
     ``defaults`` are the pipeline's typed parameters mapped onto spec fields (``gpus`` -> ``nproc``,
-    ``nodes`` -> ``nnodes``); a field the spec JSON sets wins, and fields the stage's spec does not have
-    are dropped. ``run_id`` (the KFP run's id) names a multi-node job after its run."""
+    ``nodes`` -> ``nnodes``, ...); a field the spec JSON sets wins, and fields the stage's spec does not
+    have are dropped. ``"@role"`` overrides name an upstream result by URI; one ending in ``.json`` is
+    a pointer (the registry's champion, a published curated set) read now. An empty ``data_version``
+    is derived from ``schedule_time`` or ``run_id`` (:func:`data_version_of`). ``run_id`` (the KFP
+    run's id) also names a multi-node job after its run. ``publish_uri``: the result is also written
+    there once the stage finished (a stable name for a later run to read)."""
     from dinoflow.stages import TRAINING_STAGES, get_stage
     from dinoflow.storage import open_store
 
     st = get_stage(stage)
     fields = set(st.spec_cls.model_fields)
-    spec_dict = {k: v for k, v in (defaults or {}).items() if k in fields and v not in ("", None, 0)}
-    spec_dict.update(_json_object(stage, "spec_json", spec_json))
+    given = _json_object(stage, "spec_json", spec_json)
     overrides = _json_object(stage, "overrides_json", overrides_json)
     # pipeline parameters (URIs) layered over the spec; empty values mean "not given";
     # "@role" keys stand for an upstream result that offers only that URI (e.g. "@init": champion)
     overrides = {k: v for k, v in overrides.items() if v not in ("", None)}
+    named = set(given) | set(overrides)
+    spec_dict = {
+        k: v
+        for k, v in (defaults or {}).items()
+        if k in fields and v not in ("", None, 0) and not named & set(_GIVES_WAY.get(k, ()))
+    }
+    spec_dict.update(given)
     spec_dict.update({k: v for k, v in overrides.items() if not k.startswith("@")})
     results = {role: read_result(p) for role, p in (inputs or {}).items()}
+    store = None
     for k, v in overrides.items():
         if k.startswith("@"):
-            results[k[1:]] = {"backbone_uri": v, "manifest_uri": v}
+            if str(v).endswith(".json"):
+                store = store or open_store()
+                results[k[1:]] = resolve_pointer(store, v)
+            else:
+                results[k[1:]] = {"backbone_uri": v, "manifest_uri": v}
     spec_dict = fill_from_upstream(stage, spec_dict, results, fields, split, test_split, student)
+    data_version = data_version_of(data_version, schedule_time, run_id)
     if not spec_dict.get("output_uri"):
         spec_dict["output_uri"] = output_uri_for(output_root, data_version, output_name, spec_dict)
     spec = st.parse_spec(spec_dict)  # one-line SpecError naming the field
-    store = open_store()
+    store = store or open_store()
 
     t0 = time.time()
     nnodes = int(getattr(spec, "nnodes", 1) or 1)
@@ -223,6 +296,8 @@ def run_component(
     else:
         result = st.run(spec, store).model_dump(mode="json")
     t1 = time.time()
+    if publish_uri:
+        store.put_json(publish_uri, result)
 
     Path(result_path).parent.mkdir(parents=True, exist_ok=True)
     Path(result_path).write_text(json.dumps(result, indent=2, sort_keys=True))
@@ -249,9 +324,11 @@ def run_component(
 def component_main(stage: str, args: dict[str, Any], inputs: tuple[str, ...] = ()) -> dict[str, Any]:
     """The whole body of a component. ``args`` is the component function's ``locals()`` (its KFP
     signature: spec_json, output_root, data_version, output_name, overrides_json, the ``result`` and
-    ``metrics`` outputs, and optionally split / test_split / student); ``inputs`` names its optional
-    upstream-result artifacts. Runs the stage, then fills every UI output the component declares:
-    ``metrics`` always, evaluate's ``classification``, ``report`` and ``model_card``."""
+    ``metrics`` outputs, and optionally split / test_split / student, typed spec defaults, run_id,
+    schedule_time, publish_uri); ``inputs`` names its optional upstream-result artifacts. Runs the
+    stage, then fills every output the component declares: ``metrics`` always, the ``result``
+    artifact's metadata, evaluate's ``classification``, ``report`` and ``model_card``, and the output
+    parameters ``images`` (images the stage produced) and ``version`` (the run's data version)."""
     res = run_component(
         stage,
         args["spec_json"],
@@ -262,8 +339,10 @@ def component_main(stage: str, args: dict[str, Any], inputs: tuple[str, ...] = (
         overrides_json=args["overrides_json"],
         inputs={role: args[role] for role in inputs},
         **{k: args[k] for k in ("split", "test_split", "student") if k in args},
-        defaults={field: args[arg] for arg, field in TYPED_DEFAULTS.items() if arg in args},
+        defaults=typed_defaults(args),
         run_id=args.get("run_id") or "",
+        schedule_time=args.get("schedule_time") or "",
+        publish_uri=args.get("publish_uri") or "",
     )
     log_metrics(args["metrics"], res)
     if "classification" in args:
@@ -272,7 +351,20 @@ def component_main(stage: str, args: dict[str, Any], inputs: tuple[str, ...] = (
         copy_text(res.get("report_uri"), args["report"].path)
     if "model_card" in args:
         copy_text(res.get("model_card_uri"), args["model_card"].path)
+    if args.get("images"):
+        _write_parameter(args["images"], sum(res.get("counts", {}).values()))
+    if args.get("version"):
+        version = data_version_of(
+            args["data_version"], args.get("schedule_time") or "", args.get("run_id") or ""
+        )
+        _write_parameter(args["version"], version)
     return res
+
+
+def _write_parameter(path: str, value: Any) -> None:
+    """An output parameter (``dsl.OutputPath``): its value as text in the file KFP gave."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(str(value))
 
 
 # -- UI artifacts ----------------------------------------------------------------------------------

@@ -26,8 +26,15 @@ class CurateSpec(StageSpec):
     embeddings_uri: str = Field(..., description="the pool's embeddings, row-aligned")
     seed_manifest_uris: list[str] = Field(default_factory=list, description="curated seed sets (queries)")
     seed_embeddings_uris: list[str] = Field(default_factory=list, description="their embeddings, same order")
-    strategy: Literal["retrieval", "cluster", "hierarchical-kmeans"] = "retrieval"
-    target_size: int = Field(..., ge=1, description="images in the curated manifest")
+    strategy: Literal["retrieval", "cluster", "hierarchical-kmeans", "all"] = Field(
+        "retrieval", description="all: keep the whole pool (a retrain adding deduplicated new images)"
+    )
+    target_size: int = Field(0, ge=0, description="images in the curated manifest (strategy all: unused)")
+    keep_seeds: bool = Field(
+        False,
+        description="the curated manifest starts with the seed sets' rows: a retrain grows the set it "
+        "already curated by what it selects from the new pool",
+    )
     n_per_query: int | None = Field(
         None,
         ge=1,
@@ -52,6 +59,10 @@ class CurateSpec(StageSpec):
             raise ValueError("seed_manifest_uris and seed_embeddings_uris must pair up one to one")
         if self.strategy in ("retrieval", "cluster") and not self.seed_manifest_uris:
             raise ValueError(f"strategy '{self.strategy}' needs at least one seed set")
+        if self.strategy != "all" and self.target_size < 1:
+            raise ValueError(f"strategy '{self.strategy}' needs target_size")
+        if self.keep_seeds and not self.seed_manifest_uris:
+            raise ValueError("keep_seeds needs at least one seed set")
         return self
 
 
@@ -116,6 +127,8 @@ def select_rows(spec: CurateSpec, pool, seeds, levels: list[int]):
     from dinoflow.curation.retrieval import cluster_sample, retrieve_topn
 
     details: dict = {"strategy": spec.strategy}
+    if spec.strategy == "all":  # a retrain keeps every new image that survived dedup
+        return np.arange(len(pool), dtype=np.int64), details
     if spec.strategy == "retrieval":
         rows, sims, k = retrieve_topn(pool, seeds, spec.target_size, n_per_query=spec.n_per_query)
         details.update(n_per_query=k, seeds=len(seeds), min_cos=float(sims.min()) if len(sims) else None)
@@ -163,6 +176,12 @@ def run(spec: CurateSpec, store):
     )
     rows, details = select_rows(spec, pool, seeds, levels)
     curated = table.take(pa.array(rows))
+    if spec.keep_seeds:  # the curated set so far, then what this run adds (re-embedded by the next run)
+        from dinoflow.data.manifest import read_manifest
+
+        old = [read_manifest(store, u) for u in spec.seed_manifest_uris]
+        curated = pa.concat_tables([*old, curated], promote_options="default")
+        details.update(kept_seed_rows=sum(t.num_rows for t in old))
     manifest_uri = spec.out("manifest.parquet")
     write_manifest(store, manifest_uri, curated)
     emb_out = spec.out("embeddings")
@@ -181,7 +200,7 @@ def run(spec: CurateSpec, store):
     pool_src = table.column("source").to_pylist()
     report = {
         **details,
-        "count": len(rows),
+        "count": curated.num_rows,
         "target_size": spec.target_size,
         "per_source": per_source,
         "pool_per_source": {s: pool_src.count(s) for s in sorted(set(pool_src))},
@@ -192,8 +211,8 @@ def run(spec: CurateSpec, store):
     return CurateResult(
         output_uri=spec.output_uri,
         manifest_uri=manifest_uri,
-        embeddings_uri=emb_out,
+        embeddings_uri=None if spec.keep_seeds else emb_out,  # embeddings of the added rows only
         report_uri=report_uri,
-        count=len(rows),
+        count=curated.num_rows,
         per_source=per_source,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -48,6 +48,9 @@ class EvaluateSpec(StageSpec):
     max_train_images: int | None = Field(None, ge=10, description="seeded random subset of train (CPU runs)")
     max_test_images: int | None = Field(None, ge=1, description="seeded random subset of test (CPU runs)")
     batch_size: int = Field(256, ge=1, description="images per forward pass when extracting features")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where features are extracted; auto: cuda when available"
+    )
     baseline: bool = Field(True, description="also run every protocol on raw pixels (the reference)")
     baseline_size_px: int = Field(
         28, ge=4, description="raw-pixel baseline resolution (Fashion-MNIST native: 28)"
@@ -229,7 +232,7 @@ def _features(spec: EvaluateSpec, store: Any, inp: _Inputs) -> _Features:
     from dinoflow.eval.features import available_blocks, cache_key, cached_features, extract_features
     from dinoflow.storage.client import join_uri
 
-    backbone = inp.backbone
+    backbone = inp.backbone.to(_device(spec.device))
     n_last = min(4, available_blocks(backbone))  # DINOv2 linear eval: last 1 or 4 blocks
     cache = spec.feature_cache_uri or spec.out("features")
     bb_version = [
@@ -262,7 +265,18 @@ def _features(spec: EvaluateSpec, store: Any, inp: _Inputs) -> _Features:
         out.feats[split] = fs
         out.hits.append(hit)
         prom.IMAGES_PROCESSED.labels(stage="evaluate").inc(0 if hit else len(fs))
+    inp.backbone = backbone.to("cpu")  # the report's few examples run on the CPU
     return out
+
+
+def _device(want: str) -> str:
+    import torch
+
+    from dinoflow.errors import SpecError
+
+    if want == "cuda" and not torch.cuda.is_available():
+        raise SpecError("evaluate spec asks for device 'cuda' but no CUDA device is visible")
+    return "cuda" if want != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def _protocol_params(spec: EvaluateSpec):
