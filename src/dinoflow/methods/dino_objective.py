@@ -17,14 +17,18 @@ from dinoflow.methods.config import DINOObjectiveConfig
 
 @torch.no_grad()
 def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """``target <- momentum * target + (1 - momentum) * source`` on parameters (multi-tensor
-    kernels); buffers (e.g. norm statistics) are copied."""
+    """``target <- momentum * target + (1 - momentum) * source`` on parameters; buffers (e.g. norm
+    statistics) are copied. One multi-tensor call per operation over ALL the parameters (and one
+    for the buffers), however many modules there are: a handful of kernel launches a step."""
     t_params = list(target.parameters())
-    s_params = [p.detach() for p in source.parameters()]
+    s_params = list(source.parameters())  # no_grad: no detach needed
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
-    for tb, sb in zip(target.buffers(), source.buffers(), strict=True):
-        tb.copy_(sb)
+    t_bufs, s_bufs = list(target.buffers()), list(source.buffers())
+    if len(t_bufs) != len(s_bufs):
+        raise ValueError(f"EMA target has {len(t_bufs)} buffers, source {len(s_bufs)}")
+    if t_bufs:
+        torch._foreach_copy_(t_bufs, s_bufs)
 
 
 class DINOObjective(nn.Module):
