@@ -114,14 +114,14 @@ def test_dedup_refuses_contradicting_specs(store, demo, bucket_uri):
 
     stage = get_stage("dedup")
     with pytest.raises(SpecError, match="larger than k"):
-        stage.run(stage.parse_spec(_dedup_spec(demo, bucket_uri, k=5000)), store)
-    bad = bucket_uri + "/bad-emb"
+        stage.run(stage.parse_spec(_dedup_spec(demo, bucket_uri + "/a", k=5000)), store)
+    bad = bucket_uri + "-bad-emb"
     write_embeddings(store, bad, np.ones((400, 7), np.float32))
     with pytest.raises(SpecError, match="7-d"):
-        stage.run(stage.parse_spec(_dedup_spec(demo, bucket_uri, eval_embeddings_uris=[bad])), store)
+        stage.run(stage.parse_spec(_dedup_spec(demo, bucket_uri + "/b", eval_embeddings_uris=[bad])), store)
     with pytest.raises(SpecError, match="pair up"):
         stage.parse_spec(_dedup_spec(demo, bucket_uri, eval_embeddings_uris=[]))
-    assert not store.exists(bucket_uri + "/_SUCCESS")
+    assert not any(u.endswith("_SUCCESS") for u in store.list(bucket_uri + "/"))
 
 
 @pytest.mark.parametrize("strategy", ["retrieval", "cluster"])
@@ -158,7 +158,7 @@ def test_curate_hierarchical_kmeans_and_refusals(store, demo, bucket_uri):
             stage.parse_spec(
                 {
                     **base,
-                    "output_uri": bucket_uri + "/x",
+                    "output_uri": bucket_uri + "-x",
                     "strategy": "hierarchical-kmeans",
                     "target_size": 5000,
                 }

@@ -38,7 +38,8 @@ def test_collapsed_embeddings_are_refused_with_nothing_written(store, bucket_uri
     )
     with pytest.raises(SpecError, match=r"would remove 23 of 24 pool images .*embedder does not separate"):
         dedup.run(spec, store)
-    assert store.list(f"{bucket_uri}/dedup/") == []
+    # no output (the run's _STARTED claim may stay: a rerun of this spec continues it)
+    assert [u for u in store.list(f"{bucket_uri}/dedup/") if not u.endswith("/_STARTED")] == []
     # with well-spread embeddings the same pool passes untouched
     spread = np.linalg.qr(np.random.default_rng(1).normal(size=(32, 32)))[0][:24].astype(np.float16)
     write_embeddings(store, f"{bucket_uri}/emb2", spread, meta={"manifest_uri": manifest})

@@ -53,23 +53,33 @@ def retrieve_topn(
     ``n_per_query`` defaults to ceil(target / seeds), doubled until the union reaches ``target``.
     """
     n = len(pool)
-    target = min(target, n)
-    k = n_per_query or max(1, math.ceil(target / max(1, len(seeds))))
+    k = n_per_query or first_n_per_query(target, len(seeds), n)
     while True:
         k = min(k, n)
         res = knn_search(pool, seeds, k, **knn_kw)
-        ids, sims = res.ids.ravel(), res.sims.ravel()
-        ok = ids >= 0
-        ids, sims = ids[ok], sims[ok]
-        order = np.argsort(-sims, kind="stable")
-        ids, sims = ids[order], sims[order]
-        rows, first = np.unique(ids, return_index=True)
-        if len(rows) >= target or k >= n or n_per_query is not None:
-            break
+        rows, best, enough = select_topn(res.ids, res.sims, target)
+        if enough or k >= n or n_per_query is not None:
+            return rows, best, k
         k *= 2
+
+
+def first_n_per_query(target: int, seeds: int, n: int) -> int:
+    """The neighbours per seed a retrieval starts from: ceil(target / seeds), at most the pool."""
+    return min(n, max(1, math.ceil(min(target, n) / max(1, seeds))))
+
+
+def select_topn(ids: np.ndarray, sims: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The union of the seeds' neighbours (``ids``/``sims`` [seeds, k]), each row ranked by its best
+    cosine, cut to ``target``: (rows, best cosines, whether the union reached ``target``)."""
+    ids, sims = ids.ravel(), sims.ravel()
+    ok = ids >= 0
+    ids, sims = ids[ok], sims[ok]
+    order = np.argsort(-sims, kind="stable")
+    ids, sims = ids[order], sims[order]
+    rows, first = np.unique(ids, return_index=True)
     best = sims[first]
-    order = np.argsort(-best, kind="stable")[:target]
-    return rows[order], best[order], k
+    keep = np.argsort(-best, kind="stable")[:target]
+    return rows[keep], best[keep], len(rows) >= target
 
 
 def cluster_sample(

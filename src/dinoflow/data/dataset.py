@@ -102,6 +102,44 @@ class ManifestDataset(IterableDataset):
             yield (self.transform(img) if self.transform else img), int(self.label[i]), int(i)
 
 
+class RowBatches(IterableDataset):
+    """A manifest's rows as whole batches ``(stacked transform outputs..., rows)``: batch ``b`` holds
+    rows ``[b*batch_size, (b+1)*batch_size)`` (numbered from ``first_row``), whatever the number of
+    DataLoader workers (worker w of K prepares batches w, w+K, ...; the loader returns them in order).
+    Use with ``DataLoader(batch_size=None)``."""
+
+    def __init__(
+        self,
+        settings: S3Settings,
+        manifest: pa.Table,
+        batch_size: int,
+        transform: Callable[[Image.Image], tuple[torch.Tensor, ...]],
+        first_row: int = 0,
+    ):
+        self.settings, self.batch_size, self.transform, self.first_row = (
+            settings,
+            batch_size,
+            transform,
+            first_row,
+        )
+        self.shard = manifest.column("shard").to_pylist()
+        self.member = manifest.column("member").to_pylist()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.shard) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        index = ShardIndex(ObjectStore(self.settings))
+        n, b = len(self.shard), self.batch_size
+        for lo in range(worker * b, n, workers * b):
+            rows = range(lo, min(n, lo + b))
+            outs = [self.transform(decode_image(index.read(self.shard[r], self.member[r]))) for r in rows]
+            stacked = [torch.stack([o[i] for o in outs]) for i in range(len(outs[0]))]
+            yield (*stacked, torch.arange(self.first_row + rows.start, self.first_row + rows.stop))
+
+
 def load_images(
     store: ObjectStore, manifest: pa.Table | str, channels: int | None = None, size_px: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,13 +1,20 @@
 """Embeddings beside a manifest: float16 ``.npy`` shards, row-aligned with it (the data plane).
 
-Layout under a prefix: ``emb-000000.npy`` ... (rows in manifest order, ``rows_per_shard`` each),
-``phash.npy`` (uint64 [N, 2]: perceptual hash and mirror hash per row) and ``embeddings.json``
-(count, dim, shards, features, the backbone and manifest they came from), written last.
+Layout under a prefix: ``emb-*.npy`` shards (rows in manifest order), perceptual hashes (uint64
+[N, 2]: the hash and the mirror's hash per row) as ``phash.npy`` or ``phash-*.npy`` shards, and
+``embeddings.json`` (count, dim, the shards in row order with their row counts, features, the
+backbone and manifest they came from), written last: a prefix without it holds no embeddings.
+
+Several writers can fill one prefix side by side: each part of a fanned-out embed writes its own
+shards (``write_part``), and one collect step lists them all in ``embeddings.json``
+(``write_index``). Readers stream shard by shard (``EmbeddingReader``), so a task reads the rows
+it needs without holding the whole pool.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,16 +23,77 @@ from dinoflow.errors import SpecError
 from dinoflow.storage.client import ObjectStore, join_uri
 
 META = "embeddings.json"
+DEFAULT_ROWS_PER_SHARD = 262_144
 
 
-def _npy_bytes(a: np.ndarray) -> bytes:
+def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
 
 
-def _npy_load(data: bytes) -> np.ndarray:
+def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def put_npy(store: ObjectStore, uri: str, a: np.ndarray) -> None:
+    store.put_bytes(uri, npy_bytes(np.ascontiguousarray(a)))
+
+
+def get_npy(store: ObjectStore, uri: str) -> np.ndarray:
+    return npy_load(store.get_bytes(uri))
+
+
+def write_part(
+    store: ObjectStore,
+    prefix: str,
+    emb: np.ndarray,
+    *,
+    phash: np.ndarray | None = None,
+    name: str = "",
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+) -> dict[str, Any]:
+    """Write ``emb`` (and its ``phash`` rows) as shards named ``emb{name}-NNNNNN.npy`` under
+    ``prefix``, without ``embeddings.json``; returns the part's listing for :func:`write_index`."""
+    emb = np.asarray(emb)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be [N, D], got {emb.shape}")
+    if phash is not None and len(phash) != len(emb):
+        raise ValueError(f"phash rows {len(phash)} != embedding rows {len(emb)}")
+    shards, rows = [], []
+    for i, s in enumerate(range(0, len(emb), rows_per_shard)):
+        shard = f"emb{name}-{i:06d}.npy"
+        block = emb[s : s + rows_per_shard].astype(np.float16)
+        put_npy(store, join_uri(prefix, shard), block)
+        shards.append(shard)
+        rows.append(len(block))
+    part: dict[str, Any] = {"shards": shards, "shard_rows": rows, "dim": int(emb.shape[1])}
+    if phash is not None:
+        part["phash_shards"] = [f"phash{name}.npy"] if len(emb) else []
+        if len(emb):
+            put_npy(store, join_uri(prefix, part["phash_shards"][0]), np.asarray(phash, np.uint64))
+    return part
+
+
+def write_index(
+    store: ObjectStore, prefix: str, parts: list[dict[str, Any]], dim: int, meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``embeddings.json`` listing the parts' shards in order (what makes the prefix complete)."""
+    shards = [s for p in parts for s in p["shards"]]
+    rows = [int(r) for p in parts for r in p["shard_rows"]]
+    has_phash = bool(parts) and all("phash_shards" in p for p in parts)
+    info = {
+        "count": int(sum(rows)),
+        "dim": int(dim),
+        "dtype": "float16",
+        "shards": shards,
+        "shard_rows": rows,
+        "has_phash": has_phash,
+        **({"phash_shards": [s for p in parts for s in p["phash_shards"]]} if has_phash else {}),
+        **(meta or {}),
+    }
+    store.put_json(join_uri(prefix, META), info)
+    return info
 
 
 def write_embeddings(
@@ -34,32 +102,13 @@ def write_embeddings(
     emb: np.ndarray,
     *,
     phash: np.ndarray | None = None,
-    rows_per_shard: int = 262_144,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One writer's embeddings (and hashes) under ``prefix``, ``embeddings.json`` last."""
     emb = np.asarray(emb)
-    if emb.ndim != 2:
-        raise ValueError(f"embeddings must be [N, D], got {emb.shape}")
-    shards = []
-    for i, s in enumerate(range(0, max(len(emb), 1), rows_per_shard)):
-        name = f"emb-{i:06d}.npy"
-        store.put_bytes(join_uri(prefix, name), _npy_bytes(emb[s : s + rows_per_shard].astype(np.float16)))
-        shards.append(name)
-    if phash is not None:
-        if len(phash) != len(emb):
-            raise ValueError(f"phash rows {len(phash)} != embedding rows {len(emb)}")
-        store.put_bytes(join_uri(prefix, "phash.npy"), _npy_bytes(np.asarray(phash, np.uint64)))
-    info = {
-        "count": int(len(emb)),
-        "dim": int(emb.shape[1]),
-        "dtype": "float16",
-        "shards": shards,
-        "rows_per_shard": rows_per_shard,
-        "has_phash": phash is not None,
-        **(meta or {}),
-    }
-    store.put_json(join_uri(prefix, META), info)
-    return info
+    part = write_part(store, prefix, emb, phash=phash, rows_per_shard=rows_per_shard)
+    return write_index(store, prefix, [part], part["dim"], meta)
 
 
 def read_meta(store: ObjectStore, prefix: str) -> dict[str, Any]:
@@ -69,17 +118,142 @@ def read_meta(store: ObjectStore, prefix: str) -> dict[str, Any]:
     return store.get_json(uri)
 
 
+def shard_rows(meta: dict[str, Any]) -> list[int]:
+    """Rows of each shard (older listings give only ``rows_per_shard``: every shard full but the last)."""
+    if "shard_rows" in meta:
+        return [int(r) for r in meta["shard_rows"]]
+    per, n, k = int(meta.get("rows_per_shard", meta["count"] or 1)), int(meta["count"]), len(meta["shards"])
+    return [min(per, n - i * per) for i in range(k)]
+
+
+class EmbeddingReader:
+    """Rows of an embeddings prefix, read shard by shard (the last shard read is kept)."""
+
+    def __init__(self, store: ObjectStore, prefix: str, meta: dict[str, Any] | None = None):
+        self.store, self.prefix = store, prefix
+        self.meta = meta or read_meta(store, prefix)
+        rows = shard_rows(self.meta)
+        self.starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
+        if self.starts[-1] != self.meta["count"]:
+            raise SpecError(
+                f"embeddings at {prefix} list {int(self.starts[-1])} rows in their shards, "
+                f"their metadata says {self.meta['count']}"
+            )
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.meta["count"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    def shard(self, i: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != i:
+            a = get_npy(self.store, join_uri(self.prefix, self.meta["shards"][i]))
+            want = int(self.starts[i + 1] - self.starts[i])
+            if a.ndim != 2 or len(a) != want or a.shape[1] != self.dim:
+                raise SpecError(
+                    f"embedding shard {self.meta['shards'][i]} at {self.prefix} is {a.shape}, its listing "
+                    f"says [{want}, {self.dim}]"
+                )
+            self._cached = (i, a)
+        return self._cached[1]
+
+    def rows(self, lo: int, hi: int, dtype: Any = np.float32) -> np.ndarray:
+        """Rows ``[lo, hi)`` as ``dtype``."""
+        lo, hi = max(0, lo), min(hi, len(self))
+        out = np.empty((max(0, hi - lo), self.dim), dtype)
+        if hi <= lo:
+            return out
+        first = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        at = lo
+        for i in range(first, len(self.meta["shards"])):
+            s, e = int(self.starts[i]), int(self.starts[i + 1])
+            if s >= hi:
+                break
+            a, b = max(at, s), min(hi, e)
+            if b > a:
+                out[a - lo : b - lo] = self.shard(i)[a - s : b - s]
+                at = b
+        return out
+
+    def take(self, rows: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """The given rows (any order), reading each shard that holds one of them once."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), dtype)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for i in np.unique(which):
+            sel = np.flatnonzero(which == i)
+            out[sel] = self.shard(int(i))[rows[sel] - self.starts[i]]
+        return out
+
+    def blocks(self, block_rows: int, dtype: Any = np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, rows)`` blocks of at most ``block_rows`` rows, in order."""
+        for lo in range(0, len(self), block_rows):
+            yield lo, self.rows(lo, lo + block_rows, dtype)
+
+
 def read_embeddings(
     store: ObjectStore, prefix: str, dtype: Any = np.float32
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    meta = read_meta(store, prefix)
-    parts = [_npy_load(store.get_bytes(join_uri(prefix, s))) for s in meta["shards"]]
-    emb = np.concatenate(parts).astype(dtype) if parts else np.zeros((0, meta["dim"]), dtype)
-    if len(emb) != meta["count"]:
-        raise SpecError(f"embeddings at {prefix} hold {len(emb)} rows, their metadata says {meta['count']}")
-    return emb, meta
+    """All rows in memory (small sets; large ones stream through :class:`EmbeddingReader`)."""
+    reader = EmbeddingReader(store, prefix)
+    return reader.rows(0, len(reader), dtype), reader.meta
 
 
 def read_phash(store: ObjectStore, prefix: str) -> np.ndarray | None:
+    """uint64 [N, 2] perceptual hashes of the rows, or None when the embed stage wrote none."""
+    meta = read_meta(store, prefix)
+    if "phash_shards" in meta:
+        parts = [get_npy(store, join_uri(prefix, s)) for s in meta["phash_shards"]]
+        out = np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64)
+        if len(out) != meta["count"]:
+            raise SpecError(f"hashes at {prefix} hold {len(out)} rows, the embeddings {meta['count']}")
+        return out
     uri = join_uri(prefix, "phash.npy")
-    return _npy_load(store.get_bytes(uri)) if store.exists(uri) else None
+    return get_npy(store, uri) if store.exists(uri) else None
+
+
+def copy_rows(
+    store: ObjectStore,
+    src: EmbeddingReader,
+    rows: np.ndarray,
+    prefix: str,
+    *,
+    phash: np.ndarray | None = None,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The embeddings of ``rows`` (sorted, ascending) of ``src``, written under ``prefix`` in that
+    order, reading one source shard at a time (``phash``: the selected rows' hashes)."""
+    rows = np.asarray(rows, np.int64)
+    if len(rows) > 1 and (np.diff(rows) <= 0).any():
+        raise ValueError("copy_rows: rows must be sorted and distinct")
+    shards, counts, buf, held, k = [], [], [], 0, 0
+
+    def flush(final: bool) -> None:
+        nonlocal buf, held, k
+        while held >= rows_per_shard or (final and held):
+            block = np.concatenate(buf)
+            name = f"emb-{k:06d}.npy"
+            put_npy(store, join_uri(prefix, name), block[:rows_per_shard].astype(np.float16))
+            shards.append(name)
+            counts.append(min(rows_per_shard, len(block)))
+            buf, held, k = [block[rows_per_shard:]], max(0, len(block) - rows_per_shard), k + 1
+
+    which = np.searchsorted(src.starts, rows, side="right") - 1
+    for i in np.unique(which):
+        sel = rows[which == i] - src.starts[i]
+        buf.append(src.shard(int(i))[sel])
+        held += len(sel)
+        flush(False)
+    flush(True)
+    part: dict[str, Any] = {"shards": shards, "shard_rows": counts}
+    if phash is not None:
+        if len(phash) != len(rows):
+            raise ValueError(f"phash rows {len(phash)} != selected rows {len(rows)}")
+        part["phash_shards"] = ["phash.npy"] if len(rows) else []
+        if len(rows):
+            put_npy(store, join_uri(prefix, "phash.npy"), np.asarray(phash, np.uint64))
+    return write_index(store, prefix, [part], src.dim, meta)

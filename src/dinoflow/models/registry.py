@@ -65,6 +65,9 @@ BACKBONES: dict[str, BackboneEntry] = {
     ),
     "xcit_tiny_p8_28": _xcit("xcit_nano_12_p8_224", 28, 8, 1, embed_dim=128, depth=6, num_heads=4),
     "xcit_test_p8_28": _xcit("xcit_nano_12_p8_224", 28, 8, 1, embed_dim=32, depth=2, num_heads=2),
+    # Small RGB shapes (64 px, patch 8 -> 8x8 tokens): photos on a CPU, bootstrap embedders
+    "vit_mini_p8_64": _vit("vit_small_patch14_dinov2", 64, 8, 3, embed_dim=128, depth=4, num_heads=4),
+    "vit_test_p8_64": _vit("vit_small_patch14_dinov2", 64, 8, 3, embed_dim=32, depth=2, num_heads=2),
 }
 for _n in ("nano_12", "tiny_12", "small_12", "tiny_24", "small_24", "medium_24", "large_24"):
     for _p in (16, 8):

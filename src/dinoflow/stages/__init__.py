@@ -18,6 +18,7 @@ from dinoflow.stages.base import StageResult, StageSpec, run_with_marker
 
 STAGES = ("ingest", "embed", "dedup", "curate", "pretrain", "distill", "evaluate", "promote")
 TRAINING_STAGES = ("pretrain", "distill")  # run under torchrun; nnodes > 1 runs as a TrainJob
+FANOUT_STAGES = ("embed", "dedup", "curate")  # plan + parts in parallel tasks, then the stage collects
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,17 @@ class Stage:
             spec = self.parse_spec(spec.model_dump() if isinstance(spec, StageSpec) else spec)
         return run_with_marker(self.name, spec, store, self.module.run, self.result_cls)
 
+    def run_phase(self, spec: StageSpec, store: Any, phase: str, part: int = 0) -> dict[str, Any]:
+        """One fan-out phase (``plan``, or ``part`` number ``part``) of a stage in ``FANOUT_STAGES``;
+        its result is recorded beside the stage's output and reused by the stage run that collects."""
+        if self.name not in FANOUT_STAGES:
+            raise SpecError(
+                f"stage {self.name} has no fan-out phases (those that do: {', '.join(FANOUT_STAGES)})"
+            )
+        if not isinstance(spec, self.spec_cls):
+            spec = self.parse_spec(spec.model_dump() if isinstance(spec, StageSpec) else spec)
+        return self.module.run_phase(spec, store, phase, part)
+
 
 def get_stage(name: str) -> Stage:
     if name not in STAGES:
@@ -57,4 +69,4 @@ def get_stage(name: str) -> Stage:
     return Stage(name, importlib.import_module(f"dinoflow.stages.{name}"))
 
 
-__all__ = ["STAGES", "TRAINING_STAGES", "Stage", "StageResult", "StageSpec", "get_stage"]
+__all__ = ["FANOUT_STAGES", "STAGES", "TRAINING_STAGES", "Stage", "StageResult", "StageSpec", "get_stage"]

@@ -6,6 +6,13 @@ sets), ``cluster`` (k-means on the pool, sample from clusters holding seed image
 for small seed sets), ``hierarchical-kmeans`` (no seeds: balanced top-down sampling over a cluster
 hierarchy). Outputs: ``manifest.parquet`` (curated rows, same shards), ``embeddings/``,
 ``report.json`` (per-source counts, strategy details).
+
+Fan-out (``retrieval``, ``parts`` > 1; ``dinoflow.stages._fanout``, ``dinoflow.curation.partition``):
+``plan`` chooses the index (exact, or IVF with one coarse quantizer trained on a pool sample and
+``nprobe`` tuned on the seeds for ``recall_target``); ``part`` i indexes its row range of the pool
+and finds every seed's nearest rows in it; the stage merges the parts' neighbours per seed (the
+same neighbours whatever ``parts`` is) and selects. ``cluster`` and ``hierarchical-kmeans`` run
+in the stage task itself (k-means over the whole pool).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from dinoflow.errors import SpecError
+from dinoflow.stages import _fanout
 from dinoflow.stages.base import StageResult, StageSpec
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,17 @@ class CurateSpec(StageSpec):
         10, ge=1, description="hierarchical-kmeans: points kept per cluster per round"
     )
     seed: int = 0
+    parts: int = Field(1, ge=1, description="retrieval: pool partitions searched by parallel tasks")
+    exact_max_pool: int = Field(100_000, ge=1, description="retrieval: largest pool searched exactly")
+    nprobe: int | None = Field(
+        None, ge=1, description="retrieval, IVF: lists probed (default: the fewest that reach recall_target)"
+    )
+    recall_target: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="retrieval, IVF: recall of the seeds' neighbours the chosen nprobe reaches",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CurateSpec:
@@ -72,6 +91,10 @@ class CurateResult(StageResult):
     report_uri: str
     count: int
     per_source: dict[str, int] = Field(default_factory=dict)
+    parts: int = 1
+
+
+SEARCH_SLACK = 4  # parts return 4x the first neighbours-per-seed: room for two doublings
 
 
 def default_levels(n: int) -> list[int]:
@@ -119,19 +142,159 @@ def check_inputs(spec: CurateSpec, store):
     return table, meta, seed_parts, levels
 
 
-def select_rows(spec: CurateSpec, pool, seeds, levels: list[int]):
-    """Sorted pool rows chosen by ``spec.strategy``, and details for the report."""
+def _seeds(store, seed_parts: list[str]):
+    import numpy as np
+
+    from dinoflow.curation.descriptors import l2_normalize
+    from dinoflow.data.embeddings import read_embeddings
+
+    if not seed_parts:
+        return None
+    return l2_normalize(np.concatenate([read_embeddings(store, u)[0] for u in seed_parts]))
+
+
+def _search_k(spec: CurateSpec, n: int, n_seeds: int) -> int:
+    """Neighbours per seed each part returns: the spec's n_per_query, else room for two doublings."""
+    from dinoflow.curation.retrieval import first_n_per_query
+
+    k0 = spec.n_per_query or first_n_per_query(spec.target_size, n_seeds, n)
+    return min(n, k0 if spec.n_per_query else SEARCH_SLACK * k0)
+
+
+def plan(spec: CurateSpec, store) -> dict:
+    """Check the inputs; for retrieval over a large pool, train the shared coarse quantizer on a
+    pool sample and tune nprobe on the seeds (``plan/centroids.npy``)."""
+    import numpy as np
+
+    from dinoflow.curation import knn
+    from dinoflow.curation import partition as pt
+    from dinoflow.curation.descriptors import l2_normalize
+    from dinoflow.data.embeddings import EmbeddingReader, put_npy
+
+    table, meta, seed_parts, levels = check_inputs(spec, store)
+    n, d = table.num_rows, int(meta["dim"])
+    out = {"strategy": spec.strategy, "count": n, "dim": d, "levels": levels, "kind": "", "reason": ""}
+    out.update(nlist=0, nprobe=0, tuning=[], search_k=0)
+    if spec.strategy != "retrieval":
+        return out
+    seeds = _seeds(store, seed_parts)
+    out["search_k"] = _search_k(spec, n, len(seeds))
+    choice = knn.choose_index(n, d, exact_max_pool=spec.exact_max_pool, nprobe=spec.nprobe)
+    out.update(kind=choice.kind, reason=choice.reason, nlist=choice.nlist)
+    if choice.kind == "flat":
+        return out
+    reader = EmbeddingReader(store, spec.embeddings_uri, meta)
+    rng = np.random.default_rng(spec.seed)
+    sample = np.sort(rng.choice(n, min(n, max(pt.POINTS_PER_LIST * choice.nlist, 10_000)), replace=False))
+    centroids = pt.train_coarse(l2_normalize(reader.take(sample)), choice.nlist, seed=spec.seed)
+    put_npy(store, spec.out("plan", "centroids.npy"), centroids)
+    nprobe, tuning = spec.nprobe, []
+    if nprobe is None:
+        q = seeds[np.sort(rng.choice(len(seeds), min(1000, len(seeds)), replace=False))]
+        nprobe, tuning = pt.tune_nprobe(
+            q,
+            lambda: ((lo, l2_normalize(b)) for lo, b in reader.blocks(65_536)),
+            lambda ids: l2_normalize(reader.take(ids)),
+            centroids,
+            min(out["search_k"], 256),
+            spec.recall_target,
+        )
+    out.update(nprobe=int(nprobe), tuning=tuning)
+    out["reason"] = f"{choice.reason.split('; nprobe')[0]}; nprobe={nprobe} (tuned: {tuning})"
+    return out
+
+
+def part_neighbours(spec: CurateSpec, store, part: int, planned: dict, seeds, k: int):
+    """Every seed's ``k`` nearest rows within part ``part`` of the pool: (cosines, rows)."""
+    from dinoflow.curation.descriptors import l2_normalize
+    from dinoflow.curation.partition import PartitionIndex, part_range
+    from dinoflow.data.embeddings import EmbeddingReader
+
+    lo, hi = part_range(planned["count"], spec.parts, part)
+    x = l2_normalize(EmbeddingReader(store, spec.embeddings_uri).rows(lo, hi))
+    return PartitionIndex(x, lo, _fanout.coarse_plan(spec, store, planned)).search(seeds, k)
+
+
+def search_part(spec: CurateSpec, store, part: int, planned: dict) -> dict:
+    """Part ``part``: its rows' neighbours of every seed (``parts/part-NNNNN/{sims,ids}.npy``)."""
+    from dinoflow.data.embeddings import put_npy
+
+    if planned["strategy"] != "retrieval":
+        return {"rows": 0}
+    seeds = _seeds(store, spec.seed_embeddings_uris)
+    s, i = part_neighbours(spec, store, part, planned, seeds, planned["search_k"])
+    where = spec.out("parts", f"part-{part:05d}")
+    put_npy(store, f"{where}/sims.npy", s)
+    put_npy(store, f"{where}/ids.npy", i)
+    return {"rows": int(len(s)), "neighbours": int(s.shape[1])}
+
+
+def run_phase(spec: CurateSpec, store, phase: str, part: int = 0) -> dict:
+    """One fan-out phase (``plan`` or ``part``), recorded under ``output_uri``."""
+    return _fanout.run_phase("curate", spec, store, phase, part, plan, search_part)
+
+
+def retrieve(spec: CurateSpec, store, planned: dict, seeds):
+    """Retrieval over the merged parts: each seed's neighbours, doubled from ceil(target / seeds)
+    until the union reaches target_size (beyond what the parts returned, the pool's partitions are
+    searched again here, one at a time)."""
+    from dinoflow.curation.partition import merge_topk
+    from dinoflow.curation.retrieval import first_n_per_query, select_topn
+    from dinoflow.data.embeddings import get_npy
+
+    n, big_k = planned["count"], planned["search_k"]
+    got = [
+        (
+            get_npy(store, spec.out("parts", f"part-{i:05d}", "sims.npy")),
+            get_npy(store, spec.out("parts", f"part-{i:05d}", "ids.npy")),
+        )
+        for i in range(spec.parts)
+    ]
+    sims, ids = merge_topk(got, big_k)
+    k = spec.n_per_query or first_n_per_query(spec.target_size, len(seeds), n)
+    while True:
+        k = min(k, n)
+        if k > big_k:  # more than the parts returned: search again, one partition at a time
+            big_k = min(n, 2 * k)
+            log.info(
+                "curate: more than %d neighbours per seed needed; searching the parts again for %d",
+                k // 2,
+                big_k,
+            )
+            sims, ids = merge_topk(
+                [part_neighbours(spec, store, i, planned, seeds, big_k) for i in range(spec.parts)], big_k
+            )
+        rows, best, enough = select_topn(ids[:, :k], sims[:, :k], spec.target_size)
+        if enough or k >= n or spec.n_per_query is not None:
+            return rows, best, k
+        k *= 2
+
+
+def select_rows(spec: CurateSpec, store, pool, seeds, levels: list[int], planned: dict | None = None):
+    """Sorted pool rows chosen by ``spec.strategy``, and details for the report. Retrieval merges the
+    parts' neighbours (``planned``: the plan's record); the k-means strategies take the whole
+    ``pool`` (L2-normalised)."""
     import numpy as np
 
     from dinoflow.curation.hkmeans import balanced_sample, hierarchical_kmeans
-    from dinoflow.curation.retrieval import cluster_sample, retrieve_topn
+    from dinoflow.curation.retrieval import cluster_sample
 
     details: dict = {"strategy": spec.strategy}
     if spec.strategy == "all":  # a retrain keeps every new image that survived dedup
         return np.arange(len(pool), dtype=np.int64), details
     if spec.strategy == "retrieval":
-        rows, sims, k = retrieve_topn(pool, seeds, spec.target_size, n_per_query=spec.n_per_query)
-        details.update(n_per_query=k, seeds=len(seeds), min_cos=float(sims.min()) if len(sims) else None)
+        rows, sims, k = retrieve(spec, store, planned, seeds)
+        details.update(
+            n_per_query=k,
+            seeds=len(seeds),
+            min_cos=float(sims.min()) if len(sims) else None,
+            index={
+                "kind": planned["kind"],
+                "reason": planned["reason"],
+                "nprobe": planned["nprobe"],
+                "parts": spec.parts,
+            },
+        )
     elif spec.strategy == "cluster":
         rows, info = cluster_sample(pool, seeds, spec.target_size, n_clusters=spec.n_clusters, seed=spec.seed)
         details.update(info, seeds=len(seeds))
@@ -157,24 +320,23 @@ def select_rows(spec: CurateSpec, pool, seeds, levels: list[int]):
 
 
 def run(spec: CurateSpec, store):
-    import numpy as np
     import pyarrow as pa
 
     from dinoflow.curation.descriptors import l2_normalize
-    from dinoflow.data.embeddings import read_embeddings, write_embeddings
+    from dinoflow.data.embeddings import EmbeddingReader, copy_rows, read_embeddings
     from dinoflow.data.manifest import write_manifest
     from dinoflow.metrics import IMAGES_PROCESSED
 
     table, meta, seed_parts, levels = check_inputs(spec, store)
     n = table.num_rows
-    raw, _ = read_embeddings(store, spec.embeddings_uri)
-    pool = l2_normalize(raw)
-    seeds = (
-        l2_normalize(np.concatenate([read_embeddings(store, u)[0] for u in seed_parts]))
-        if seed_parts
-        else None
+    planned = run_phase(spec, store, "plan")
+    for i in range(spec.parts):
+        run_phase(spec, store, "part", i)
+    seeds = _seeds(store, seed_parts)
+    pool = (
+        None if spec.strategy == "retrieval" else l2_normalize(read_embeddings(store, spec.embeddings_uri)[0])
     )
-    rows, details = select_rows(spec, pool, seeds, levels)
+    rows, details = select_rows(spec, store, pool, seeds, levels, planned)
     curated = table.take(pa.array(rows))
     if spec.keep_seeds:  # the curated set so far, then what this run adds (re-embedded by the next run)
         from dinoflow.data.manifest import read_manifest
@@ -185,10 +347,11 @@ def run(spec: CurateSpec, store):
     manifest_uri = spec.out("manifest.parquet")
     write_manifest(store, manifest_uri, curated)
     emb_out = spec.out("embeddings")
-    write_embeddings(
+    copy_rows(
         store,
+        EmbeddingReader(store, spec.embeddings_uri, meta),
+        rows,
         emb_out,
-        raw[rows],
         meta={
             "manifest_uri": manifest_uri,
             "parent": spec.embeddings_uri,
@@ -215,4 +378,5 @@ def run(spec: CurateSpec, store):
         report_uri=report_uri,
         count=curated.num_rows,
         per_source=per_source,
+        parts=spec.parts,
     )

@@ -32,6 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dinoflow.errors import SpecError
+from dinoflow.stages import _fanout
 from dinoflow.stages.base import StageResult, StageSpec
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,19 @@ class DedupSpec(StageSpec):
     )
     index: Literal["auto", "flat", "ivf"] = Field("auto", description="auto: exact up to exact_max_pool")
     exact_max_pool: int = Field(100_000, ge=1, description="largest pool searched exactly (IndexFlatIP)")
-    nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query (default min(nlist, 16))")
+    nprobe: int | None = Field(
+        None, ge=1, description="IVF lists probed per query (default: the fewest that reach recall_target)"
+    )
+    recall_target: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="IVF: k-NN recall the chosen nprobe must reach on held-out pool rows (exact search)",
+    )
+    tune_queries: int = Field(1000, ge=10, description="IVF: held-out pool rows that nprobe is tuned on")
+    parts: int = Field(
+        1, ge=1, description="partitions of the pool (row ranges), each indexed and searched by its own task"
+    )
 
     @model_validator(mode="after")
     def _paired(self) -> DedupSpec:
@@ -140,6 +153,11 @@ class DedupResult(StageResult):
     contaminated_count: int = 0
     index_kind: str = ""
     index_reason: str = ""
+    nprobe: int = 0
+    parts: int = 1
+
+
+QUERY_BLOCK_ROWS = 65_536  # pool rows searched per step of a part (bounds its result arrays)
 
 
 def _load_checked(store, manifest_uri: str, emb_uri: str, what: str):
@@ -158,73 +176,181 @@ def _load_checked(store, manifest_uri: str, emb_uri: str, what: str):
     return table, meta
 
 
-@dataclass
-class SimilarityGraph:
-    """What the thresholds act on (computed once; benches sweep thresholds over it)."""
+def load_inputs(spec: DedupSpec, store):
+    """Validated pool table, embedding metadata and evaluation (table, embeddings uri) pairs."""
+    table, meta = _load_checked(store, spec.manifest_uri, spec.embeddings_uri, "pool")
+    n = table.num_rows
+    if spec.k >= n:
+        raise SpecError(f"dedup: k={spec.k} neighbours needs a pool larger than k, the pool has {n} images")
+    evals = []
+    for mu, eu in zip(spec.eval_manifest_uris, spec.eval_embeddings_uris, strict=True):
+        et, em = _load_checked(store, mu, eu, "evaluation")
+        if em["dim"] != meta["dim"]:
+            raise SpecError(
+                f"dedup: evaluation embeddings {eu} are {em['dim']}-d but the pool's are {meta['dim']}-d: "
+                "embed both with the same backbone"
+            )
+        evals.append((et, eu))
+    return table, meta, evals
 
-    graph: object  # knn.KnnResult: each pool row's k nearest other rows
-    hash_edges: dict  # rule -> (a, b) for the exact and phash rules
-    eval_top1: object  # float32 [n]: cosine of each pool row's nearest evaluation image (-1: none)
-    touched_hash: object  # bool [n]: hash-equal to an evaluation image
-    phash: object  # uint64 [n, 2] or None
-    touched_copy: object = None  # bool [n]: verified copy of an evaluation image (copy_detection)
-    copy_report: dict | None = None
+
+# -- the k-NN graph, in phases (dinoflow.stages._fanout, dinoflow.curation.partition) ----------
+def _normalized(x, mean):
+    from dinoflow.curation.descriptors import l2_normalize
+
+    return l2_normalize(x - mean) if mean is not None else l2_normalize(x)
 
 
-def similarity_graph(spec: DedupSpec, store, table, emb, evals) -> SimilarityGraph:
-    """Hash edges, the embedding k-NN graph and each pool row's nearest evaluation cosine."""
+def _mean(store, spec: DedupSpec):
+    from dinoflow.data.embeddings import get_npy
+
+    return get_npy(store, spec.out("plan", "mean.npy")) if spec.center else None
+
+
+def plan(spec: DedupSpec, store) -> dict:
+    """Once per run: check the inputs; for IVF train the coarse quantizer on a sample, choose nprobe
+    for ``recall_target`` on held-out rows, and assign every pool row its lists (``plan/``)."""
     import numpy as np
 
     from dinoflow.curation import knn
-    from dinoflow.curation.descriptors import l2_normalize
-    from dinoflow.curation.hashing import exact_matches, exact_pairs, hash_pairs
-    from dinoflow.data.embeddings import read_embeddings, read_phash
+    from dinoflow.curation import partition as pt
+    from dinoflow.data.embeddings import EmbeddingReader, put_npy
 
-    n = table.num_rows
-    mean = emb.mean(0, keepdims=True) if spec.center else None
-    x = l2_normalize(emb - mean) if mean is not None else l2_normalize(emb)
-    edges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)
-    if spec.exact_hash:
-        edges["exact"] = exact_pairs(sha)
-    ph = read_phash(store, spec.embeddings_uri)
-    if spec.phash_max_bits >= 0 and ph is not None:
-        i, j, _ = hash_pairs(ph, spec.phash_max_bits)
-        edges["phash"] = (i, j)
-    g = knn.knn_graph(x, spec.k, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe)
-    top1 = np.full(n, -1.0, np.float32)
-    touched = np.zeros(n, bool)
-    for et, eu in evals:
-        e_emb, _ = read_embeddings(store, eu)
-        ex = l2_normalize(e_emb - mean) if mean is not None else l2_normalize(e_emb)
-        # each pool row's nearest evaluation image (the eval set is the index, the pool the queries)
+    _, meta, _ = load_inputs(spec, store)
+    n, d = int(meta["count"]), int(meta["dim"])
+    reader = EmbeddingReader(store, spec.embeddings_uri, meta)
+    mean = None
+    if spec.center:
+        total = np.zeros(d, np.float64)
+        for _, block in reader.blocks(QUERY_BLOCK_ROWS):
+            total += block.sum(0, dtype=np.float64)
+        mean = (total / n).astype(np.float32)[None]
+        put_npy(store, spec.out("plan", "mean.npy"), mean)
+    choice = knn.choose_index(n, d, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe)
+    out = {"kind": choice.kind, "reason": choice.reason, "nlist": choice.nlist, "nprobe": 0, "tuning": []}
+    out.update(count=n, dim=d, parts=spec.parts, gpu=pt.gpu_wanted())
+    if choice.kind == "flat":
+        log.info("dedup plan: %s", choice.reason)
+        return out
+    rng = np.random.default_rng(0)
+    m = min(n, max(pt.POINTS_PER_LIST * choice.nlist, 10_000))
+    sample = np.sort(rng.choice(n, m, replace=False))
+    centroids = pt.train_coarse(_normalized(reader.take(sample), mean), choice.nlist)
+    put_npy(store, spec.out("plan", "centroids.npy"), centroids)
+    nprobe, tuning = spec.nprobe, []
+    if nprobe is None:  # tuned on held-out rows: pool rows the quantizer was not trained on
+        held = np.setdiff1d(np.arange(n), sample)
+        held = held if len(held) else np.arange(n)
+        rows = np.sort(rng.choice(held, min(spec.tune_queries, len(held)), replace=False))
+        nprobe, tuning = pt.tune_nprobe(
+            _normalized(reader.take(rows), mean),
+            lambda: ((lo, _normalized(b, mean)) for lo, b in reader.blocks(QUERY_BLOCK_ROWS)),
+            lambda ids: _normalized(reader.take(ids), mean),
+            centroids,
+            spec.k,
+            spec.recall_target,
+            query_rows=rows,
+        )
+    reason = (
+        f"{choice.reason.split('; nlist')[0]}; nlist={choice.nlist} (~4*sqrt(n)) trained on {m} rows; nprobe="
+        f"{nprobe} ({'from the spec' if spec.nprobe else f'fewest reaching recall {spec.recall_target}'})"
+    )
+    log.info("dedup plan: %s; nprobe sweep %s", reason, tuning)
+    for b, (_, block) in enumerate(reader.blocks(QUERY_BLOCK_ROWS)):
+        _, lists = pt.assign(centroids, _normalized(block, mean), nprobe)
+        put_npy(store, spec.out("plan", f"lists-{b:06d}.npy"), lists.astype(np.int32))
+    out.update(reason=reason, nprobe=int(nprobe), tuning=tuning)
+    return out
+
+
+def _lists(store, spec: DedupSpec, lo: int, hi: int):
+    """The precomputed IVF lists of pool rows ``[lo, hi)`` ([rows, nprobe], nearest first)."""
+    import numpy as np
+
+    from dinoflow.data.embeddings import get_npy
+
+    parts = []
+    for b in range(lo // QUERY_BLOCK_ROWS, (hi - 1) // QUERY_BLOCK_ROWS + 1):
+        a = get_npy(store, spec.out("plan", f"lists-{b:06d}.npy"))
+        s = b * QUERY_BLOCK_ROWS
+        parts.append(a[max(lo, s) - s : min(hi, s + len(a)) - s])
+    return np.concatenate(parts).astype(np.int64)
+
+
+def search_part(spec: DedupSpec, store, part: int, planned: dict) -> dict:
+    """Part ``part``: index its rows of the pool (shared quantizer), search every pool row against
+    them, keep the candidate edges above ``threshold_cos``; its rows' nearest evaluation cosine and
+    copy detection. Writes ``parts/part-NNNNN/*.npy``."""
+    import numpy as np
+
+    from dinoflow.curation import knn
+    from dinoflow.curation.partition import PartitionIndex, part_range
+    from dinoflow.data.embeddings import EmbeddingReader, put_npy, read_embeddings
+
+    n = planned["count"]
+    lo, hi = part_range(n, spec.parts, part)
+    reader = EmbeddingReader(store, spec.embeddings_uri)
+    if len(reader) != n:
+        raise SpecError(
+            f"dedup: embeddings {spec.embeddings_uri} changed since the plan ({len(reader)} != {n})"
+        )
+    mean = _mean(store, spec)
+    x = _normalized(reader.rows(lo, hi), mean)
+    where = spec.out("parts", f"part-{part:05d}")
+    # each of its rows' nearest evaluation image (the evaluation set is the index, these rows the queries)
+    top1 = np.full(hi - lo, -1.0, np.float32)
+    for eu in spec.eval_embeddings_uris:
+        ex = _normalized(read_embeddings(store, eu)[0], mean)
         res = knn.knn_search(
             ex, x, 1, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe
         )
         top1 = np.maximum(top1, res.sims[:, 0])
-        touched |= exact_matches(sha, np.asarray(et.column("sha256").to_pylist(), dtype=object))
-        e_ph = read_phash(store, eu)
-        if spec.phash_max_bits >= 0 and ph is not None and e_ph is not None:
-            pi, _, _ = hash_pairs(ph, spec.phash_max_bits, other=e_ph)
-            touched[pi] = True
-    copies, copy_report = copy_detection(spec, store, table, evals)
-    return SimilarityGraph(g, edges, top1, touched, ph, copies, copy_report)
+    put_npy(store, f"{where}/eval_top1.npy", top1)
+    copies, copy_report = copy_detection_rows(spec, store, lo, hi)
+    if copies is not None:
+        put_npy(store, f"{where}/copies.npy", copies)
+    coarse = _fanout.coarse_plan(spec, store, planned)
+    index = PartitionIndex(
+        x, lo, coarse, own_lists=_lists(store, spec, lo, hi)[:, 0] if coarse.kind == "ivf" else None
+    )
+    del x
+    qs, js, ss = [], [], []
+    for b, (qlo, block) in enumerate(reader.blocks(QUERY_BLOCK_ROWS)):
+        probes = _lists(store, spec, qlo, qlo + len(block)) if coarse.kind == "ivf" else None
+        s, i = index.search(_normalized(block, mean), spec.k + 1, probes)
+        r, c = np.nonzero((s > spec.threshold_cos) & (i >= 0))
+        qs.append(r + qlo)
+        js.append(i[r, c])
+        ss.append(s[r, c])
+        log.debug("dedup part %d: query block %d searched", part, b)
+    edges = {"q": np.concatenate(qs), "j": np.concatenate(js), "s": np.concatenate(ss).astype(np.float32)}
+    for name, a in edges.items():
+        put_npy(store, f"{where}/edges-{name}.npy", a)
+    return {
+        "rows": [lo, hi],
+        "candidate_edges": int(len(edges["q"])),
+        "gpu": index.on_gpu,
+        "copy_detection": copy_report,
+    }
 
 
-def copy_detection(spec: DedupSpec, store, table, evals):
-    """bool [n] pool rows verified as copies of an evaluation image, and a report (None when off)."""
+def copy_detection_rows(spec: DedupSpec, store, lo: int, hi: int):
+    """bool [hi - lo]: pool rows ``[lo, hi)`` verified as copies of an evaluation image, and a report
+    (None, None when off or without evaluation sets)."""
     import time
 
     import numpy as np
 
     from dinoflow.curation.copydetect import detect_copies
     from dinoflow.data.dataset import load_images
+    from dinoflow.data.manifest import read_manifest
 
     cd = spec.copy_detection
-    if not cd.enabled or not evals:
+    if not cd.enabled or not spec.eval_manifest_uris or hi <= lo:
         return None, None
     t0 = time.perf_counter()
     params = cd.params()
+    table = read_manifest(store, spec.manifest_uri).slice(lo, hi - lo)
     pool, _ = load_images(store, table, channels=1, size_px=cd.px)
     pool = pool[:, 0].numpy()
     log.info(
@@ -232,8 +358,8 @@ def copy_detection(spec: DedupSpec, store, table, evals):
     )
     touched = np.zeros(len(pool), bool)
     per_set = []
-    for et, eu in evals:
-        ev, _ = load_images(store, et, channels=1, size_px=cd.px)
+    for mu, eu in zip(spec.eval_manifest_uris, spec.eval_embeddings_uris, strict=True):
+        ev, _ = load_images(store, mu, channels=1, size_px=cd.px)
         m = detect_copies(pool, ev[:, 0].numpy(), params)
         touched |= m.is_copy
         per_set.append(
@@ -256,22 +382,119 @@ def copy_detection(spec: DedupSpec, store, table, evals):
     return touched, report
 
 
-def load_inputs(spec: DedupSpec, store):
-    """Validated pool table, embedding metadata and evaluation (table, embeddings uri) pairs."""
-    table, meta = _load_checked(store, spec.manifest_uri, spec.embeddings_uri, "pool")
+def _merge_copy_reports(reports: list[dict]) -> dict | None:
+    """One copy-detection report for the whole pool from the parts' reports."""
+    reports = [r for r in reports if r]
+    if not reports:
+        return None
+    per_set = []
+    for sets in zip(*(r["per_eval_set"] for r in reports), strict=True):
+        merged = dict(sets[0])
+        for key in ("candidates", "copies"):
+            merged[key] = sum(s[key] for s in sets)
+        merged["copies_per_alignment"] = {
+            k: sum(s["copies_per_alignment"].get(k, 0) for s in sets) for k in sets[0]["copies_per_alignment"]
+        }
+        merged["seconds"] = {
+            k: round(sum(s["seconds"].get(k, 0.0) for s in sets), 3) for k in sets[0]["seconds"]
+        }
+        per_set.append(merged)
+    return {
+        "copies": sum(r["copies"] for r in reports),
+        "seconds": round(sum(r["seconds"] for r in reports), 3),
+        "max_error": reports[0]["max_error"],
+        "per_eval_set": per_set,
+    }
+
+
+def run_phase(spec: DedupSpec, store, phase: str, part: int = 0) -> dict:
+    """One fan-out phase (``plan`` or ``part``), recorded under ``output_uri``."""
+    return _fanout.run_phase("dedup", spec, store, phase, part, plan, search_part)
+
+
+@dataclass
+class EdgeGraph:
+    """The k-NN graph's edges above a cosine floor: each pool row's ``k`` nearest others, merged over
+    the parts (``q`` -> ``j`` with cosine ``s``), and how it was searched."""
+
+    q: object  # int64 [e]
+    j: object  # int64 [e]
+    s: object  # float32 [e]
+    kind: str
+    reason: str
+    nprobe: int = 0
+    gpu: bool = False
+    tuning: list = None  # type: ignore[assignment]
+
+    def above(self, threshold: float):
+        """(query rows, neighbour rows, cosines) of the edges with cosine > ``threshold``."""
+        m = self.s > threshold
+        return self.q[m], self.j[m], self.s[m]
+
+
+@dataclass
+class SimilarityGraph:
+    """What the thresholds act on (computed once; benches sweep thresholds over it)."""
+
+    graph: EdgeGraph  # each pool row's k nearest other rows, edges above threshold_cos
+    hash_edges: dict  # rule -> (a, b) for the exact and phash rules
+    eval_top1: object  # float32 [n]: cosine of each pool row's nearest evaluation image (-1: none)
+    touched_hash: object  # bool [n]: hash-equal to an evaluation image
+    phash: object  # uint64 [n, 2] or None
+    touched_copy: object = None  # bool [n]: verified copy of an evaluation image (copy_detection)
+    copy_report: dict | None = None
+
+
+def similarity_graph(spec: DedupSpec, store, table, evals) -> SimilarityGraph:
+    """Run (or reuse) the plan and every part, and merge them: the k-NN edges above
+    ``threshold_cos``, hash edges, and each pool row's evaluation matches."""
+    import numpy as np
+
+    from dinoflow.curation.hashing import exact_matches, exact_pairs, hash_pairs
+    from dinoflow.curation.partition import merge_edges
+    from dinoflow.data.embeddings import get_npy, read_phash
+
+    planned = run_phase(spec, store, "plan")
+    parts = [run_phase(spec, store, "part", i) for i in range(spec.parts)]
     n = table.num_rows
-    if spec.k >= n:
-        raise SpecError(f"dedup: k={spec.k} neighbours needs a pool larger than k, the pool has {n} images")
-    evals = []
-    for mu, eu in zip(spec.eval_manifest_uris, spec.eval_embeddings_uris, strict=True):
-        et, em = _load_checked(store, mu, eu, "evaluation")
-        if em["dim"] != meta["dim"]:
-            raise SpecError(
-                f"dedup: evaluation embeddings {eu} are {em['dim']}-d but the pool's are {meta['dim']}-d: "
-                "embed both with the same backbone"
-            )
-        evals.append((et, eu))
-    return table, meta, evals
+    got: dict[str, list] = {"q": [], "j": [], "s": []}
+    top1, copies = [], []
+    for i in range(spec.parts):
+        where = spec.out("parts", f"part-{i:05d}")
+        for name in got:
+            got[name].append(get_npy(store, f"{where}/edges-{name}.npy"))
+        top1.append(get_npy(store, f"{where}/eval_top1.npy"))
+        if parts[i].get("copy_detection"):
+            copies.append(get_npy(store, f"{where}/copies.npy"))
+    q, j, s = merge_edges(*(np.concatenate(got[k]) for k in ("q", "j", "s")), spec.k)
+    graph = EdgeGraph(
+        q,
+        j,
+        s,
+        planned["kind"],
+        planned["reason"],
+        planned["nprobe"],
+        any(p["gpu"] for p in parts),
+        planned["tuning"],
+    )
+    edges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)
+    if spec.exact_hash:
+        edges["exact"] = exact_pairs(sha)
+    ph = read_phash(store, spec.embeddings_uri)
+    if spec.phash_max_bits >= 0 and ph is not None:
+        a, b, _ = hash_pairs(ph, spec.phash_max_bits)
+        edges["phash"] = (a, b)
+    touched = np.zeros(n, bool)
+    for et, eu in evals:
+        touched |= exact_matches(sha, np.asarray(et.column("sha256").to_pylist(), dtype=object))
+        e_ph = read_phash(store, eu)
+        if spec.phash_max_bits >= 0 and ph is not None and e_ph is not None:
+            pi, _, _ = hash_pairs(ph, spec.phash_max_bits, other=e_ph)
+            touched[pi] = True
+    copy_flags = np.concatenate(copies) if copies else None
+    copy_report = _merge_copy_reports([p.get("copy_detection") for p in parts])
+    return SimilarityGraph(graph, edges, np.concatenate(top1), touched, ph, copy_flags, copy_report)
 
 
 RULES = ("exact", "phash", "embedding", "contamination")
@@ -282,12 +505,11 @@ def decide(spec: DedupSpec, table, sim: SimilarityGraph):
     stay, each row's group and reason). Refuses to remove more than ``max_removed_fraction``."""
     import numpy as np
 
-    from dinoflow.curation import knn
     from dinoflow.curation.dedup import dedup
 
     n = table.num_rows
     edges = dict(sim.hash_edges)
-    q, nb, _ = knn.edges_above(sim.graph, spec.threshold_cos)
+    q, nb, _ = sim.graph.above(spec.threshold_cos)
     edges["embedding"] = (q, nb)
     # decontamination: a pool image touches an eval set by hash, by its nearest eval cosine, or as a copy
     touched = sim.touched_hash | (sim.eval_top1 > spec.decontam_threshold_cos)
@@ -309,22 +531,23 @@ def decide(spec: DedupSpec, table, sim: SimilarityGraph):
     return out
 
 
-def _write_kept(spec: DedupSpec, store, table, emb, meta, phash, out) -> tuple[str, str]:
+def _write_kept(spec: DedupSpec, store, table, meta, phash, out) -> tuple[str, str]:
     """The kept manifest (same shards) and the kept rows' embeddings; returns both URIs."""
     import numpy as np
     import pyarrow as pa
 
-    from dinoflow.data.embeddings import write_embeddings
+    from dinoflow.data.embeddings import EmbeddingReader, copy_rows
     from dinoflow.data.manifest import write_manifest
 
     keep_rows = np.flatnonzero(out.keep)
     manifest_uri = spec.out("manifest.parquet")
     write_manifest(store, manifest_uri, table.take(pa.array(keep_rows)))
     emb_out = spec.out("embeddings")
-    write_embeddings(
+    copy_rows(
         store,
+        EmbeddingReader(store, spec.embeddings_uri, meta),
+        keep_rows,
         emb_out,
-        emb[keep_rows],
         phash=None if phash is None else phash[keep_rows],
         meta={
             "manifest_uri": manifest_uri,
@@ -385,7 +608,14 @@ def build_report(spec: DedupSpec, table, out, sim: SimilarityGraph) -> dict:
         "removed_per_rule": removed,
         "edges_per_rule": out.edges_per_rule,
         "per_source": per_source,
-        "index": {"kind": g.choice.kind, "reason": g.choice.reason, "gpu": g.on_gpu},
+        "index": {
+            "kind": g.kind,
+            "reason": g.reason,
+            "gpu": g.gpu,
+            "nprobe": g.nprobe,
+            "nprobe_sweep": g.tuning,
+            "parts": spec.parts,
+        },
         "keep_rule": "largest pixel area, then earliest manifest row",
         "grouping": spec.grouping,
         "decontamination_rule": "pool images whose nearest evaluation image is above "
@@ -402,15 +632,17 @@ def build_report(spec: DedupSpec, table, out, sim: SimilarityGraph) -> dict:
 
 
 def run(spec: DedupSpec, store) -> DedupResult:
-    from dinoflow.data.embeddings import read_embeddings
     from dinoflow.metrics import IMAGES_PROCESSED
 
     table, meta, evals = load_inputs(spec, store)  # everything validated before any heavy work
     n = table.num_rows
-    emb, _ = read_embeddings(store, spec.embeddings_uri)
-    sim = similarity_graph(spec, store, table, emb, evals)
-    out = decide(spec, table, sim)
-    manifest_uri, emb_out = _write_kept(spec, store, table, emb, meta, sim.phash, out)
+    sim = similarity_graph(spec, store, table, evals)
+    try:
+        out = decide(spec, table, sim)
+    except SpecError:
+        _fanout.discard(store, spec)  # a refused run leaves nothing behind
+        raise
+    manifest_uri, emb_out = _write_kept(spec, store, table, meta, sim.phash, out)
     groups_uri = _write_groups(spec, store, table, out)
     report = build_report(spec, table, out, sim)
     report_uri = spec.out("report.json")
@@ -427,6 +659,8 @@ def run(spec: DedupSpec, store) -> DedupResult:
         kept_count=report["kept_count"],
         removed_per_rule=report["removed_per_rule"],
         contaminated_count=out.contaminated_rows,
-        index_kind=sim.graph.choice.kind,
-        index_reason=sim.graph.choice.reason,
+        index_kind=sim.graph.kind,
+        index_reason=sim.graph.reason,
+        nprobe=sim.graph.nprobe,
+        parts=spec.parts,
     )

@@ -2,25 +2,38 @@
 
 Images stream through DataLoader workers (decode, resize, perceptual hash) so decoding overlaps
 the model; the model runs on the GPU when one is present. Without a checkpoint the stage says so
-and bootstraps one: a short pretrain-stage run on a random sample of the manifest,
-never random weights.
+and bootstraps one: a short pretrain-stage run on a random sample of the manifest, on a backbone
+shape that suits the data (its channels and resolution), never random weights.
+
+Fan-out (``parts`` > 1; ``dinoflow.stages._fanout``): ``plan`` checks the inputs and bootstraps the
+backbone once; ``part`` i embeds its contiguous share of the rows (whole batches, so every row is
+embedded in the same batch whatever ``parts`` is: the output does not depend on it) into its own
+shards beside the others'; the stage run then lists all shards in ``embeddings.json``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from dinoflow.errors import SpecError
+from dinoflow.stages import _fanout
 from dinoflow.stages.base import StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
+# Backbones a bootstrap may train when the spec names none: the one with the data's channels and the
+# largest input size not above the images' (median) short side.
+BOOTSTRAP_BACKBONES = ("vit_mini_p7_28", "vit_mini_p8_64", "vit_small_p14")
+LOCAL_CROP_SHARE = 98 / 224  # DINOv2: 98 px local crops for 224 px global ones (patch 14)
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
 
 class EmbedSpec(StageSpec):
-    """Output: ``{output_uri}/embeddings/`` (``emb-*.npy`` float16, ``phash.npy``, ``embeddings.json``)."""
+    """Output: ``{output_uri}/embeddings/`` (``emb*.npy`` float16 shards, ``phash*.npy``,
+    ``embeddings.json``)."""
 
     manifest_uri: str = Field(..., description="manifest to embed (s3://.../manifest.parquet)")
     backbone_uri: str | None = Field(
@@ -36,8 +49,13 @@ class EmbedSpec(StageSpec):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     rows_per_shard: int = Field(262_144, ge=1, description="embedding rows per .npy shard")
+    parts: int = Field(
+        1, ge=1, description="parallel tasks the rows are split into (contiguous ranges of whole batches)"
+    )
     bootstrap_backbone: str | None = Field(
-        None, description="backbone the bootstrap pretrain trains (default: the DEMO preset's)"
+        None,
+        description="backbone the bootstrap pretrain trains (default: by the pool's channels and image "
+        f"size, one of {', '.join(BOOTSTRAP_BACKBONES)})",
     )
     bootstrap_sample: int = Field(5000, ge=16, description="pool images the bootstrap pretrain sees")
     bootstrap_steps: int = Field(200, ge=1, description="optimizer steps of the bootstrap pretrain")
@@ -51,12 +69,13 @@ class EmbedResult(StageResult):
     bootstrapped: bool = Field(False, description="the backbone came from the bootstrap pretrain")
     dim: int
     count: int
+    parts: int = 1
     images_per_second: float = 0.0
     device: str = "cpu"
 
 
 class _Prep:
-    """Picklable DataLoader transform: resize, uint8 tensor, perceptual hash of the decoded image."""
+    """Picklable transform: resize, uint8 tensor, perceptual hash of the decoded image."""
 
     def __init__(self, px: int, mode: str):
         self.px, self.mode = px, mode
@@ -97,6 +116,80 @@ def features_of(backbone, x, features: str):
     return F.normalize(f.float(), dim=1)
 
 
+# -- bootstrap -----------------------------------------------------------------------------------
+def pool_shape(store, table, rows, probe: int = 64) -> tuple[int, int]:
+    """(channels, median short side in px) of the sampled ``rows``: 3 when any of the first ``probe``
+    decodes in colour, else 1."""
+    import numpy as np
+
+    from dinoflow.data.images import decode_image
+    from dinoflow.data.shards import ShardIndex
+
+    w = table.column("width").to_numpy(zero_copy_only=False)[rows]
+    h = table.column("height").to_numpy(zero_copy_only=False)[rows]
+    side = int(np.median(np.minimum(w, h)))
+    index = ShardIndex(store)
+    shard, member = table.column("shard"), table.column("member")
+    modes = {
+        decode_image(index.read(shard[int(r)].as_py(), member[int(r)].as_py())).mode for r in rows[:probe]
+    }
+    return (1 if modes <= set(_GRAY_MODES) else 3), side
+
+
+def bootstrap_backbone_for(channels: int, side_px: int) -> str:
+    """The bootstrap shape for images of ``channels`` and short side ``side_px``."""
+    from dinoflow.models.registry import get_entry
+
+    fits = [b for b in BOOTSTRAP_BACKBONES if get_entry(b).in_chans == channels]
+    if not fits:
+        raise SpecError(f"no bootstrap backbone takes {channels}-channel images; set bootstrap_backbone")
+    below = [b for b in fits if get_entry(b).img_size <= side_px]
+    pool = below or fits
+    return (
+        max(pool, key=lambda b: get_entry(b).img_size)
+        if below
+        else min(pool, key=lambda b: get_entry(b).img_size)
+    )
+
+
+def bootstrap_fields(spec: EmbedSpec, channels: int, side_px: int, sample_uri: str, m: int) -> dict[str, Any]:
+    """Pretrain-stage fields of the bootstrap run: the DEMO preset's short-run optimisation and head,
+    a backbone for the pool's channels and size, crops at that backbone's size."""
+    from dinoflow.models.registry import get_entry
+    from dinoflow.stages import get_stage
+    from dinoflow.train.presets import DEMO
+
+    name = spec.bootstrap_backbone or bootstrap_backbone_for(channels, side_px)
+    entry = get_entry(name)
+    if entry.in_chans != channels:
+        raise SpecError(
+            f"embed: bootstrap_backbone {name} takes {entry.in_chans}-channel images but the pool's are "
+            f"{'RGB' if channels == 3 else 'grayscale'}; choose one with in_chans={channels}"
+        )
+    stage = get_stage("pretrain")
+    fields = {k: v for k, v in DEMO.items() if k in stage.spec_cls.model_fields and k != "epochs"}
+    p = entry.patch_size
+    crops = dict(fields.get("crops", {}))
+    crops["global_crop_px"] = max(p, int(round(entry.img_size / p)) * p)
+    crops["local_crop_px"] = max(p, int(round(entry.img_size * LOCAL_CROP_SHARE / p)) * p)
+    # The exported backbone is the EMA teacher: keep its horizon 1/(1-m) within a tenth of the run,
+    # or a short bootstrap exports a teacher that has barely left its (image-blind) initialisation.
+    dinov2 = dict(fields.get("dinov2", {}))
+    horizon_m = max(0.9, 1.0 - 10.0 / spec.bootstrap_steps)
+    dinov2["momentum_start"] = min(float(dinov2.get("momentum_start", 0.992)), horizon_m)
+    fields.update(
+        output_uri=spec.out("bootstrap", "pretrain"),
+        manifest_uri=sample_uri,
+        method=spec.bootstrap_method,
+        steps=spec.bootstrap_steps,
+        backbone=name,
+        crops=crops,
+        dinov2=dinov2,
+        batch_size=min(int(fields.get("batch_size", 64)), m),
+    )
+    return fields
+
+
 def _bootstrap(spec: EmbedSpec, store, table) -> str:
     import numpy as np
 
@@ -105,99 +198,106 @@ def _bootstrap(spec: EmbedSpec, store, table) -> str:
 
     n = table.num_rows
     m = min(spec.bootstrap_sample, n)
+    rows = np.sort(np.random.default_rng(0).choice(n, m, replace=False))
+    channels, side = pool_shape(store, table, rows)
+    sample_uri = spec.out("bootstrap", "sample.parquet")
+    fields = bootstrap_fields(spec, channels, side, sample_uri, m)
     log.warning(
-        "embed: no backbone_uri given; bootstrapping one: %s pretrain of %s for %d steps "
-        "on %d of %d pool images",
+        "embed: no backbone_uri given; bootstrapping one: %s pretrain of %s (%s, %d px crops) for %d steps "
+        "on %d of %d pool images (%s, median short side %d px)",
         spec.bootstrap_method,
-        spec.bootstrap_backbone or "the DEMO preset's backbone",
+        fields["backbone"],
+        "picked for the pool" if spec.bootstrap_backbone is None else "from the spec",
+        fields["crops"]["global_crop_px"],
         spec.bootstrap_steps,
         m,
         n,
+        "RGB" if channels == 3 else "grayscale",
+        side,
     )
-    rows = np.sort(np.random.default_rng(0).choice(n, m, replace=False))
-    sample_uri = spec.out("bootstrap", "sample.parquet")
     write_manifest(store, sample_uri, table.take(rows))
-    from dinoflow.train.presets import DEMO
-
     stage = get_stage("pretrain")
-    # the DEMO training preset (28 px crops, small head) with our step count instead of its epochs
-    fields = {k: v for k, v in DEMO.items() if k in stage.spec_cls.model_fields and k != "epochs"}
-    fields.update(
-        output_uri=spec.out("bootstrap", "pretrain"),
-        manifest_uri=sample_uri,
-        method=spec.bootstrap_method,
-        steps=spec.bootstrap_steps,
-        batch_size=min(int(fields.get("batch_size", 64)), m),
-    )
-    # The exported backbone is the EMA teacher: keep its horizon 1/(1-m) within a tenth of the run,
-    # or a short bootstrap exports a teacher that has barely left its (image-blind) initialisation.
-    dinov2 = dict(fields.get("dinov2", {}))
-    horizon_m = max(0.9, 1.0 - 10.0 / spec.bootstrap_steps)
-    dinov2["momentum_start"] = min(float(dinov2.get("momentum_start", 0.992)), horizon_m)
-    fields["dinov2"] = dinov2
-    if spec.bootstrap_backbone:
-        from dinoflow.models.registry import get_entry
-
-        fields["backbone"] = spec.bootstrap_backbone
-        # the preset's crops suit its own patch size; snap them to the chosen backbone's patch grid
-        patch = get_entry(spec.bootstrap_backbone).patch_size
-        crops = dict(fields.get("crops", {}))
-        for key in ("global_crop_px", "local_crop_px"):
-            if key in crops:
-                crops[key] = max(patch, int(round(crops[key] / patch)) * patch)
-        fields["crops"] = crops
-    pspec = stage.parse_spec(fields)
-    return stage.run(pspec, store).backbone_uri
+    return stage.run(stage.parse_spec(fields), store).backbone_uri
 
 
-def run(spec: EmbedSpec, store):
+# -- phases --------------------------------------------------------------------------------------
+def _manifest(spec: EmbedSpec, store):
+    from dinoflow.data.manifest import read_manifest
+
+    table = read_manifest(store, spec.manifest_uri)
+    if table.num_rows == 0:
+        raise SpecError(f"embed: manifest {spec.manifest_uri} is empty: nothing to embed")
+    return table
+
+
+def plan(spec: EmbedSpec, store) -> dict[str, Any]:
+    """Check the inputs, bootstrap the backbone when none is given; what every part needs."""
+    from dinoflow.models import load_backbone
+
+    table = _manifest(spec, store)
+    pick_device(spec.device)
+    if spec.backbone_uri is not None and not store.exists(spec.backbone_uri.rstrip("/") + "/backbone.json"):
+        raise SpecError(f"embed: no exported backbone at {spec.backbone_uri} (backbone.json missing)")
+    bootstrapped = spec.backbone_uri is None
+    backbone_uri = _bootstrap(spec, store, table) if bootstrapped else spec.backbone_uri
+    bb = load_backbone(store, backbone_uri)
+    px = spec.image_px or bb.img_size
+    if bb.family == "vit" and px % bb.patch_size:
+        raise SpecError(
+            f"embed: image_px={px} is not a multiple of the backbone's patch size {bb.patch_size}"
+        )
+    return {
+        "backbone_uri": backbone_uri,
+        "bootstrapped": bootstrapped,
+        "image_px": px,
+        "in_chans": bb.in_chans,
+        "dim": bb.embed_dim * (2 if spec.features == "cls+patch" else 1),
+        "count": table.num_rows,
+    }
+
+
+def embed_part(spec: EmbedSpec, store, part: int, planned: dict[str, Any]) -> dict[str, Any]:
+    """Embed part ``part``'s rows into its own shards under ``{output_uri}/embeddings/``."""
     import time
 
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
 
-    from dinoflow.data.dataset import ManifestDataset
-    from dinoflow.data.embeddings import write_embeddings
-    from dinoflow.data.manifest import read_manifest
+    from dinoflow.curation.partition import part_range
+    from dinoflow.data.dataset import RowBatches
+    from dinoflow.data.embeddings import write_part
     from dinoflow.metrics import IMAGES_PROCESSED
     from dinoflow.models import load_backbone
 
-    table = read_manifest(store, spec.manifest_uri)
+    table = _manifest(spec, store)
     n = table.num_rows
-    if n == 0:
-        raise SpecError(f"embed: manifest {spec.manifest_uri} is empty: nothing to embed")
-    device = pick_device(spec.device)
-    if spec.backbone_uri is not None and not store.exists(spec.backbone_uri.rstrip("/") + "/backbone.json"):
-        raise SpecError(f"embed: no exported backbone at {spec.backbone_uri} (backbone.json missing)")
-    bootstrapped = spec.backbone_uri is None
-    backbone_uri = _bootstrap(spec, store, table) if bootstrapped else spec.backbone_uri
-    backbone = load_backbone(store, backbone_uri, map_location=device).eval()
-    px = spec.image_px or backbone.img_size
-    if backbone.family == "vit" and px % backbone.patch_size:
+    if n != planned["count"]:
         raise SpecError(
-            f"embed: image_px={px} is not a multiple of the backbone's patch size {backbone.patch_size}"
+            f"embed: manifest {spec.manifest_uri} changed since the plan ({n} != {planned['count']})"
         )
-    mode = "L" if backbone.in_chans == 1 else "RGB"
-    ds = ManifestDataset(store.settings, table, _Prep(px, mode))
+    lo, hi = part_range(n, spec.parts, part, align=spec.batch_size)
+    device = pick_device(spec.device)
+    backbone = load_backbone(store, planned["backbone_uri"], map_location=device).eval()
+    mode = "L" if planned["in_chans"] == 1 else "RGB"
+    rows = table.slice(lo, hi - lo)
+    ds = RowBatches(store.settings, rows, spec.batch_size, _Prep(planned["image_px"], mode), first_row=lo)
+    workers = min(spec.num_workers, max(1, -(-(hi - lo) // spec.batch_size)))
     loader = DataLoader(
         ds,
-        batch_size=spec.batch_size,
-        num_workers=spec.num_workers,
+        batch_size=None,
+        num_workers=workers,
         pin_memory=device == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if spec.num_workers else None,
+        prefetch_factor=4 if workers else None,
     )
-    dim = backbone.embed_dim * (2 if spec.features == "cls+patch" else 1)
-    emb = np.zeros((n, dim), np.float16)
-    ph = np.zeros((n, 2), np.int64)
-    seen = np.zeros(n, bool)
+    emb = np.zeros((hi - lo, planned["dim"]), np.float16)
+    ph = np.zeros((hi - lo, 2), np.int64)
+    seen = np.zeros(hi - lo, bool)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for (x, h), _, rows in loader:
-            x = x.to(device, non_blocking=True)
-            f = features_of(backbone, x, spec.features)
-            r = rows.numpy()
+        for x, h, r in loader:
+            f = features_of(backbone, x.to(device, non_blocking=True), spec.features)
+            r = r.numpy() - lo
             emb[r] = f.half().cpu().numpy()
             ph[r] = h.numpy()
             seen[r] = True
@@ -205,30 +305,61 @@ def run(spec: EmbedSpec, store):
     secs = time.perf_counter() - t0
     if not seen.all():
         raise SpecError(f"embed: {int((~seen).sum())} manifest rows were not embedded (data loader gap)")
-    out = spec.out("embeddings")
-    write_embeddings(
+    listing = write_part(
         store,
-        out,
+        spec.out("embeddings"),
         emb,
         phash=ph.view(np.uint64),
+        name=f"-p{part:05d}" if spec.parts > 1 else "",
         rows_per_shard=spec.rows_per_shard,
+    )
+    log.info(
+        "embed: part %d of %d, rows %d..%d, %.0f images/s on %s",
+        part,
+        spec.parts,
+        lo,
+        hi,
+        (hi - lo) / max(secs, 1e-9),
+        device,
+    )
+    return {"listing": listing, "rows": [lo, hi], "embed_seconds": round(secs, 4), "device": device}
+
+
+def run_phase(spec: EmbedSpec, store, phase: str, part: int = 0) -> dict:
+    """One fan-out phase (``plan`` or ``part``), recorded under ``output_uri``."""
+    return _fanout.run_phase("embed", spec, store, phase, part, plan, embed_part)
+
+
+def run(spec: EmbedSpec, store):
+    from dinoflow.data.embeddings import write_index
+
+    planned = run_phase(spec, store, "plan")
+    parts = [run_phase(spec, store, "part", i) for i in range(spec.parts)]
+    out = spec.out("embeddings")
+    write_index(
+        store,
+        out,
+        [p["listing"] for p in parts],
+        planned["dim"],
         meta={
             "manifest_uri": spec.manifest_uri,
-            "backbone_uri": backbone_uri,
+            "backbone_uri": planned["backbone_uri"],
             "features": spec.features,
-            "image_px": px,
+            "image_px": planned["image_px"],
         },
     )
-    ips = n / max(secs, 1e-9)
-    log.info("embed: %d images -> %d-d on %s at %.0f images/s", n, dim, device, ips)
+    n = planned["count"]
+    ips = n / max(sum(p["embed_seconds"] for p in parts), 1e-9)
+    log.info("embed: %d images -> %d-d in %d part(s) at %.0f images/s", n, planned["dim"], spec.parts, ips)
     return EmbedResult(
         output_uri=spec.output_uri,
         embeddings_uri=out,
         manifest_uri=spec.manifest_uri,
-        backbone_uri=backbone_uri,
-        bootstrapped=bootstrapped,
-        dim=dim,
+        backbone_uri=planned["backbone_uri"],
+        bootstrapped=planned["bootstrapped"],
+        dim=planned["dim"],
         count=n,
+        parts=spec.parts,
         images_per_second=round(ips, 1),
-        device=device,
+        device=parts[0]["device"],
     )

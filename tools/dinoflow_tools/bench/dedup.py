@@ -27,23 +27,23 @@ CENTER = {"pixel": False, "backbone": True}
 
 
 def _sweep(spec, store, gt, keys, pairs):
-    """Scores of several (threshold, decontam threshold) pairs on one similarity graph."""
+    """Scores of several (threshold, decontam threshold) pairs on one similarity graph (its edges
+    kept down to the lowest threshold of the sweep: a spec of its own, beside the run's)."""
     import numpy as np
 
     from dinoflow.curation.dedup import dedup
-    from dinoflow.curation.knn import edges_above
-    from dinoflow.data.embeddings import read_embeddings
     from dinoflow.stages.dedup import load_inputs, similarity_graph
     from dinoflow_tools.scoring import ground_truth_arrays, score_arrays
 
+    floor = min(t for t, _ in pairs)
+    spec = spec.model_copy(update={"output_uri": f"{spec.output_uri}-sweep{floor}", "threshold_cos": floor})
     table, _, evals = load_inputs(spec, store)
-    emb, _ = read_embeddings(store, spec.embeddings_uri)
-    sim = similarity_graph(spec, store, table, emb, evals)
+    sim = similarity_graph(spec, store, table, evals)
     g = ground_truth_arrays(gt, keys)
     rows = []
     for t, d in pairs:
         edges = dict(sim.hash_edges)
-        q, nb, _ = edges_above(sim.graph, t)
+        q, nb, _ = sim.graph.above(t)
         edges["embedding"] = (q, nb)
         hit = sim.touched_hash | (sim.eval_top1 > d)
         touched = np.flatnonzero(hit if sim.touched_copy is None else hit | sim.touched_copy)

@@ -1,0 +1,272 @@
+"""k-NN search over a pool split into partitions (row ranges), each searched on its own, results merged.
+
+This is how dedup and retrieval fan out: no task holds the whole pool's index.
+
+* **One coarse quantizer.** For an IVF index the coarse quantizer (the list centroids) is trained
+  once, on a sample of the pool (:func:`train_coarse`), and every partition's index is built on it.
+  A query then probes the same lists in every partition, so the union of what the partitions scan
+  is exactly what one index over the whole pool would scan, and the merged top-k is that index's
+  top-k: the number of partitions changes where the work runs, never the result.
+* **Assigned once.** The lists each row belongs to and probes (:func:`assign`) are computed once and
+  handed to every partition (faiss ``add_preassigned`` / ``search_preassigned``), instead of every
+  partition running the quantizer over all queries again.
+* **Ties.** Merged neighbours are ordered by cosine, then row id (:func:`merge_topk`); each
+  partition returns ``TIE_MARGIN`` neighbours more than asked, so equal cosines at the k-th place
+  (exact duplicates) resolve the same way whatever the partitioning.
+* **Settings for a recall target.** For IVF, ``nprobe`` is chosen on held-out queries: their exact
+  neighbours are computed by streaming the pool, and the recall of ``nprobe`` lists is the share of
+  those neighbours whose own list is among the query's ``nprobe`` nearest (:func:`recall_by_nprobe`,
+  exact for an IVF-Flat index); the smallest ``nprobe`` of a ladder that reaches the target wins.
+* **GPU.** When faiss sees a GPU (``faiss.get_num_gpus() > 0``) a partition's index is moved to the
+  GPUs and searched there (the coarse search on the GPU is cheap; the precomputed lists are unused).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TIE_MARGIN = 8
+TIE_EPS = 1e-6  # cosines this close count as tied (BLAS may round one pair differently by position)
+NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+POINTS_PER_LIST = 64  # coarse quantizer sample: 64 points per list (faiss warns below 39)
+
+
+def part_range(n: int, parts: int, part: int, align: int = 1) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of part ``part`` of ``parts``: contiguous, in whole units of ``align`` rows
+    (so a batch never straddles two parts), as even as the units allow."""
+    if parts < 1 or not 0 <= part < parts:
+        raise ValueError(f"part {part} is not one of {parts} parts")
+    units = math.ceil(n / max(1, align))
+    lo = part * units // parts * align
+    hi = (part + 1) * units // parts * align
+    return min(lo, n), min(hi, n)
+
+
+def gpu_wanted(use_gpu: bool | None = None) -> bool:
+    """Whether to search on GPUs: faiss sees one (``get_num_gpus() > 0``) and the caller allows it."""
+    import faiss
+
+    seen = faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False
+    return seen if use_gpu is None else bool(use_gpu) and seen
+
+
+@dataclass
+class CoarsePlan:
+    """How every partition indexes: ``flat`` (exact) or ``ivf`` on shared ``centroids``."""
+
+    kind: str
+    dim: int
+    reason: str
+    nlist: int = 0
+    nprobe: int = 0
+    centroids: np.ndarray | None = None  # float32 [nlist, dim]
+    tuning: list[dict] = field(default_factory=list)  # the nprobe sweep: [{nprobe, recall}]
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def train_coarse(sample: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
+    """Centroids of an inner-product IVF coarse quantizer trained on ``sample`` (faiss k-means)."""
+    import faiss
+
+    sample = _f32(sample)
+    if len(sample) < nlist:
+        raise ValueError(f"a {nlist}-list quantizer needs at least {nlist} sample rows, got {len(sample)}")
+    ivf = faiss.IndexIVFFlat(
+        faiss.IndexFlatIP(sample.shape[1]), sample.shape[1], nlist, faiss.METRIC_INNER_PRODUCT
+    )
+    ivf.cp.seed = seed
+    ivf.train(sample)
+    return ivf.quantizer.reconstruct_n(0, nlist)
+
+
+def assign(centroids: np.ndarray, x: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine, list id) of each row's ``nprobe`` nearest lists, nearest first."""
+    import faiss
+
+    q = faiss.IndexFlatIP(centroids.shape[1])
+    q.add(_f32(centroids))
+    return q.search(_f32(x), min(nprobe, len(centroids)))
+
+
+def exact_topk(queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], k: int):
+    """Exact top-``k`` (cosine, row) of ``queries`` over a pool given as ``(first row, rows)`` blocks."""
+    import faiss
+
+    queries = _f32(queries)
+    best = (np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), np.int64))
+    for lo, block in blocks:
+        s, i = faiss.knn(queries, _f32(block), min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        best = merge_topk([best, (s, np.where(i >= 0, i + lo, -1))], k)
+    return best
+
+
+def recall_by_nprobe(probes: np.ndarray, neighbour_lists: np.ndarray) -> dict[int, float]:
+    """Recall of an IVF-Flat search at each ``nprobe`` up to ``probes.shape[1]``.
+
+    ``probes``: [q, P] each query's lists, nearest first; ``neighbour_lists``: [q, k] the list of
+    each of its exact neighbours (-1: none). A neighbour is found iff its list is probed."""
+    q, p = probes.shape
+    pos = np.full(neighbour_lists.shape, p, np.int64)
+    for c in range(p - 1, -1, -1):  # first position wins
+        pos[neighbour_lists == probes[:, c : c + 1]] = c
+    valid = neighbour_lists >= 0
+    total = max(1, int(valid.sum()))
+    return {n: float(((pos < n) & valid).sum() / total) for n in range(1, p + 1)}
+
+
+def choose_nprobe(recall: dict[int, float], target: float, nlist: int) -> tuple[int, list[dict]]:
+    """The smallest ``nprobe`` of the ladder whose recall reaches ``target`` (else the largest tried)."""
+    ladder = [n for n in NPROBE_LADDER if n <= min(nlist, max(recall))] or [max(recall)]
+    table = [{"nprobe": n, "recall": round(recall[n], 4)} for n in ladder]
+    for row in table:
+        if row["recall"] >= target:
+            return row["nprobe"], table
+    return ladder[-1], table
+
+
+def tune_nprobe(
+    queries: np.ndarray,
+    blocks: Callable[[], Iterable[tuple[int, np.ndarray]]],
+    rows_of: Callable[[np.ndarray], np.ndarray],
+    centroids: np.ndarray,
+    k: int,
+    target: float,
+    query_rows: np.ndarray | None = None,
+) -> tuple[int, list[dict]]:
+    """The fewest IVF lists (``nprobe``) whose recall of the ``queries``' exact ``k`` nearest pool rows
+    reaches ``target``, and the sweep. ``blocks()`` streams the pool as ``(first row, rows)``;
+    ``rows_of(ids)`` gives pool rows by id; ``query_rows``: the queries' own pool rows (excluded from
+    their neighbours), when they come from the pool."""
+    _, ids = exact_topk(queries, blocks(), k + (query_rows is not None))
+    if query_rows is not None:
+        ids = np.where(ids == np.asarray(query_rows)[:, None], -1, ids)
+    lists = np.full(ids.shape, -1, np.int64)
+    if (ids >= 0).any():
+        lists[ids >= 0] = assign(centroids, rows_of(ids[ids >= 0]), 1)[1][:, 0]
+    _, probes = assign(centroids, queries, min(len(centroids), NPROBE_LADDER[-1]))
+    return choose_nprobe(recall_by_nprobe(probes, lists), target, len(centroids))
+
+
+class PartitionIndex:
+    """One partition's index: rows ``first_row .. first_row + len(x)`` of the pool, searched for
+    neighbours reported by their pool row."""
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        first_row: int,
+        plan: CoarsePlan,
+        *,
+        own_lists: np.ndarray | None = None,
+        use_gpu: bool | None = None,
+    ):
+        import faiss
+
+        x = _f32(x)
+        self.first_row, self.plan, self.n = int(first_row), plan, len(x)
+        self.on_gpu = gpu_wanted(use_gpu)
+        self._x = x if plan.kind == "flat" else None
+        if plan.kind == "flat":
+            index = faiss.IndexFlatIP(plan.dim)
+            index.add(x)
+        else:
+            self._quantizer = faiss.IndexFlatIP(plan.dim)  # kept alive with the index
+            self._quantizer.add(_f32(plan.centroids))
+            index = faiss.IndexIVFFlat(self._quantizer, plan.dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+            index.nprobe = plan.nprobe
+            ids = np.arange(self.first_row, self.first_row + len(x), dtype=np.int64)
+            if own_lists is not None and not self.on_gpu:
+                from faiss.contrib.ivf_tools import add_preassigned
+
+                add_preassigned(index, x, np.ascontiguousarray(own_lists, np.int64), ids)
+            else:
+                index.add_with_ids(x, ids)
+        if self.on_gpu:
+            index = faiss.index_cpu_to_all_gpus(index)
+            if plan.kind == "ivf":
+                faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", plan.nprobe)
+        self.index = index
+
+    def search(self, queries: np.ndarray, k: int, probes: np.ndarray | None = None):
+        """Top-``k`` (cosine, pool row) of each query within this partition, plus ``TIE_MARGIN`` more,
+        plus every row tied with the ``k``-th (searched again with more neighbours while the tie
+        reaches the end of the list); ``probes``: the queries' precomputed lists ([q, nprobe], from
+        :func:`assign`), used on the CPU."""
+        q = _f32(queries)
+        kk = min(k + TIE_MARGIN, self.n)
+        s, i = self._search(q, kk, probes)
+        if kk == 0 or kk >= self.n or k < 1:
+            return s, i
+        redo = np.flatnonzero((i[:, -1] >= 0) & (s[:, min(k, kk) - 1] - s[:, -1] <= TIE_EPS))
+        while len(redo) and kk < self.n:
+            kk = min(2 * kk, self.n)
+            rs, ri = self._search(q[redo], kk, None if probes is None else probes[redo])
+            pad = kk - s.shape[1]
+            s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
+            i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
+            s[redo], i[redo] = rs, ri
+            redo = redo[(ri[:, -1] >= 0) & (rs[:, min(k, kk) - 1] - rs[:, -1] <= TIE_EPS)]
+        return s, i
+
+    def _search(self, q: np.ndarray, kk: int, probes: np.ndarray | None):
+        if kk == 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        if self.plan.kind == "ivf" and probes is not None and not self.on_gpu:
+            from faiss.contrib.ivf_tools import search_preassigned
+
+            s, i = search_preassigned(self.index, q, kk, np.ascontiguousarray(probes, np.int64))
+        else:
+            s, i = self.index.search(q, kk)
+            if self.plan.kind == "flat":
+                # BLAS rounds a pair's cosine by its place in the matrix: score the pairs one by one
+                s = np.where(i >= 0, _pair_cosines(q, self._x, i), -np.inf).astype(np.float32)
+                i = np.where(i >= 0, i + self.first_row, -1)
+        # float16-stored unit vectors can score a hair above 1; a cosine is at most 1
+        return np.minimum(s, 1.0), i
+
+
+def _pair_cosines(q: np.ndarray, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``q[r] . x[ids[r, c]]`` for every entry, summed in float64 (the same value wherever the
+    pair sits)."""
+    out = np.empty(ids.shape, np.float64)
+    for c in range(ids.shape[1]):
+        xs = x[np.maximum(ids[:, c], 0)].astype(np.float64)
+        out[:, c] = np.einsum("ij,ij->i", q.astype(np.float64), xs)
+    return out
+
+
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of each row over several (cosine, id) candidate lists: cosine descending, then id
+    ascending; missing entries (id -1) last, with cosine -inf."""
+    sims = np.concatenate([s for s, _ in parts], axis=1)
+    ids = np.concatenate([i for _, i in parts], axis=1)
+    sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
+    big = np.iinfo(np.int64).max
+    order = np.lexsort((np.where(ids >= 0, ids, big), -sims), axis=1)[:, :k]
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def merge_edges(
+    q: np.ndarray, j: np.ndarray, s: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` best edges of each query (cosine descending, then neighbour row) among candidate
+    edges ``(q, j, s)`` gathered from all partitions; self edges dropped."""
+    q, j, s = np.asarray(q, np.int64), np.asarray(j, np.int64), np.asarray(s, np.float32)
+    ok = (j >= 0) & (j != q)
+    q, j, s = q[ok], j[ok], s[ok]
+    order = np.lexsort((j, -s, q))
+    q, j, s = q[order], j[order], s[order]
+    start = np.r_[0, np.flatnonzero(q[1:] != q[:-1]) + 1]
+    rank = np.arange(len(q)) - np.repeat(start, np.diff(np.r_[start, len(q)]))
+    keep = rank < k
+    return q[keep], j[keep], s[keep]
