@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: help venv data tools demo test test-slow lint format compile check-yamls images manifests checkov gpu-check gpu-check-smoke bench-curation clean
+.PHONY: help venv data tools demo test test-slow lint format compile check-yamls images manifests checkov gpu-check gpu-check-smoke gpu-check-wheels bench-curation clean
 
 help:
 	@echo "make demo      run the full pipeline locally (kfp.local + embedded S3 store)"
@@ -80,11 +80,23 @@ checkov: venv tools
 	.tools/checkov-venv/bin/checkov -f .tools/dinoflow-chart.yaml --framework kubernetes --config-file charts/dinoflow/.checkov.yaml --compact
 	.tools/checkov-venv/bin/checkov -f images/Dockerfile.cpu -f images/Dockerfile.cuda --framework dockerfile --compact
 
-gpu-check:  ## one-shot GPU check (needs CUDA): trainer bf16 steps + bench ViT-S/L 224/98, MFU, peak memory
+gpu-check:  ## one-shot GPU check (needs CUDA, ~6 min): ViT-S/L/g step vs backbone MFU, compile, checkpointing, profile
 	bash scripts/gpu_check.sh
 
 gpu-check-smoke: venv  ## the same script on the CPU with tiny sizes
 	PYTHON=$(BIN)/python bash scripts/gpu_check.sh --cpu-smoke
+
+# What the lent GPU machine (Python 3.12, torch, no pydantic/minio) lacks, pinned as in the venv;
+# scripts/gpu_check.sh installs them from here when its imports fail (carry .tools/gpu-wheels).
+GPU_WHEELS := .tools/gpu-wheels
+GPU_WHEEL_PKGS := pydantic pydantic-core pydantic-settings annotated-types typing-inspection typing-extensions \
+  python-dotenv minio argon2-cffi argon2-cffi-bindings cffi pycparser pycryptodome timm
+gpu-check-wheels: venv  ## wheels for the GPU machine's Python 3.12 (~9 MB) into .tools/gpu-wheels
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d $(GPU_WHEELS) $$($(BIN)/python -c "import sys, importlib.metadata as m; \
+	  print(' '.join(f'{n}=={m.version(n)}' for n in sys.argv[1:]))" $(GPU_WHEEL_PKGS))
 
 bench-curation: venv data  ## dedup (pixel and bootstrapped-backbone embedders), curate, dedup at 1M, embed
 	$(BIN)/dinoflow bench dedup --size 100000

@@ -111,6 +111,17 @@ def step_config(
     )
 
 
+def model_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of the matmuls, convolutions and attention that ``fn`` runs, forward and backward
+    (``torch.utils.flop_counter``), attention through the math kernel so that it is counted."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
 def parse_batches(text: str) -> list[int]:
     """``"64,32,16"`` -> ``[64, 32, 16]``: the batches to try in turn (the first that fits is measured)."""
     from dinoflow.errors import SpecError
@@ -221,6 +232,12 @@ def main(argv: list[str]) -> None:
     p.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute each block in the backward"
     )
+    p.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=None,
+        help="CUDA: use at most this much GPU memory (e.g. 78: what an 80 GB card offers, on a bigger one)",
+    )
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (and MFU)")
     p.add_argument("--flops-batch", type=int, default=16, help="sub-batch the FLOPs are counted on")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's bf16 peak")
@@ -240,6 +257,9 @@ def main(argv: list[str]) -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        if a.memory_cap_gib:
+            total = torch.cuda.get_device_properties(dev).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_cap_gib * 2**30 / total), dev)
     cfg = step_config(
         a.backbone,
         batches[0],
@@ -295,20 +315,13 @@ def main(argv: list[str]) -> None:
 
     flops_per_image = backbone_flops_per_image = None
     if not a.no_flops:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.utils.flop_counter import FlopCounterMode
-
-        # Model FLOPs, counted eagerly before any compiling or checkpointing (a recomputation is not
-        # model work), on a sub-batch and scaled: FLOPs are linear in the batch (KoLeo's B x B
-        # similarity aside, < 0.1 %), and the math attention kernel (counted, unlike the fused ones)
-        # stores the full attention maps, too big for the whole batch of a large model.
+        # Counted eagerly before any compiling or checkpointing (a recomputation is not model work),
+        # on a sub-batch and scaled: FLOPs are linear in the batch (KoLeo's B x B similarity aside,
+        # < 0.1 %), and the math attention kernel stores the full attention maps, too big for the
+        # whole batch of a large model.
         fb = min(batches[-1], a.flops_batch)
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-            full_step(images[:fb])
-        flops_per_image = fc.get_total_flops() / fb
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fcb:
-            backbone_step_for(fb)()
-        backbone_flops_per_image = fcb.get_total_flops() / fb
+        flops_per_image = model_flops(lambda: full_step(images[:fb])) / fb
+        backbone_flops_per_image = model_flops(backbone_step_for(fb)) / fb
         opt.zero_grad(set_to_none=True)
 
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
@@ -387,6 +400,7 @@ def main(argv: list[str]) -> None:
         row["flops_ratio"] = round(flops_per_image / backbone_flops_per_image, 3)  # the ratio's floor
     if dev.type == "cuda":
         row["peak_bf16_flops"] = peak
+        row["memory_cap_gib"] = a.memory_cap_gib
 
     print("full step = augment + masks + student fwd/bwd (all crops) + teacher fwd (global) + heads")
     print("            + Sinkhorn-Knopp + DINO/iBOT/KoLeo losses + clip + fused AdamW + EMA")
