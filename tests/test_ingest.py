@@ -16,7 +16,7 @@ from dinoflow.data.dataset import load_images
 from dinoflow.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
 from dinoflow.data.ingest import fashion_mnist_spec
 from dinoflow.data.manifest import read_manifest
-from dinoflow.errors import SpecError
+from dinoflow.errors import DinoflowError, SpecError
 from dinoflow.stages import get_stage
 
 
@@ -103,9 +103,10 @@ def test_shards_and_file_lists(store, bucket_uri, tmp_path):
                 tar.addfile(info, io.BytesIO(payload))
     store.put_file(f"{bucket_uri}/raw/in.tar", tar_path)
     (tmp_path / "a.png").write_bytes(_png(7))
-    # a vanished local file and a missing object are quarantined, not fatal
-    missing = [tmp_path / "missing.png", f"{bucket_uri}/raw/missing.png"]
-    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in [tmp_path / "a.png", *missing]))
+    (tmp_path / "empty.png").write_bytes(b"")  # a real empty file is a bad image: quarantined
+    (tmp_path / "list.txt").write_text(
+        "".join(f"{p}\n" for p in [tmp_path / "a.png", tmp_path / "empty.png"])
+    )
     stage = get_stage("ingest")
     res = stage.run(
         stage.parse_spec(
@@ -130,7 +131,15 @@ def test_shards_and_file_lists(store, bucket_uri, tmp_path):
         ),
         store,
     )
-    assert res.counts == {"s": 1} and res.quarantined == 2
+    assert res.counts == {"s": 1} and res.quarantined == 1
+    # a vanished local file and a missing object are read errors that stop the stage, never
+    # quarantined images (see test_adversarial_ingest for the rest)
+    for i, missing in enumerate([tmp_path / "missing.png", f"{bucket_uri}/raw/missing.png"]):
+        (tmp_path / "list2.txt").write_text(f"{tmp_path / 'a.png'}\n{missing}\n")
+        spec = {"output_uri": f"{bucket_uri}/o3-{i}", "kind": "files", "source": "files"}
+        with pytest.raises(DinoflowError, match="does not exist"):
+            stage.run(stage.parse_spec({**spec, "splits": {"s": [str(tmp_path / "list2.txt")]}}), store)
+        assert store.read_success(f"{bucket_uri}/o3-{i}") is None
 
 
 def test_wrong_spec_field_fails_before_work(tmp_path, bucket_uri):

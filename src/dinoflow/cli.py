@@ -82,11 +82,10 @@ def stage(
 ) -> None:
     """Run one stage from a JSON spec; print its result as JSON."""
     from dinoflow.stages import get_stage
+    from dinoflow.stages.base import read_spec_text
 
     s = get_stage(name)
-    if not spec.exists():
-        raise DinoflowError(f"spec file {spec} does not exist")
-    parsed = s.parse_spec(spec.read_text())  # fails before any work is done
+    parsed = s.parse_spec(read_spec_text(spec))  # fails before any work is done
     store = _ensure_store(embedded)
     result = s.run(parsed, store)
     typer.echo(result.model_dump_json(indent=2))

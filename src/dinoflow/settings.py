@@ -24,6 +24,9 @@ class S3Settings(BaseSettings):
     max_retries: int = Field(5, ge=0, description="retries on transient errors, exponential backoff")
     retry_base_seconds: float = Field(0.2, gt=0)
     timeout_seconds: float = Field(30.0, gt=0, description="connect/read timeout per request")
+    tmp_max_age_seconds: float = Field(
+        3600.0, ge=0, description="a temporary `_tmp/` key older than this is a killed write's: removed"
+    )
 
     def host_and_tls(self) -> tuple[str, bool]:
         ep = self.endpoint or ""

@@ -2,32 +2,75 @@
 ``(origin, payload, label)`` items for the ingest stage (``dinoflow.stages.ingest``) to decode,
 quarantine and shard.
 
-A listed file that has vanished yields an empty payload (quarantined downstream), never a crash.
+A payload the stage cannot decode is quarantined with the reason; an input that cannot be *read*
+(a missing path, a directory where a file was named, a missing object, an I/O or store error) is an
+error that stops the stage, never a quarantine: the stage then leaves nothing marked finished, and a
+rerun reads it again. Class folders (``folder_classes``) ignore hidden and archive-tool folders;
+tar shards stream member by member (never held whole in memory), and their samples are keyed by
+the basename's first dot.
 """
 
 from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dinoflow.data.idx import read_idx
+from dinoflow.data.images import MAX_IMAGE_BYTES, BadImage, is_image_ext
+from dinoflow.data.shards import sample_key
 from dinoflow.errors import SpecError, StorageError
 from dinoflow.storage.client import ObjectStore
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
-# One raw item: (where it came from, encoded bytes or a uint8 array, label or -1)
-Item = tuple[str, "bytes | np.ndarray", int]
+# One raw item: (where it came from, encoded bytes, a uint8 array or the reason it is unusable,
+# label or -1)
+Item = tuple[str, "bytes | np.ndarray | BadImage", int]
+
+_MAX_META_BYTES = 1 << 20  # a sample's .json
+_MAX_LIST_DEPTH = 16  # .txt lists naming .txt lists
+_IMAGE_PREFERENCE = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 
 
 def _read(store: ObjectStore, path: str) -> bytes:
+    """The bytes of one named input; any failure to read it is a one-line error, not an empty file."""
     if path.startswith("s3://"):
-        return store.get_bytes(path)
-    return Path(path).read_bytes()
+        data = store.get_bytes(path)
+        if not data and store.stat(path)["size"]:
+            raise StorageError(f"reading {path} returned 0 of {store.stat(path)['size']} bytes")
+        return data
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(f"input {path} does not exist")
+    if p.is_dir():
+        raise SpecError(f"input {path} is a directory, not a file (a folder of images is kind 'folder')")
+    try:
+        if p.stat().st_size > MAX_IMAGE_BYTES:
+            raise SpecError(f"input {path} is larger than {MAX_IMAGE_BYTES} bytes: not an image to ingest")
+        return p.read_bytes()
+    except OSError as e:
+        raise SpecError(f"cannot read input {path}: {e.strerror or e}") from None
+
+
+def _skipped_folder(name: str) -> bool:
+    """Hidden folders and archive-tool droppings are never classes (.ipynb_checkpoints, __MACOSX)."""
+    return name.startswith(".") or name in ("__MACOSX", "__pycache__")
+
+
+def folder_classes(roots: Iterable[str]) -> list[str]:
+    """One sorted class list over the class folders of every root (all splits): a class has the
+    same label in every split, whichever splits hold it."""
+    classes: set[str] = set()
+    for root in roots:
+        rootp = Path(root)
+        if rootp.is_dir():
+            classes |= {d.name for d in rootp.iterdir() if d.is_dir() and not _skipped_folder(d.name)}
+    return sorted(classes)
 
 
 def _local(store: ObjectStore, path: str) -> Path:
@@ -51,57 +94,109 @@ def _iter_idx(store: ObjectStore, inputs: list[str]) -> Iterator[Item]:
 
 
 def _iter_folder(store: ObjectStore, inputs: list[str], label_names: list[str]) -> Iterator[Item]:
+    """Images under class folders; labels index ``label_names`` (give it, or the class list over
+    all splits from ``folder_classes``, so every split numbers classes alike)."""
     for root in inputs:
         rootp = Path(root)
         if not rootp.is_dir():
             raise SpecError(f"kind 'folder': {root} is not a directory")
-        classes = sorted(d.name for d in rootp.iterdir() if d.is_dir())
-        names = label_names or classes
+        names = label_names or folder_classes(inputs)
+        classes = folder_classes([root])
         unknown = [c for c in classes if c not in names]
         if unknown:
             raise SpecError(f"folder {root} has class folders {unknown} not in label_names {names}")
         for f in sorted(rootp.rglob("*")):
-            if f.is_file() and not f.name.startswith("."):
-                rel = f.relative_to(rootp).parts
-                label = names.index(rel[0]) if len(rel) > 1 and rel[0] in names else -1
-                yield str(f), f.read_bytes(), label
+            rel = f.relative_to(rootp).parts
+            if any(_skipped_folder(part) for part in rel[:-1]) or f.name.startswith(".") or not f.is_file():
+                continue
+            label = names.index(rel[0]) if len(rel) > 1 and rel[0] in names else -1
+            yield str(f), _read(store, str(f)), label
 
 
-def _iter_shards(store: ObjectStore, inputs: list[str]) -> Iterator[Item]:
+def _label(meta: Any, label_names: list[str]) -> int | BadImage:
+    """A sample's label from its .json: an integer (-1 = none) or a name in ``label_names``."""
+    if not isinstance(meta, dict) or "label" not in meta or meta["label"] is None:
+        return -1
+    v = meta["label"]
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        return BadImage(f"label {v!r} is neither an integer nor a class name")
+    if isinstance(v, str):
+        if v in label_names:
+            return label_names.index(v)
+        return BadImage(f"label {v[:40]!r} is not an integer nor one of label_names")
+    if v < -1 or (label_names and v >= len(label_names)):
+        return BadImage(f"label {v} is out of range for {len(label_names) or 'unnamed'} classes")
+    return v
+
+
+def _sample_item(shard: str, key: str, members: dict[str, bytes | BadImage], names: list[str]) -> Item:
+    origin = f"{shard}#{key}"
+    meta_raw = members.get("json", b"")
+    if isinstance(meta_raw, BadImage):
+        return origin, meta_raw, -1
+    try:
+        meta = json.loads(meta_raw) if meta_raw else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        return origin, BadImage(f"sample metadata is not valid JSON: {str(e)[:80]}"), -1
+    label = _label(meta, names)
+    if isinstance(label, BadImage):
+        return origin, label, -1
+    exts = [e for e in _IMAGE_PREFERENCE if e in members] + sorted(
+        e for e in members if e not in _IMAGE_PREFERENCE and "." not in e and is_image_ext(e)
+    )
+    if not exts:
+        return origin, BadImage(f"sample has no image member (members: {sorted(members)[:5]})"), label
+    return origin, members[exts[0]], label
+
+
+def _iter_shards(store: ObjectStore, inputs: list[str], label_names: list[str]) -> Iterator[Item]:
+    """Samples of tar shards (plain or compressed), streamed: members are read one at a time and a
+    sample is handed on as soon as the next key starts (WebDataset keeps a sample's members
+    together); a member larger than ``MAX_IMAGE_BYTES`` is refused unread."""
     for shard in inputs:
         path = _local(store, shard)
+        key: str | None = None
+        members: dict[str, bytes | BadImage] = {}
         try:
-            with tarfile.open(path, mode="r:*") as tar:
-                samples: dict[str, dict[str, bytes]] = {}
+            with tarfile.open(path, mode="r|*") as tar:
                 for m in tar:
-                    if m.isfile():
-                        key, _, ext = m.name.partition(".")
-                        f = tar.extractfile(m)
-                        samples.setdefault(key, {})[ext.lower()] = f.read() if f else b""
-        except tarfile.TarError as e:
-            raise SpecError(f"{shard} is not a readable tar shard: {e}") from None
-        for key, sample in samples.items():
-            meta = json.loads(sample.get("json", b"{}") or b"{}")
-            img = next((sample[e] for e in ("png", "jpg", "jpeg", "webp", "bmp") if e in sample), None)
-            label = int(meta.get("label", -1)) if isinstance(meta, dict) else -1
-            yield f"{shard}#{key}", (img if img is not None else b""), label
+                    if not m.isfile():
+                        continue
+                    k, ext = sample_key(m.name)
+                    if key is not None and k != key:
+                        yield _sample_item(shard, key, members, label_names)
+                        members = {}
+                    key = k
+                    limit = _MAX_META_BYTES if ext == "json" else MAX_IMAGE_BYTES
+                    if m.size > limit:
+                        members[ext] = BadImage(f"member {m.name} too large ({m.size} bytes > {limit})")
+                        continue
+                    f = tar.extractfile(m)
+                    members[ext] = f.read() if f else b""
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise SpecError(f"{shard} is not a readable tar shard: {str(e).splitlines()[0][:160]}") from None
+        if key is not None:
+            yield _sample_item(shard, key, members, label_names)
 
 
-def _iter_files(store: ObjectStore, inputs: list[str]) -> Iterator[Item]:
+def _iter_files(store: ObjectStore, inputs: list[str], _seen: tuple[str, ...] = ()) -> Iterator[Item]:
+    """Image files, and ``.txt`` lists of them (one path or s3:// URI a line; lists may name lists,
+    never one that names itself)."""
     for p in inputs:
         if p.endswith(".txt"):
-            listed = [ln.strip() for ln in _read(store, p).decode().splitlines() if ln.strip()]
-            yield from _iter_files(store, listed)
+            if p in _seen or len(_seen) >= _MAX_LIST_DEPTH:
+                chain = " -> ".join((*_seen, p))
+                raise SpecError(
+                    f"file lists nest in a loop or too deep ({chain}): a list cannot include itself"
+                )
+            try:
+                text = _read(store, p).decode("utf-8")
+            except UnicodeDecodeError:
+                raise SpecError(f"file list {p} is not UTF-8 text") from None
+            listed = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            yield from _iter_files(store, listed, (*_seen, p))
             continue
-        try:
-            data = _read(store, p)
-        except OSError:  # a listed local file that vanished or cannot be read: quarantined
-            data = b""
-        except StorageError:  # a listed object that is missing is quarantined; an unreachable store is fatal
-            if store.exists(p):
-                raise
-            data = b""
-        yield p, data, -1
+        yield p, _read(store, p), -1
 
 
 def iter_items(kind: str, store: ObjectStore, inputs: list[str], label_names: list[str]) -> Iterator[Item]:
@@ -109,7 +204,7 @@ def iter_items(kind: str, store: ObjectStore, inputs: list[str], label_names: li
     readers = {
         "idx": lambda: _iter_idx(store, inputs),
         "folder": lambda: _iter_folder(store, inputs, label_names),
-        "shards": lambda: _iter_shards(store, inputs),
+        "shards": lambda: _iter_shards(store, inputs, label_names),
         "files": lambda: _iter_files(store, inputs),
     }
     if kind not in readers:

@@ -7,17 +7,25 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dinoflow.storage.client import ObjectStore, join_uri
+from dinoflow.storage.client import ObjectStore, join_uri, local_tmp_file
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def sample_key(member: str) -> tuple[str, str]:
+    """WebDataset's split of a member name: the key is everything before the first dot of the
+    basename (``a.b/x.seg.png`` -> ``("a.b/x", "seg.png")``), so folders with dots and ``./`` prefixes
+    (``tar cf s.tar .``) keep samples apart."""
+    folder, _, base = member.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
 class ShardWriter:
@@ -34,7 +42,7 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
 
     def _open(self) -> tarfile.TarFile:
-        self._tmp = tempfile.NamedTemporaryFile(suffix=".tar", delete=False)
+        self._tmp = open(local_tmp_file(".tar"), "wb")  # noqa: SIM115  (a killed run's: sweep_local_tmp)
         self._tar = tarfile.open(fileobj=self._tmp, mode="w", format=tarfile.USTAR_FORMAT)
         self._count = 0
         return self._tar
@@ -104,7 +112,7 @@ def iter_shard(store: ObjectStore, shard_uri: str) -> Iterator[tuple[str, dict[s
         for m in tar:
             if not m.isfile():
                 continue
-            key, _, ext = m.name.partition(".")
+            key, ext = sample_key(m.name)
             if current is not None and key != current:
                 yield current, sample
                 sample = {}

@@ -3,10 +3,15 @@
 Writes are atomic from a reader's view: the bytes go to a temporary key under ``_tmp/``, are copied
 server-side to the final key, and the temporary key is removed. A stage directory is complete only
 when its ``_SUCCESS`` marker (written last, holding the result JSON) exists.
+
+A writer killed between the two steps leaves its ``_tmp/`` key behind: ``clean_stale_tmp`` removes
+those older than ``S3Settings.tmp_max_age_seconds``. Local temporary files (``local_tmp_file``) are
+named after the process that made them, so ``sweep_local_tmp`` removes those of dead processes.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import json
@@ -14,6 +19,7 @@ import logging
 import os
 import random
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +43,7 @@ _TMP_DIR = "_tmp"
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "OperationAborted"}
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -50,7 +57,20 @@ def parse_uri(uri: str) -> tuple[str, str]:
             f"URI {uri!r}: bucket {bucket!r} is not a valid S3 bucket name "
             "(3-63 characters: lowercase letters, digits, '.', '-')"
         )
+    problem = key_problem(uri)
+    if problem:
+        raise StorageError(problem)
     return bucket, key
+
+
+def key_problem(uri: str) -> str | None:
+    """Why the key part of an ``s3://`` URI is unsafe (a '.'/'..' segment, a control character), or None."""
+    key = uri[len("s3://") :].partition("/")[2]
+    if any(seg in (".", "..") for seg in key.split("/")):
+        return f"URI {uri!r}: '.' and '..' are not allowed as key segments (no relative paths)"
+    if _CONTROL.search(key):
+        return f"URI {uri!r}: control characters are not allowed in object keys"
+    return None
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -269,6 +289,26 @@ class ObjectStore:
             self.delete(u)
         return len(uris)
 
+    def clean_stale_tmp(self, bucket: str, older_than_seconds: float | None = None) -> int:
+        """Remove ``_tmp/`` keys of ``bucket`` older than ``older_than_seconds`` (default
+        ``settings.tmp_max_age_seconds``): what writers killed mid-write left. Returns how many."""
+        age = self.settings.tmp_max_age_seconds if older_than_seconds is None else older_than_seconds
+        if not self.bucket_exists(bucket):
+            return 0
+        objs = self._call(
+            f"listing s3://{bucket}/{_TMP_DIR}/",
+            lambda: list(self._client.list_objects(bucket, prefix=_TMP_DIR + "/", recursive=True)),
+        )
+        now = dt.datetime.now(dt.UTC)
+        stale = [
+            o.object_name for o in objs if o.last_modified and (now - o.last_modified).total_seconds() >= age
+        ]
+        for key in stale:
+            self._call(f"cleaning s3://{bucket}/{key}", lambda k=key: self._client.remove_object(bucket, k))
+        if stale:
+            log.info("removed %d stale temporary object(s) under s3://%s/%s/", len(stale), bucket, _TMP_DIR)
+        return len(stale)
+
     # -- stage directories -----------------------------------------------------------------------
     def write_success(self, prefix_uri: str, payload: dict[str, Any]) -> None:
         """Mark a stage directory complete; written last."""
@@ -277,6 +317,50 @@ class ObjectStore:
     def read_success(self, prefix_uri: str) -> dict[str, Any] | None:
         uri = join_uri(prefix_uri, SUCCESS)
         return self.get_json(uri) if self.exists(uri) else None
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat): with the pid, a process's
+    identity that survives pid reuse; None when the process does not exist (or no /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def local_tmp_dir() -> Path:
+    """The folder of dinoflow's local temporary files (private to its owner)."""
+    path = Path(tempfile.gettempdir()) / f"dinoflow-tmp-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def local_tmp_file(suffix: str = "") -> Path:
+    """A new empty local temporary file named after this process (``{pid}-{start}-{id}{suffix}``),
+    so ``sweep_local_tmp`` can tell when its maker is gone. The caller deletes it when done."""
+    pid = os.getpid()
+    path = local_tmp_dir() / f"{pid}-{_start_time(pid) or 0}-{uuid.uuid4().hex}{suffix}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    return path
+
+
+def sweep_local_tmp() -> int:
+    """Delete the local temporary files whose making process has exited (killed before it could
+    clean up: a killed pretrain leaves its checkpoint files). Returns how many."""
+    if _start_time(os.getpid()) is None:
+        return 0  # no /proc here: a process's identity cannot be told, so nothing is removed
+    removed = 0
+    for f in local_tmp_dir().iterdir():
+        pid, _, rest = f.name.partition("-")
+        start = rest.partition("-")[0]
+        if not pid.isdigit() or not start or _start_time(int(pid)) == start:
+            continue  # not ours, or its process still runs
+        f.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("removed %d local temporary file(s) of exited processes", removed)
+    return removed
 
 
 def default_cache_dir() -> Path:
