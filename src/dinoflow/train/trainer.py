@@ -75,9 +75,10 @@ __all__ = [
 def speed_up(method: Method, cfg: TrainConfig) -> Method:
     """Apply the config's speed/memory settings in place, before any sharding: activation
     checkpointing of every backbone that trains, ``torch.compile`` of each transformer block
-    (``compile``; a block is compiled once and reused across instances of the same shape) and of
-    the DINO heads and loss modules (``compile_heads``). Module names and parameters are unchanged,
-    so optimizer groups, checkpoints and FSDP2 units are the same with and without them."""
+    (``compile``; one graph per input shape and grad mode, shared by all the blocks of that shape)
+    and of the DINO heads and loss modules (``compile_heads``; dynamic in the iBOT patch count).
+    Module names and parameters are unchanged, so optimizer groups, checkpoints and FSDP2 units are
+    the same with and without them."""
     from dinoflow.losses import DINOHead, DINOLoss, IBOTPatchLoss, KoLeoLoss
     from dinoflow.models.backbone import Backbone
 
@@ -89,8 +90,8 @@ def speed_up(method: Method, cfg: TrainConfig) -> Method:
             bb.activation_checkpointing = True
     for name, mod in method.named_modules():
         if cfg.compile and name.endswith("blocks") and isinstance(mod, nn.Sequential | nn.ModuleList):
-            for blk in mod:
-                blk.compile()
+            for blk in mod:  # static shapes: one graph per crop size (global, local), specialised kernels
+                blk.compile(dynamic=False)
         if cfg.compile_heads and isinstance(mod, DINOHead | DINOLoss | IBOTPatchLoss | KoLeoLoss):
             mod.compile()
     return method
@@ -228,7 +229,7 @@ def train(
     found = ckpt.list_checkpoints(store, output_uri) if store is not None else []
     if found:
         step0, uri = found[-1]
-        state = ckpt.load_checkpoint(store, uri, cfg.model_dump(mode="json"))  # same config, same bytes
+        state = ckpt.load_checkpoint(store, uri)
         ckpt.load_full_state(method, opt, state["model"], state["optimizer"])
         ckpt.set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
         start, curves = state["step"], state["curves"]

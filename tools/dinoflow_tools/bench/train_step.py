@@ -73,6 +73,7 @@ def step_config(
     compile_heads: bool = False,
     activation_checkpointing: bool = False,
     ibot_separate_head: bool = False,
+    head_bottleneck_dim: int | None = None,
 ) -> Any:
     """The TrainConfig of the measured step: for tiny (<= 32 px) backbones the ``fashion-mnist-cpu``
     preset's crops and small head; otherwise DINOv2's defaults (2 x 224 + 8 x 98 px, 65,536
@@ -85,6 +86,8 @@ def step_config(
     dinov2: dict[str, Any] = dict(PRESETS[TINY_HEAD]["dinov2"]) if tiny else {}
     if head_prototypes:
         dinov2["head_prototypes"] = head_prototypes
+    if head_bottleneck_dim:
+        dinov2["head_bottleneck_dim"] = head_bottleneck_dim
     if ibot_separate_head:  # DINOv2 ViT-g: a separate iBOT head as wide as the DINO head
         dinov2["ibot_separate_head"] = True
         if "head_prototypes" in dinov2:
@@ -216,6 +219,7 @@ def main(argv: list[str]) -> None:
         "fits in GPU memory",
     )
     p.add_argument("--head-prototypes", type=int, default=None, help="override the head's prototypes")
+    p.add_argument("--head-bottleneck-dim", type=int, default=None, help="override the heads' bottleneck")
     p.add_argument(
         "--ibot-separate-head", action="store_true", help="a separate iBOT head (DINOv2 ViT-g recipe)"
     )
@@ -269,6 +273,7 @@ def main(argv: list[str]) -> None:
         a.local_crops,
         a.head_prototypes,
         ibot_separate_head=a.ibot_separate_head,
+        head_bottleneck_dim=a.head_bottleneck_dim,
     )
     torch.manual_seed(0)
     method = build_method(cfg).to(dev)
@@ -386,6 +391,7 @@ def main(argv: list[str]) -> None:
         "global_crops": f"{cfg.crops.global_crops_number}x{cfg.crops.global_crop_px}px",
         "local_crops": f"{cfg.crops.local_crops_number}x{cfg.crops.local_crop_px}px",
         "head_prototypes": cfg.dinov2.head_prototypes,
+        "head_bottleneck_dim": cfg.dinov2.head_bottleneck_dim,
         "ibot_separate_head": cfg.dinov2.ibot_separate_head,
         "activation_checkpointing": a.activation_checkpointing,
         "student_backbone_params": n_params - head_params,
