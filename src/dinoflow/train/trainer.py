@@ -229,7 +229,7 @@ def train(
     found = ckpt.list_checkpoints(store, output_uri) if store is not None else []
     if found:
         step0, uri = found[-1]
-        state = ckpt.load_checkpoint(store, uri)
+        state = ckpt.load_checkpoint(store, uri, cfg.model_dump(mode="json"))  # same config, same bytes
         ckpt.load_full_state(method, opt, state["model"], state["optimizer"])
         ckpt.set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
         start, curves = state["step"], state["curves"]
