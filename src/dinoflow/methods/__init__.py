@@ -22,6 +22,7 @@ METHODS: dict[str, str] = {
     "distill": "dinoflow.methods.distill:Distill",
     "mae": "dinoflow.methods.mae:MAE",
     "splitmask": "dinoflow.methods.splitmask:SplitMask",
+    "sscd": "dinoflow.methods.sscd:SSCD",
 }
 
 

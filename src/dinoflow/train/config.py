@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from dinoflow.methods.config import CropsConfig, DINOv2Config
 from dinoflow.methods.distill_config import DistillConfig
 from dinoflow.methods.mim_config import MAEConfig, SplitMaskConfig
+from dinoflow.methods.sscd_config import SSCDConfig
 
 
 class OptimConfig(BaseModel):
@@ -48,7 +49,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    method: Literal["dinov2", "mae", "splitmask", "distill"] = "dinov2"
+    method: Literal["dinov2", "mae", "splitmask", "sscd", "distill"] = "dinov2"
     backbone: str = Field("vit_tiny_p4_28", description="a dinoflow backbone name (dinoflow.models)")
     drop_path_rate: float = Field(
         0.0, ge=0, lt=1, description="stochastic depth (DINOv2 0.3-0.4 for big models)"
@@ -58,6 +59,9 @@ class TrainConfig(BaseModel):
     mae: MAEConfig = Field(default_factory=MAEConfig, description="used when method == 'mae'")
     splitmask: SplitMaskConfig = Field(
         default_factory=SplitMaskConfig, description="used when method == 'splitmask'"
+    )
+    sscd: SSCDConfig = Field(
+        default_factory=SSCDConfig, description="used when method == 'sscd' (a copy descriptor)"
     )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -1,0 +1,58 @@
+"""Configuration of the SSCD copy descriptor (pydantic, no torch import: stage specs embed it).
+
+Defaults are the official SSCD training script's (Pizzi et al. 2022, facebookresearch/sscd-copy-
+detection ``sscd/train.py``) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class SSCDConfig(BaseModel):
+    """A contrastive copy descriptor: two strongly edited copies of each image are positives, every
+    other image of the global batch a negative; InfoNCE plus a differential-entropy (KoLeo) term."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature (SSCD: 0.05)")
+    entropy_weight: float = Field(
+        30.0, ge=0, description="weight of the differential-entropy regulariser (SSCD: 30)"
+    )
+    projection_dim: int = Field(
+        0,
+        ge=0,
+        description="0: the descriptor is the backbone's CLS token, so the exported backbone is the "
+        "descriptor model as it stands; > 0: a training-only linear projection to this many dims "
+        "(not exported)",
+    )
+    families: list[str] | None = Field(
+        None,
+        description="edit families the training copies are drawn from (dinoflow.data.edits); default: "
+        "every primitive family seen in training. Held-out families are refused",
+    )
+    edits_a: tuple[int, int] = Field(
+        (0, 1), description="(min, max) chained edits of the first copy (0: the image as it is)"
+    )
+    edits_b: tuple[int, int] = Field((1, 3), description="(min, max) chained edits of the second copy")
+    image_px: int | None = Field(
+        None, ge=4, description="input size; None = the backbone's size rounded up to its patch"
+    )
+
+    @field_validator("families")
+    @classmethod
+    def _families(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        from dinoflow.data.edits import check_families
+
+        check_families(v, allow_heldout=False)
+        return v
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SSCDConfig:
+        for name in ("edits_a", "edits_b"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be (min, max) with 0 <= min <= max, got {(lo, hi)}")
+        return self
