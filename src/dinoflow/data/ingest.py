@@ -57,7 +57,7 @@ def _read(store: ObjectStore, path: str) -> bytes:
         raise SpecError(f"cannot read input {path}: {e.strerror or e}") from None
 
 
-def _skipped_folder(name: str) -> bool:
+def skipped_folder(name: str) -> bool:
     """Hidden folders and archive-tool droppings are never classes (.ipynb_checkpoints, __MACOSX)."""
     return name.startswith(".") or name in ("__MACOSX", "__pycache__")
 
@@ -69,7 +69,7 @@ def folder_classes(roots: Iterable[str]) -> list[str]:
     for root in roots:
         rootp = Path(root)
         if rootp.is_dir():
-            classes |= {d.name for d in rootp.iterdir() if d.is_dir() and not _skipped_folder(d.name)}
+            classes |= {d.name for d in rootp.iterdir() if d.is_dir() and not skipped_folder(d.name)}
     return sorted(classes)
 
 
@@ -107,7 +107,7 @@ def _iter_folder(store: ObjectStore, inputs: list[str], label_names: list[str]) 
             raise SpecError(f"folder {root} has class folders {unknown} not in label_names {names}")
         for f in sorted(rootp.rglob("*")):
             rel = f.relative_to(rootp).parts
-            if any(_skipped_folder(part) for part in rel[:-1]) or f.name.startswith(".") or not f.is_file():
+            if any(skipped_folder(part) for part in rel[:-1]) or f.name.startswith(".") or not f.is_file():
                 continue
             label = names.index(rel[0]) if len(rel) > 1 and rel[0] in names else -1
             yield str(f), _read(store, str(f)), label

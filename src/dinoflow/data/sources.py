@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dinoflow.data.ingest import skipped_folder
 from dinoflow.errors import SpecError
 from dinoflow.storage.client import ObjectStore, join_uri
 
@@ -143,7 +144,13 @@ def layout(
     source: str | None,
 ) -> Layout:
     """The dataset folder ``root`` as groups per split (``only_splits``: just those)."""
-    files = [f for f in list_files(store, root) if "/" in f and not Path(f).name.startswith(".")]
+    files = [
+        f
+        for f in list_files(store, root)
+        if "/" in f
+        and not Path(f).name.startswith(".")
+        and not any(skipped_folder(d) for d in f.split("/")[:-1])
+    ]
     info = dataset_info(store, root)
     out = Layout(source=source or str(info.get("source") or Path(root.rstrip("/")).name))
     classes = sorted({f.split("/")[1] for f in files if f.count("/") >= 2})

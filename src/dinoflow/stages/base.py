@@ -55,10 +55,18 @@ def read_spec_text(path: str | os.PathLike[str]) -> str:
         ) from None
 
 
-def check_segment(name: str, what: str = "name") -> str:
-    """``name`` as one folder of an object key: not empty, no '/', not '.' or '..'."""
+def segment_problem(name: str, what: str = "name") -> str | None:
+    """Why ``name`` cannot be one folder of an object key (empty, '/', '.', '..'), or None."""
     if not name or "/" in name or name in (".", "..") or name != name.strip():
-        raise SpecError(f"{what} {name!r} cannot name a folder (empty, '/' inside, '.', '..' or edge spaces)")
+        return f"{what} {name!r} cannot name a folder (empty, '/' inside, '.', '..' or edge spaces)"
+    return None
+
+
+def check_segment(name: str, what: str = "name") -> str:
+    """``name`` as one folder of an object key, else a ``SpecError``."""
+    problem = segment_problem(name, what)
+    if problem:
+        raise SpecError(problem)
     return name
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from dinoflow.errors import SpecError
-from dinoflow.stages.base import StageResult, StageSpec
+from dinoflow.stages.base import StageResult, StageSpec, segment_problem
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,10 @@ class IngestSpec(StageSpec):
     def _inputs(cls, v: dict[str, list[str]], info: ValidationInfo) -> dict[str, list[str]]:
         if bool(v) == bool(info.data.get("source_uri")):
             raise ValueError("give the input paths per split, or a source_uri (not both)")
+        for split in v:  # each split is a folder of the output: "" or "train/" would collide
+            problem = segment_problem(split, "split")
+            if problem:
+                raise ValueError(problem)
         return v
 
     @model_validator(mode="after")
@@ -132,6 +136,7 @@ def plan(spec: IngestSpec, store) -> _Plan:
     """The inputs of every split (listed under ``source_uri``, or as the spec names them), without
     those that other runs recorded in the ledger when ``only_new``."""
     from dinoflow.data import sources
+    from dinoflow.data.ingest import folder_classes
 
     if spec.source_uri:
         found = sources.layout(
@@ -150,7 +155,9 @@ def plan(spec: IngestSpec, store) -> _Plan:
             if not inputs:
                 raise SpecError(f"split {split!r} has no inputs")
         groups = {s: sources.groups_for_inputs(spec.kind, i) for s, i in spec.splits.items()}
-        out = _Plan(groups, list(spec.label_names), spec.source or "")
+        roots = [x for gs in groups.values() for g in gs if g.kind == "folder" for x in g.inputs]
+        # one class list over every split's class folders: a class has one label in all splits
+        out = _Plan(groups, list(spec.label_names) or folder_classes(roots), spec.source or "")
     if spec.only_new and spec.seen_uri:
         seen = sources.read_seen(store, spec.seen_uri, spec.output_uri)
         kept = {}
