@@ -82,7 +82,7 @@ def test_folder_with_bad_files_is_quarantined(store, bucket_uri, tmp_path):
     )
     res = stage.run(spec, store)
     assert res.counts == {"all": 3} and res.quarantined == 4
-    assert res.label_counts["all"] == {"0": 1, "1": 2}
+    assert res.label_counts["all"] == {"cat": 1, "dog": 2}  # class folders name the labels
     q = [json.loads(ln) for ln in store.get_bytes(res.quarantine_uri).decode().splitlines()]
     reasons = {item["input"].rsplit("/", 1)[1]: item["reason"] for item in q}
     assert reasons["empty.png"].startswith("empty file")
