@@ -137,11 +137,14 @@ def record_train_step(
         TRAIN_GPU_MEMORY_PEAK.labels(method=method, rank=str(rank)).set(gpu_memory_peak_bytes)
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0") -> Any:
+def serve_metrics(port: int, addr: str | None = None) -> Any:
     """Serve ``/metrics`` over HTTP (rank 0 of a training job) from a daemon thread.
 
-    Returns the server; ``server.shutdown()`` stops it. Port 0 picks a free port
-    (``server.server_port`` says which)."""
+    Binds ``addr``, else ``$DINOFLOW_METRICS_ADDR``, else loopback only: a laptop's training run
+    exposes nothing; a pod that Prometheus scrapes sets ``DINOFLOW_METRICS_ADDR=0.0.0.0`` (the
+    chart's training runtime does). Returns the server; ``server.shutdown()`` stops it. Port 0 picks
+    a free port (``server.server_port`` says which)."""
+    addr = addr or os.environ.get("DINOFLOW_METRICS_ADDR") or "127.0.0.1"
     server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
     return server
 
