@@ -90,9 +90,9 @@ def ground_truth_arrays(gt: pa.Table, manifest_keys: list[str]) -> dict[str, np.
     }
 
 
-def score_dedup(gt: pa.Table, manifest_keys: list[str], kept_keys: list[str], groups: pa.Table) -> dict:
-    """Scores of a dedup stage's outputs (kept manifest keys and groups table)."""
-    g = ground_truth_arrays(gt, manifest_keys)
+def outcome_arrays(manifest_keys: list[str], kept_keys: list[str], groups: pa.Table) -> dict[str, np.ndarray]:
+    """A dedup stage's outputs (kept manifest keys and groups table) as row-aligned arrays: kept
+    mask, group id (singletons get unique negative ids), reason and representative row (-1: none)."""
     pos = {k: i for i, k in enumerate(manifest_keys)}
     n = len(manifest_keys)
     kept = np.zeros(n, bool)
@@ -111,4 +111,13 @@ def score_dedup(gt: pa.Table, manifest_keys: list[str], kept_keys: list[str], gr
         group[i], reason[i], rep[i] = gid, why, pos[r] if r else -1
     singleton = group < 0
     group[singleton] = -(np.flatnonzero(singleton) + 2)  # unique negative ids for singletons
-    return score_arrays(g["copy_of"], g["transform"], g["contam"], g["source"], kept, group, reason, rep)
+    return {"kept": kept, "group": group, "reason": reason, "rep": rep}
+
+
+def score_dedup(gt: pa.Table, manifest_keys: list[str], kept_keys: list[str], groups: pa.Table) -> dict:
+    """Scores of a dedup stage's outputs (kept manifest keys and groups table)."""
+    g = ground_truth_arrays(gt, manifest_keys)
+    o = outcome_arrays(manifest_keys, kept_keys, groups)
+    return score_arrays(
+        g["copy_of"], g["transform"], g["contam"], g["source"], o["kept"], o["group"], o["reason"], o["rep"]
+    )

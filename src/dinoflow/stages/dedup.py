@@ -83,6 +83,24 @@ class CopyDetectionSpec(BaseModel):
         )
 
 
+class CopyDescriptorSpec(BaseModel):
+    """Dedup and decontaminate on a copy descriptor (``dinoflow.methods.sscd``: the pretrain stage with
+    ``method: sscd``, then the embed stage with that backbone) instead of ``embeddings_uri``.
+    ``threshold_cos`` and ``decontam_threshold_cos`` then apply to descriptor cosines, the pixel
+    ``copy_detection`` pass does not run (candidates come from the descriptor alone), and the kept
+    rows' ``embeddings_uri`` vectors are still what the stage writes out (for curation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embeddings_uri: str = Field(
+        ..., description="the pool's copy descriptors (row-aligned with manifest_uri)"
+    )
+    eval_embeddings_uris: list[str] = Field(
+        default_factory=list,
+        description="the evaluation sets' copy descriptors, in eval_manifest_uris' order",
+    )
+
+
 class DedupSpec(StageSpec):
     manifest_uri: str = Field(..., description="pool manifest")
     embeddings_uri: str = Field(..., description="the pool's embeddings (embed stage output, row-aligned)")
@@ -131,6 +149,9 @@ class DedupSpec(StageSpec):
     parts: int = Field(
         1, ge=1, description="partitions of the pool (row ranges), each indexed and searched by its own task"
     )
+    copy_descriptor: CopyDescriptorSpec | None = Field(
+        None, description="compare copy descriptors (an sscd backbone's embeddings) instead of embeddings_uri"
+    )
 
     @model_validator(mode="after")
     def _paired(self) -> DedupSpec:
@@ -139,7 +160,20 @@ class DedupSpec(StageSpec):
                 f"eval_manifest_uris ({len(self.eval_manifest_uris)}) and eval_embeddings_uris "
                 f"({len(self.eval_embeddings_uris)}) must pair up one to one"
             )
+        d = self.copy_descriptor
+        if d is not None and len(d.eval_embeddings_uris) != len(self.eval_manifest_uris):
+            raise ValueError(
+                f"copy_descriptor.eval_embeddings_uris ({len(d.eval_embeddings_uris)}) must pair up one to "
+                f"one with eval_manifest_uris ({len(self.eval_manifest_uris)})"
+            )
         return self
+
+    def vectors(self) -> tuple[str, list[str]]:
+        """The pool's and the evaluation sets' vectors the k-NN graph and decontamination compare."""
+        d = self.copy_descriptor
+        if d is not None:
+            return d.embeddings_uri, list(d.eval_embeddings_uris)
+        return self.embeddings_uri, list(self.eval_embeddings_uris)
 
 
 class DedupResult(StageResult):
@@ -191,6 +225,16 @@ def load_inputs(spec: DedupSpec, store):
                 "embed both with the same backbone"
             )
         evals.append((et, eu))
+    d = spec.copy_descriptor
+    if d is not None:  # the descriptors must cover the same rows, at one dimension
+        _, dm = _load_checked(store, spec.manifest_uri, d.embeddings_uri, "pool copy-descriptor")
+        for mu, du in zip(spec.eval_manifest_uris, d.eval_embeddings_uris, strict=True):
+            _, em = _load_checked(store, mu, du, "evaluation copy-descriptor")
+            if em["dim"] != dm["dim"]:
+                raise SpecError(
+                    f"dedup: copy descriptors {du} are {em['dim']}-d but the pool's are {dm['dim']}-d: "
+                    "embed both with the same copy-descriptor backbone"
+                )
     return table, meta, evals
 
 
@@ -214,11 +258,13 @@ def plan(spec: DedupSpec, store) -> dict:
 
     from dinoflow.curation import knn
     from dinoflow.curation import partition as pt
-    from dinoflow.data.embeddings import EmbeddingReader, put_npy
+    from dinoflow.data.embeddings import EmbeddingReader, put_npy, read_meta
 
-    _, meta, _ = load_inputs(spec, store)
+    load_inputs(spec, store)
+    vectors, _ = spec.vectors()
+    meta = read_meta(store, vectors)
     n, d = int(meta["count"]), int(meta["dim"])
-    reader = EmbeddingReader(store, spec.embeddings_uri, meta)
+    reader = EmbeddingReader(store, vectors, meta)
     mean = None
     if spec.center:
         total = np.zeros(d, np.float64)
@@ -289,17 +335,16 @@ def search_part(spec: DedupSpec, store, part: int, planned: dict) -> dict:
 
     n = planned["count"]
     lo, hi = part_range(n, spec.parts, part)
-    reader = EmbeddingReader(store, spec.embeddings_uri)
+    vectors, eval_vectors = spec.vectors()
+    reader = EmbeddingReader(store, vectors)
     if len(reader) != n:
-        raise SpecError(
-            f"dedup: embeddings {spec.embeddings_uri} changed since the plan ({len(reader)} != {n})"
-        )
+        raise SpecError(f"dedup: embeddings {vectors} changed since the plan ({len(reader)} != {n})")
     mean = _mean(store, spec)
     x = _normalized(reader.rows(lo, hi), mean)
     where = spec.out("parts", f"part-{part:05d}")
     # each of its rows' nearest evaluation image (the evaluation set is the index, these rows the queries)
     top1 = np.full(hi - lo, -1.0, np.float32)
-    for eu in spec.eval_embeddings_uris:
+    for eu in eval_vectors:
         ex = _normalized(read_embeddings(store, eu)[0], mean)
         res = knn.knn_search(
             ex, x, 1, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe
@@ -346,7 +391,7 @@ def copy_detection_rows(spec: DedupSpec, store, lo: int, hi: int):
     from dinoflow.data.manifest import read_manifest
 
     cd = spec.copy_detection
-    if not cd.enabled or not spec.eval_manifest_uris or hi <= lo:
+    if not cd.enabled or spec.copy_descriptor is not None or not spec.eval_manifest_uris or hi <= lo:
         return None, None
     t0 = time.perf_counter()
     params = cd.params()
@@ -621,6 +666,7 @@ def build_report(spec: DedupSpec, table, out, sim: SimilarityGraph) -> dict:
         "decontamination_rule": "pool images whose nearest evaluation image is above "
         "decontam_threshold_cos (or hash-equal, or a verified pixel copy), with their whole duplicate group",
         "copy_detection": sim.copy_report,
+        "compared": spec.vectors()[0],
         "thresholds": {
             "threshold_cos": spec.threshold_cos,
             "decontam_threshold_cos": spec.decontam_threshold_cos,
