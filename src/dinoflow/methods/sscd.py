@@ -3,16 +3,16 @@ descriptor trained contrastively on edited copies, the kind of network DINOv2 de
 
 Each image of the batch becomes two copies, each a chain of random edits drawn from the families
 seen in training (``dinoflow.data.edits``; the held-out families are never drawn). The descriptor
-is the L2-normalised CLS token of the backbone (optionally through a training-only linear
-projection). Loss: symmetric InfoNCE between the two copies, every other image of the (all-gathered)
+is the L2-normalised CLS token of the backbone, or CLS ++ mean-pooled patch tokens (``features``,
+the embed stage's two feature kinds), optionally through a training-only linear projection. Loss: symmetric InfoNCE between the two copies, every other image of the (all-gathered)
 global batch a negative (``dinoflow.losses.infonce``), plus SSCD's differential-entropy regulariser
 ``-mean log(distance to the nearest other image)``: KoLeo (``dinoflow.losses.koleo``) over each
 copy's descriptors on its own, so an image's own copy is never its "nearest other image" (SSCD
 excludes matching pairs the same way). It spreads the descriptors of distinct images over the
 sphere, so one cosine threshold separates copies from distinct images.
 
-The exported backbone is the descriptor model: embed the pool with it (the embed stage, CLS
-features) and dedup on those vectors (``DedupSpec.copy_descriptor``).
+The exported backbone is the descriptor model: embed the pool with it (the embed stage with the same
+``features``) and dedup on those vectors (``DedupSpec.copy_descriptor``).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class SSCD(Method):
         except ValueError as e:
             raise SpecError(f"sscd.families: {e}") from None
         d = backbone.embed_dim
+        d *= 2 if cfg.features == "cls+patch" else 1
         self.projection = nn.Linear(d, cfg.projection_dim) if cfg.projection_dim else nn.Identity()
         self.koleo = KoLeoLoss()
         backbone.mask_token.requires_grad_(False)  # no masking here: keep it out of the optimizer
@@ -92,9 +93,18 @@ class SSCD(Method):
         return (x01 - self.backbone.mean) / self.backbone.std
 
     # -- step ----------------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float images -> the descriptor before L2 normalisation, as the embed stage
+        computes it with ``features`` = ``cfg.features`` (``dinoflow.stages.embed.features_of``)."""
+        out = self.backbone.encode(x)
+        f = out["cls"]
+        if self.cfg.features == "cls+patch":
+            f = torch.cat([f, out["patch"].mean(1)], dim=1)
+        return f
+
     def descriptor(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised float images -> L2-normalised descriptors (what training optimises)."""
-        return F.normalize(self.projection(self.backbone.encode(x)["cls"]).float(), dim=-1)
+        return F.normalize(self.projection(self.features(x)).float(), dim=-1)
 
     def forward(self, batch: dict[str, Any], state: StepState) -> tuple[torch.Tensor, Logs]:
         b = batch["a"].shape[0]

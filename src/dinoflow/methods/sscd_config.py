@@ -6,6 +6,8 @@ detection ``sscd/train.py``) unless a comment says otherwise.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -19,12 +21,17 @@ class SSCDConfig(BaseModel):
     entropy_weight: float = Field(
         30.0, ge=0, description="weight of the differential-entropy regulariser (SSCD: 30)"
     )
+    features: Literal["cls", "cls+patch"] = Field(
+        "cls",
+        description="the descriptor, as the embed stage's features computes it: the CLS token, or CLS ++ "
+        "mean-pooled patch tokens (a pooled descriptor, as SSCD's GeM pooling)",
+    )
     projection_dim: int = Field(
         0,
         ge=0,
-        description="0: the descriptor is the backbone's CLS token, so the exported backbone is the "
-        "descriptor model as it stands; > 0: a training-only linear projection to this many dims "
-        "(not exported)",
+        description="0: the loss acts on the descriptor itself, so the exported backbone (embedded with "
+        "these features) is the descriptor model as it stands; > 0: on a training-only linear projection "
+        "of it to this many dims (not exported)",
     )
     families: list[str] | None = Field(
         None,
