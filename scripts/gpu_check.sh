@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the DINOv2 step (issue: GPU efficiency), on one H100/H200: about 6 minutes,
-# at most GPU_CHECK_BUDGET_S (default 480 s) for all parts together: give the call 600 s. Parts run in
-# order of importance, each under its own time limit; a part that would start with under 30 s of the
-# budget left is skipped, so a cut-off run still holds the first figures. Run from anywhere; dinoflow
-# need not be installed (src/ and tools/ go on PYTHONPATH; missing Python packages are installed
-# from the wheels in ${GPU_CHECK_WHEELS:-.tools/gpu-wheels}, see `make gpu-check-wheels`).
+# One-shot GPU check of the DINOv2 step (issue: GPU efficiency) on one H100/H200. Parts 1-3 (the
+# main figures) take about 6 minutes; all parts together at most GPU_CHECK_BUDGET_S (default 480 s):
+# give the call 600 s. Parts run in order of importance, each under its own time limit, and one that
+# would start with under 30 s of the budget left is skipped, so a cut-off run keeps the first figures.
+# Run from anywhere; dinoflow need not be installed (src/ and tools/ go on PYTHONPATH; missing Python
+# packages are installed from the wheels in ${GPU_CHECK_WHEELS:-.tools/gpu-wheels}: `make gpu-check-wheels`).
 #
 #   bash scripts/gpu_check.sh              # on a CUDA machine
 #   bash scripts/gpu_check.sh --cpu-smoke  # tiny sizes on the CPU: every part's code path
-#   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh  # ~3.5 min: the same parts until 210 s are spent
+#   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh  # the same parts until 210 s are spent
+#   GPU_CHECK_PARTS=bench_vitg14_ckpt,bench_vitl14_b64 bash scripts/gpu_check.sh  # only these parts
 #
 # Parts (bf16, 2 x 224 + 8 x 98 px crops, DINOv2 heads; `dinoflow bench train-step`: full step vs
 # backbone alone, images/s, MFU of each, peak memory; variants measured in one process: eager, then
 # torch.compile of the blocks, then of the heads and losses too):
-#   1 bench_vits14_b128  ViT-S/14, 65,536 prototypes, batch 128; eager, compile, compile+heads; the
-#                        profiler's top CUDA kernels of each                               (~2.5 min)
-#   2 bench_vitl14_b32   ViT-L/14, batch 32; eager, compile, compile+heads                 (~2 min)
-#   3 bench_vitg14_ckpt  ViT-g/14 (giant2, SwiGLU), ViT-g heads (131,072 prototypes, bottleneck 384,
-#                        separate iBOT head), activation checkpointing, memory capped at 78 GiB (an 80 GB card):
-#                        the largest batch of 96, 64, 48, 32, 16, 8 that fits; MFU, peak memory (~1.5 min)
-#   4 bench_vitl14_b64   ViT-L/14, batch 64; eager, compile                                (~1 min)
-#   5 train_vits14_opt   the trainer's own loop, 4 steps, ViT-S/14 batch 64 with compile, compiled
+#   1 bench_vits14_b128  ViT-S/14, 65,536 prototypes, batch 128: eager, compile, compile+heads, and
+#                        the profiler's top CUDA kernels of each                          (~2.5 min)
+#   2 bench_vitl14_b32   ViT-L/14, batch 32: eager, compile, compile+heads               (~2 min)
+#   3 bench_vitg14_ckpt  ViT-g/14 (giant2, SwiGLU) with the ViT-g heads (131,072 prototypes,
+#                        bottleneck 384, separate iBOT head) and activation checkpointing, GPU memory
+#                        capped at 78 GiB (an 80 GB card): the largest batch of 128, 96, 64, 48, 32,
+#                        16, 8 that fits, its MFU and peak memory                          (~1.5 min)
+#   4 bench_vitl14_b64   ViT-L/14, batch 64: eager, compile                               (~1 min)
+#   5 train_vits14_opt   the trainer's own loop, 4 steps, ViT-S/14 batch 128 with compile, compiled
 #                        heads and activation checkpointing: finite losses, the teacher moves (~1 min)
 # Everything goes to ${OUT:-/tmp/gpu_check}/gpu_check.log; gpu_check_summary.jsonl holds one line per
 # measured variant ({"part", "rc", "result"}), and a table of the main figures ends the log.
@@ -61,6 +63,7 @@ part() { # part NAME LIMIT_S CMD...: run under min(LIMIT_S, budget left); keep i
   local name=$1 limit=$2
   shift 2
   local left=$((BUDGET - (SECONDS - T_START)))
+  if [[ -n "${GPU_CHECK_PARTS:-}" && ",$GPU_CHECK_PARTS," != *",$name,"* ]]; then return; fi
   echo
   if ((left < 30)); then
     echo "=== $name skipped: ${left}s of the ${BUDGET}s budget left"
@@ -122,10 +125,11 @@ if [[ $MODE == gpu ]]; then
   G=(--backbone vit_giant2_p14 "${CROPS[@]}" --head-prototypes 131072 --head-bottleneck-dim 384 --ibot-separate-head)
   part bench_vits14_b128 180 "$PY" "${BENCH[@]}" "${DEV[@]}" "${S[@]}" --batch 128 "${REPS[@]}" "${ALL[@]}" --profile
   part bench_vitl14_b32 180 "$PY" "${BENCH[@]}" "${DEV[@]}" "${L[@]}" --batch 32 "${REPS[@]}" "${ALL[@]}"
-  part bench_vitg14_ckpt 150 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" "${BENCH[@]}" "${DEV[@]}" "${G[@]}" --batch 96,64,48,32,16,8 \
+  part bench_vitg14_ckpt 150 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" "${BENCH[@]}" "${DEV[@]}" "${G[@]}" --batch 128,96,64,48,32,16,8 \
     --activation-checkpointing --memory-cap-gib 78 --flops-batch 2 --reps 3 --warmup 1
   part bench_vitl14_b64 120 "$PY" "${BENCH[@]}" "${DEV[@]}" "${L[@]}" --batch 64 "${REPS[@]}" --variants eager,compile
-  part train_vits14_opt 90 "$PY" "${TRAIN[@]}" "${DEV[@]}" "${S[@]}" --batch 64 --steps 4 --compile \
+  # batch 128 as in part 1: its compiled graphs come from inductor's cache
+  part train_vits14_opt 90 "$PY" "${TRAIN[@]}" "${DEV[@]}" "${S[@]}" --batch 128 --steps 4 --compile \
     --compile-heads --activation-checkpointing
 else
   # the same parts and flags at tiny sizes (ViT-S/14 with its 65,536-prototype head on 56/28 px crops)

@@ -154,7 +154,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # ~6 min on 2 idle cores; it compiles the blocks and heads 4 times
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all parts passed" in (tmp_path / "gpu_check.log").read_text()
