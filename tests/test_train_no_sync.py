@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 
 from dinoflow import metrics
@@ -13,8 +14,9 @@ from dinoflow.train import trainer
 from dinoflow.train.presets import get_preset
 
 
-def test_no_tensor_reads_between_logging_intervals(monkeypatch):
-    cfg = get_preset("demo", steps=6, batch_size=8, log_every_steps=3)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_no_tensor_reads_between_logging_intervals(monkeypatch, checkpointing):
+    cfg = get_preset("demo", steps=6, batch_size=8, log_every_steps=3, activation_checkpointing=checkpointing)
     cfg = cfg.model_copy(update={"crops": cfg.crops.model_copy(update={"local_crops_number": 2})})
     images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
     steps_done, reads, recorded = [0], [], []

@@ -35,12 +35,18 @@ class LocalRun:
 
     @property
     def executed(self) -> list[str]:
-        """Tasks (by output name) that ran a stage in this run; cache hits are absent."""
-        return [e["task"] for e in self.events]
+        """Tasks (by output name) that ran a stage in this run; cache hits are absent (fan-out phase
+        tasks are in ``phases``)."""
+        return [e["task"] for e in self.events if not e.get("phase")]
+
+    @property
+    def phases(self) -> list[str]:
+        """The fan-out phase tasks that ran, as ``task:phase`` (``embed-pool:plan``, ``dedup:part-2``)."""
+        return [f"{e['task']}:{e['phase']}" for e in self.events if e.get("phase")]
 
     def result(self, task: str) -> dict[str, Any]:
         for e in self.events:
-            if e["task"] == task:
+            if e["task"] == task and not e.get("phase"):
                 return e["result"]
         raise KeyError(f"task {task!r} did not execute in this run (ran: {', '.join(self.executed)})")
 
