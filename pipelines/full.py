@@ -8,14 +8,13 @@ scheduled retrain, which also starts from the champion that promote records in t
 
 from kfp import dsl
 
-from dinoflow.components.curate import curate
-from dinoflow.components.dedup import dedup
 from dinoflow.components.distill import distill
 from dinoflow.components.ingest import ingest
 from dinoflow.components.pretrain import pretrain
 from dinoflow.kfp.gpu import cpu_task, training_task
 from dinoflow.pipelines import params as P
-from dinoflow.pipelines.parts import embed_task, evaluate_and_promote
+from dinoflow.pipelines.curation import PARALLELISM, curation
+from dinoflow.pipelines.parts import evaluate_and_promote
 
 
 @dsl.pipeline(
@@ -31,6 +30,7 @@ def full(
     students: str = P.STUDENTS,
     gpus: int = P.GPUS,
     nodes: int = P.NODES,
+    parallelism: int = PARALLELISM,
     model_name: str = P.MODEL_NAME,
     output_root: str = P.OUTPUT_ROOT,
     registry_uri: str = P.REGISTRY_URI,
@@ -65,6 +65,7 @@ def full(
             run on one GPU of the same pool.
         nodes: nodes per training job; > 1 runs pretrain/distill as a Kubeflow TrainJob (nodes x gpus)
             from a CPU launcher.
+        parallelism: parallel tasks of embed (one GPU each), dedup and curate (pool partitions).
         model_name: the registry entry the student is promoted under.
         output_root: s3:// prefix; each task writes under {output_root}/{data_version}/{task}/{spec hash}.
         registry_uri: s3:// prefix of the model registry (champion pointer, versions, decision log).
@@ -101,44 +102,21 @@ def full(
         s3_secret_name,
     )
     manifest = ing.outputs["result"]
-    pool = embed_task(
-        "embed-pool", embed_spec, s3_secret_name, gpu, split=pool_split, manifest=manifest, **common
+    cur = curation(
+        embed_spec=embed_spec,
+        dedup_spec=dedup_spec,
+        curate_spec=curate_spec,
+        secret=s3_secret_name,
+        gpu=gpu,
+        common=common,
+        parallelism=parallelism,
+        pool={"name": "embed-pool", "split": pool_split, "manifest": manifest},
+        eval_set={"name": "embed-eval", "split": eval_split, "manifest": manifest},
+        seed={"name": "embed-seed", "split": seed_split, "manifest": manifest},
+        share_embedder=True,
+        curate_args={"publish_uri": to["curated"]},
     )
-    embedder = pool.outputs["result"]
-    ev_emb = embed_task(
-        "embed-eval",
-        embed_spec,
-        s3_secret_name,
-        gpu,
-        split=eval_split,
-        manifest=manifest,
-        backbone=embedder,
-        **common,
-    )
-    seed_emb = embed_task(
-        "embed-seed",
-        embed_spec,
-        s3_secret_name,
-        gpu,
-        split=seed_split,
-        manifest=manifest,
-        backbone=embedder,
-        **common,
-    )
-    dd = cpu_task(
-        dedup(spec_json=dedup_spec, pool=embedder, eval_set=ev_emb.outputs["result"], **common),
-        s3_secret_name,
-    )
-    cu = cpu_task(
-        curate(
-            spec_json=curate_spec,
-            pool=dd.outputs["result"],
-            seed=seed_emb.outputs["result"],
-            publish_uri=to["curated"],
-            **common,
-        ),
-        s3_secret_name,
-    )
+    cu = cur["curate"]
     train = {
         "secret_name": s3_secret_name,
         "gpu": gpu,

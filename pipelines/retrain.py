@@ -13,13 +13,12 @@ embedder and the starting point, so each generation curates with the last.
 
 from kfp import dsl
 
-from dinoflow.components.curate import curate
-from dinoflow.components.dedup import dedup
 from dinoflow.components.ingest import ingest
 from dinoflow.components.pretrain import pretrain
 from dinoflow.kfp.gpu import cpu_task, training_task
 from dinoflow.pipelines import params as P
-from dinoflow.pipelines.parts import embed_task, evaluate_and_promote
+from dinoflow.pipelines.curation import PARALLELISM, curation
+from dinoflow.pipelines.parts import evaluate_and_promote
 
 
 def _json(**fields: object) -> str:
@@ -39,6 +38,7 @@ def retrain(
     batch_size: int = P.BATCH_SIZE,
     gpus: int = P.GPUS,
     nodes: int = P.NODES,
+    parallelism: int = PARALLELISM,
     model_name: str = P.MODEL_NAME,
     output_root: str = P.OUTPUT_ROOT,
     registry_uri: str = P.REGISTRY_URI,
@@ -69,6 +69,7 @@ def retrain(
         batch_size: global batch size of each retrain.
         gpus: GPUs per node of pretraining (its nproc); embed and evaluate run on one GPU of the pool.
         nodes: nodes per training job; > 1 pretrains as a Kubeflow TrainJob (nodes x gpus) from a CPU launcher.
+        parallelism: parallel tasks of embed (one GPU each), dedup and curate (pool partitions).
         model_name: the registry entry whose champion is continued and challenged.
         output_root: s3:// prefix of the outputs and of what the full run published (curated.json,
             eval-set.json, the ingest ledger).
@@ -112,53 +113,32 @@ def retrain(
     common = {"output_root": output_root, "data_version": ing.outputs["version"]}
 
     with dsl.If(ing.outputs["images"] > 0, name="new-data"):
-        new = embed_task(
-            "embed-new",
-            embed_spec,
-            s3_secret_name,
-            gpu,
-            split=pool_split,
-            overrides_json=_json(**{"@backbone": champion}),
-            manifest=ing.outputs["result"],
-            **common,
+        cur = curation(
+            embed_spec=embed_spec,
+            dedup_spec=dedup_spec,
+            curate_spec=curate_spec,
+            secret=s3_secret_name,
+            gpu=gpu,
+            common=common,
+            parallelism=parallelism,
+            pool={
+                "name": "embed-new",
+                "split": pool_split,
+                "overrides_json": _json(**{"@backbone": champion}),
+                "manifest": ing.outputs["result"],
+            },
+            eval_set={
+                "name": "embed-eval",
+                "split": eval_split,
+                "overrides_json": _json(**{"@backbone": champion, "@manifest": f'"{to["eval_set"]}"'}),
+            },
+            reference={
+                "name": "embed-curated",
+                "overrides_json": _json(**{"@backbone": champion, "@manifest": f'"{to["curated"]}"'}),
+            },
+            curate_args={"publish_uri": to["curated"]},
         )
-        cur = embed_task(
-            "embed-curated",
-            embed_spec,
-            s3_secret_name,
-            gpu,
-            overrides_json=_json(**{"@backbone": champion, "@manifest": f'"{to["curated"]}"'}),
-            **common,
-        )
-        evs = embed_task(
-            "embed-eval",
-            embed_spec,
-            s3_secret_name,
-            gpu,
-            split=eval_split,
-            overrides_json=_json(**{"@backbone": champion, "@manifest": f'"{to["eval_set"]}"'}),
-            **common,
-        )
-        dd = cpu_task(
-            dedup(
-                spec_json=dedup_spec,
-                pool=new.outputs["result"],
-                eval_set=evs.outputs["result"],
-                reference=cur.outputs["result"],
-                **common,
-            ),
-            s3_secret_name,
-        )
-        cu = cpu_task(
-            curate(
-                spec_json=curate_spec,
-                pool=dd.outputs["result"],
-                seed=cur.outputs["result"],
-                publish_uri=to["curated"],
-                **common,
-            ),
-            s3_secret_name,
-        )
+        cu = cur["curate"]
         pt = training_task(
             pretrain,
             {

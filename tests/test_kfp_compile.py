@@ -18,9 +18,16 @@ def test_checked_in_yamls_are_up_to_date():
 
 
 def _all_tasks(spec):
-    """(name, task) of every task in the pipeline, nested condition DAGs included."""
-    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
-    return [(n, t) for dag in dags for n, t in dag["tasks"].items() if not n.startswith("condition")]
+    """(name, task) of every task in the pipeline, nested condition and loop DAGs included (not the
+    sub-DAG tasks themselves)."""
+    comps = spec["components"]
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in comps.values() if "dag" in c]
+    return [
+        (n, t)
+        for dag in dags
+        for n, t in dag["tasks"].items()
+        if "dag" not in comps[t["componentRef"]["name"]]
+    ]
 
 
 def test_gpu_stages_request_gpus_pool_shm_and_secret_and_cpu_stages_do_not():
@@ -29,11 +36,18 @@ def test_gpu_stages_request_gpus_pool_shm_and_secret_and_cpu_stages_do_not():
     executors = spec["deploymentSpec"]["executors"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     # pretrain/distill: the one-node branch on the GPU pool with `gpus` GPUs ("pretrain"/"distill" are
-    # the launchers); embed and evaluate: one GPU of the same pool
+    # the launchers); embed's plan and parts and evaluate: one GPU of the same pool (embed's collecting
+    # task only lists the parts' shards: a CPU pod, in embed's image)
     training = {"pretrain-2", "distill-2"}
-    one_gpu = {"embed", "embed-2", "embed-3", "evaluate"}
-    launchers = {"pretrain", "distill"}
     tasks = dict(_all_tasks(spec))
+    embeds = {n for n, t in tasks.items() if t["componentRef"]["name"].startswith("comp-embed")}
+
+    def phase(task):
+        return task["inputs"]["parameters"].get("phase", {}).get("runtimeValue", {}).get("constant", "")
+
+    one_gpu = {n for n in embeds if phase(tasks[n])} | {"evaluate"}
+    assert len(one_gpu) == 7  # plan + part of the pool, evaluation and seed sets
+    launchers = {"pretrain", "distill"}
     for name, task in tasks.items():
         label = spec["components"][task["componentRef"]["name"]]["executorLabel"]
         container = executors[label]["container"]
@@ -66,7 +80,7 @@ def test_gpu_stages_request_gpus_pool_shm_and_secret_and_cpu_stages_do_not():
             assert "accelerator" not in container.get("resources", {})
             assert "nodeSelector" not in plat and "emptyDirMounts" not in plat
         else:
-            assert container["image"] == IMAGE
+            assert container["image"] == (GPU_IMAGE if name in embeds else IMAGE)
             assert "accelerator" not in container.get("resources", {})
             assert "nodeSelector" not in plat and "emptyDirMounts" not in plat
     assert training | one_gpu | launchers <= set(tasks)

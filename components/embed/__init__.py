@@ -15,12 +15,19 @@ def embed(
     metrics: Output[Metrics],
     output_name: str = "embed",
     overrides_json: str = "{}",
+    phase: str = "",
+    part: int = 0,
+    parts: int = 0,
     split: str = "train",
     student: str = "",
     manifest: Input[Artifact] = None,
     backbone: Input[Artifact] = None,
 ):
-    """Embed a manifest; without a backbone input or backbone_uri the stage bootstraps one."""
+    """Embed a manifest; without a backbone input or backbone_uri the stage bootstraps one.
+
+    phase ("plan" or "part" number ``part``) runs one fan-out phase of the stage; without it the
+    stage runs and collects its parts (any not run yet run here). parts > 0 sets the spec's part count.
+    """
     from dinoflow.kfp import runtime
 
     runtime.component_main("embed", locals(), inputs=("manifest", "backbone"))

@@ -238,6 +238,9 @@ def run_component(
     run_id: str = "",
     schedule_time: str = "",
     publish_uri: str = "",
+    phase: str = "",
+    part: int = 0,
+    parts: int = 0,
 ) -> dict[str, Any]:
     """Parse and wire the spec (typed ``defaults`` < spec_json < overrides_json < upstream results),
     run the stage (or a multi-node TrainJob), write the result JSON.
@@ -248,7 +251,9 @@ def run_component(
     a pointer (the registry's champion, a published curated set) read now. An empty ``data_version``
     is derived from ``schedule_time`` or ``run_id`` (:func:`data_version_of`). ``run_id`` (the KFP
     run's id) also names a multi-node job after its run. ``publish_uri``: the result is also written
-    there once the stage finished (a stable name for a later run to read)."""
+    there once the stage finished (a stable name for a later run to read). ``phase`` (``plan`` or
+    ``part`` number ``part``) runs one fan-out phase of the stage instead; ``parts`` (> 0) sets the
+    spec's part count, which the pipeline's fan-out width decides."""
     from dinoflow.stages import TRAINING_STAGES, get_stage
     from dinoflow.storage import open_store
 
@@ -267,6 +272,8 @@ def run_component(
     }
     spec_dict.update(given)
     spec_dict.update({k: v for k, v in overrides.items() if not k.startswith("@")})
+    if parts > 0 and "parts" in fields:
+        spec_dict["parts"] = parts
     results = {role: read_result(p) for role, p in (inputs or {}).items()}
     store = None
     for k, v in overrides.items():
@@ -293,10 +300,12 @@ def run_component(
             os.environ.setdefault("DINOFLOW_RUN_ID", run_id)
         with metrics.stage_run(stage):  # the launcher's view: the whole job, submit to finish
             result = run_multinode(stage, spec, store)
+    elif phase:
+        result = st.run_phase(spec, store, phase, part)
     else:
         result = st.run(spec, store).model_dump(mode="json")
     t1 = time.time()
-    if publish_uri:
+    if publish_uri and not phase:
         store.put_json(publish_uri, result)
 
     Path(result_path).parent.mkdir(parents=True, exist_ok=True)
@@ -309,6 +318,7 @@ def run_component(
                     {
                         "task": output_name,
                         "stage": stage,
+                        **({"phase": phase + (f"-{part}" if phase == "part" else "")} if phase else {}),
                         "started": t0,
                         "finished": t1,
                         "seconds": round(t1 - t0, 3),
@@ -343,6 +353,7 @@ def component_main(stage: str, args: dict[str, Any], inputs: tuple[str, ...] = (
         run_id=args.get("run_id") or "",
         schedule_time=args.get("schedule_time") or "",
         publish_uri=args.get("publish_uri") or "",
+        **{k: args[k] for k in ("phase", "part", "parts") if k in args},
     )
     log_metrics(args["metrics"], res)
     if "classification" in args:

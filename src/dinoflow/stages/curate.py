@@ -281,7 +281,7 @@ def select_rows(spec: CurateSpec, store, pool, seeds, levels: list[int], planned
 
     details: dict = {"strategy": spec.strategy}
     if spec.strategy == "all":  # a retrain keeps every new image that survived dedup
-        return np.arange(len(pool), dtype=np.int64), details
+        return np.arange(planned["count"], dtype=np.int64), details
     if spec.strategy == "retrieval":
         rows, sims, k = retrieve(spec, store, planned, seeds)
         details.update(
@@ -333,9 +333,8 @@ def run(spec: CurateSpec, store):
     for i in range(spec.parts):
         run_phase(spec, store, "part", i)
     seeds = _seeds(store, seed_parts)
-    pool = (
-        None if spec.strategy == "retrieval" else l2_normalize(read_embeddings(store, spec.embeddings_uri)[0])
-    )
+    whole = spec.strategy in ("cluster", "hierarchical-kmeans")  # k-means over the whole pool
+    pool = l2_normalize(read_embeddings(store, spec.embeddings_uri)[0]) if whole else None
     rows, details = select_rows(spec, store, pool, seeds, levels, planned)
     curated = table.take(pa.array(rows))
     if spec.keep_seeds:  # the curated set so far, then what this run adds (re-embedded by the next run)

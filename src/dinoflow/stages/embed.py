@@ -231,27 +231,26 @@ def _manifest(spec: EmbedSpec, store):
 
 
 def plan(spec: EmbedSpec, store) -> dict[str, Any]:
-    """Check the inputs, bootstrap the backbone when none is given; what every part needs."""
-    from dinoflow.models import load_backbone
-
+    """Check the inputs, bootstrap the backbone when none is given; what every part needs (read from
+    the backbone's ``backbone.json``: the plan task loads no model unless it bootstraps one)."""
     table = _manifest(spec, store)
     pick_device(spec.device)
     if spec.backbone_uri is not None and not store.exists(spec.backbone_uri.rstrip("/") + "/backbone.json"):
         raise SpecError(f"embed: no exported backbone at {spec.backbone_uri} (backbone.json missing)")
     bootstrapped = spec.backbone_uri is None
     backbone_uri = _bootstrap(spec, store, table) if bootstrapped else spec.backbone_uri
-    bb = load_backbone(store, backbone_uri)
-    px = spec.image_px or bb.img_size
-    if bb.family == "vit" and px % bb.patch_size:
+    bb = store.get_json(backbone_uri.rstrip("/") + "/backbone.json")
+    px = spec.image_px or int(bb["img_size"])
+    if bb.get("family", "vit") == "vit" and px % int(bb["patch_size"]):
         raise SpecError(
-            f"embed: image_px={px} is not a multiple of the backbone's patch size {bb.patch_size}"
+            f"embed: image_px={px} is not a multiple of the backbone's patch size {bb['patch_size']}"
         )
     return {
         "backbone_uri": backbone_uri,
         "bootstrapped": bootstrapped,
         "image_px": px,
-        "in_chans": bb.in_chans,
-        "dim": bb.embed_dim * (2 if spec.features == "cls+patch" else 1),
+        "in_chans": int(bb["in_chans"]),
+        "dim": int(bb["embed_dim"]) * (2 if spec.features == "cls+patch" else 1),
         "count": table.num_rows,
     }
 
