@@ -38,7 +38,7 @@ def test_spec_files_that_are_not_utf8_text_or_are_a_directory_fail_in_one_line(t
         assert out.returncode == 2, out.stderr[-2000:]
         assert "Traceback" not in out.stderr
         assert out.stderr.strip().splitlines()[-1] == f"error: spec file {path} {says}" + (
-            " (byte 43: b'\\xe9'); save it as UTF-8 JSON" if path == bad else ", not a JSON file"
+            " (byte 43: b'\\xe9'); save it as UTF-8 JSON" if path == bad else ", not a file"
         )
 
 

@@ -4,6 +4,7 @@ least-privilege RBAC, the values schema, and the config map's contract with the 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -104,16 +105,30 @@ def test_rbac_is_least_privilege(rendered):
 
 
 def test_hook_job_uploads_and_schedules(rendered):
+    """The hook publishes every pipeline customised with the ConfigMap, then (schedule.enabled) sets the
+    retrain's recurring run; both talk to KFP only."""
     name, docs = rendered
     hooks = [d for d in _by_kind(docs, "Job") if "helm.sh/hook" in d["metadata"].get("annotations", {})]
     cfg = _config(docs)
-    if not cfg["schedule"]["enabled"]:
-        assert hooks == [], "schedule.enabled=false: the hook does not (re)create the recurring run"
-        return
     (job,) = hooks
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
-    (c,) = job["spec"]["template"]["spec"]["containers"]
-    assert c["args"][:5] == ["schedule", "--host", cfg["kfp"]["host"], "--cron", cfg["schedule"]["cron"]]
+    pod = job["spec"]["template"]["spec"]
+    config = ["--config", "/etc/dinoflow/dinoflow.yaml"]
+    if not cfg["schedule"]["enabled"]:
+        (c,) = pod["containers"]
+        assert c["args"] == ["publish", "--host", cfg["kfp"]["host"], *config] and "initContainers" not in pod
+        return
+    (publish,) = pod["initContainers"]
+    assert publish["args"] == ["publish", "--host", cfg["kfp"]["host"], *config]
+    (c,) = pod["containers"]
+    assert c["args"][:7] == [
+        "schedule",
+        "--host",
+        cfg["kfp"]["host"],
+        *config,
+        "--cron",
+        cfg["schedule"]["cron"],
+    ]
     env = {e["name"]: e for e in c["env"]}
     for k in ("DINOFLOW_S3_ENDPOINT", "DINOFLOW_S3_ACCESS_KEY", "DINOFLOW_S3_SECRET_KEY"):
         assert env[k]["valueFrom"]["secretKeyRef"]["name"] == cfg["objectStore"]["secretName"]
@@ -287,3 +302,237 @@ def test_trainjob_config_map_reaches_the_launchers_job(name, monkeypatch):
     pod = pod["template"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == cfg["serviceAccount"]
     assert pod.get("nodeSelector", {}) == cfg["gpuPool"]["nodeSelector"]
+
+
+# -- every value reaches something ------------------------------------------------------------------
+# Everything turned on, so that a value's effect shows: in-cluster MinIO, metrics, a namespaced runtime.
+_ALL_ON = {
+    "objectStore": {"existingSecret": "", "accessKey": "ak-test", "secretKey": "sk-test"},
+    "minio": {"enabled": True},
+    "trainingRuntime": {"enabled": True},
+    "metrics": {
+        "pushgateway": {"enabled": True},
+        "serviceMonitor": {"enabled": True},
+        "podMonitor": {"enabled": True},
+        "grafanaDashboard": {"enabled": True},
+    },
+}
+# Values whose effect shows only in another setting than _ALL_ON (path -> values merged over it)
+_CONTEXT = {
+    "objectStore.existingSecret": {"objectStore": {"existingSecret": "x"}},
+    "objectStore.endpoint": {},
+    "objectStore.workloadIdentity": {
+        "objectStore": {"existingSecret": "byo", "accessKey": "", "secretKey": ""}
+    },
+    "trainJob.clusterRuntime": {"trainingRuntime": {"enabled": False}},
+    "trainingRuntime.enabled": {},
+    "metrics.pushgateway.externalUrl": {},
+    "serviceAccount.create": {"serviceAccount": {"name": "existing-sa"}},
+    "minio.enabled": {"objectStore": {"endpoint": "https://s3.example.com"}},
+}
+_NEW = {  # values that must keep a pattern or an enum
+    "image.cpu.repository": "reg.example.com/x/dinoflow",
+    "image.cuda.repository": "reg.example.com/x/dinoflow",
+    "image.cpu.tag": "9.9.9",
+    "image.cuda.tag": "9.9.9-cuda",
+    "image.pullPolicy": "Always",
+    "objectStore.endpoint": "https://s3.example.com",
+    "objectStore.bucket": "other-bucket",
+    "objectStore.region": "eu-west-1",
+    "data.prefix": "s3://other/datasets",
+    "kfp.host": "http://kfp.example:8888",
+    "schedule.cron": "0 0 4 * * *",
+    "trainJob.kind": "PyTorchJob",
+    "metrics.pushgateway.externalUrl": "http://pg.example:9091",
+    "metrics.pushgateway.image": "quay.io/prometheus/pushgateway:v1.11.2",
+    "minio.image": "quay.io/minio/minio:RELEASE.2025-05-24T17-08-30Z",
+    "serviceAccount.name": "other-sa",
+}
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and v and path not in ("securityContext.capabilities",):
+            out.update(_leaves(v, path + "."))
+        else:
+            out[path] = v
+    return out
+
+
+def _changed(path: str, v):
+    if path in _NEW:
+        return _NEW[path]
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, int | float):
+        return v + 1 if isinstance(v, int) else round(v / 2, 3)
+    if isinstance(v, str):
+        if v and v[0].isdigit():  # quantities: "2", "8Gi", "100m"
+            return "3" + v[1:] if v[0] != "3" else "4" + v[1:]
+        return (v + "x") if v else "x"
+    if isinstance(v, list):
+        if path.endswith("tolerations"):
+            return [{"key": "pool", "operator": "Exists", "effect": "NoSchedule"}]
+        return v[:1] if len(v) > 1 else ["--namespace", "x"] if path == "hook.extraArgs" else ["x"]
+    if isinstance(v, dict):  # an empty map: labels, selectors, annotations, parameters
+        return {"steps": 7} if path == "schedule.parameters" else {"example.com/a": "b"}
+    raise AssertionError(f"no change for {path}={v!r}")
+
+
+def _nest(path: str, value) -> dict:
+    out = value
+    for part in reversed(path.split(".")):
+        out = {part: out}
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _what_is_read(values: dict) -> list:
+    """The rendered resources, with the ConfigMap's dinoflow.yaml cut to what dinoflow reads of it
+    (dinoflow.kfp.deploy.Deployment) plus the schedule hook's arguments."""
+    from dinoflow.kfp.deploy import Deployment
+
+    docs = render(values=values)
+    for d in docs:
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config"):
+            read = Deployment.model_validate(yaml.safe_load(d["data"]["dinoflow.yaml"]))
+            d["data"] = read.model_dump(mode="json")
+    return docs
+
+
+def test_every_chart_value_is_read_by_something():
+    """Each value of values.yaml, changed alone, changes a rendered resource or what dinoflow reads
+    from the ConfigMap to customise the pipelines it uploads (documentation-only keys fail this)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    leaves = _leaves(values)
+    baseline: dict = {}
+    unread = []
+    for path, v in leaves.items():
+        if path in ("nameOverride", "fullnameOverride") or path.startswith(
+            ("podSecurityContext.", "securityContext.")
+        ):
+            continue  # names and hardening: checked by test_pods_are_hardened and the lint
+        ctx = _merge(_ALL_ON, _CONTEXT.get(path, {}))
+        key = json.dumps(ctx, sort_keys=True)
+        if key not in baseline:
+            baseline[key] = _what_is_read(ctx)
+        current = ctx
+        for part in path.split("."):
+            current = current.get(part, v) if isinstance(current, dict) else v
+        try:
+            changed = _what_is_read(_merge(ctx, _nest(path, _changed(path, current))))
+        except subprocess.CalledProcessError as e:
+            raise AssertionError(f"{path}: {e.stderr.strip()[-300:]}") from None
+        if changed == baseline[key]:
+            unread.append(path)
+    assert unread == [], f"values that nothing reads: {unread}"
+
+
+def test_the_configmap_customises_every_uploaded_pipeline(tmp_path):
+    """What the hook does: the rendered ConfigMap, given to `dinoflow compile --config`, puts the
+    chart's images, pull secrets, pools and defaults into every pipeline and leaves the checked-in
+    YAMLs as they are."""
+    from typer.testing import CliRunner
+
+    from dinoflow.cli import app
+    from dinoflow.kfp import GPU_IMAGE, IMAGE
+    from dinoflow.kfp.compile import default_dirs
+
+    docs = render(
+        VALUE_SETS["gpu-pool"], values={"imagePullSecrets": ["regcred"], "objectStore": {"bucket": "acme"}}
+    )
+    (cm,) = [d for d in _by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-config")]
+    cfg_file = tmp_path / "dinoflow.yaml"
+    cfg_file.write_text(cm["data"]["dinoflow.yaml"])
+    cfg = yaml.safe_load(cfg_file.read_text())
+    r = CliRunner().invoke(app, ["compile", "--config", str(cfg_file), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    spec, platform = list(yaml.safe_load_all((tmp_path / "out" / "pipelines" / "full.yaml").read_text()))
+    images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
+    assert (
+        images == {cfg["images"]["cpu"], cfg["images"]["cuda"]}
+        and "registry.example.com" in cfg["images"]["cpu"]
+    )
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["source_uri"]["defaultValue"] == "s3://acme/raw/fashion-mnist"
+    assert params["output_root"]["defaultValue"] == "s3://acme/runs"
+    assert params["gpus"]["defaultValue"] == 8 and params["nodes"]["defaultValue"] == 2
+    assert params["trainjob_config_map"]["defaultValue"] == "rel-dinoflow-trainjob"
+    assert json.loads(params["dedup_spec"]["defaultValue"])["threshold_cos"] == 0.6  # stageDefaults
+    assert json.loads(params["pretrain_spec"]["defaultValue"])["metrics_port"] == 9400
+    for label, plat in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+        assert [p["secretName"] for p in plat["imagePullSecret"]] == ["regcred"], label
+        assert plat["imagePullPolicy"] == "IfNotPresent"
+        res = spec["deploymentSpec"]["executors"][label]["container"]["resources"]
+        if "accelerator" in res:  # the GPU pool's pod size
+            assert res["resourceMemoryLimit"] == cfg["gpuPool"]["resources"]["limits"]["memory"]
+    kept = next(yaml.safe_load_all((default_dirs()[1] / "full.yaml").read_text()))
+    assert {ex["container"]["image"] for ex in kept["deploymentSpec"]["executors"].values()} == {
+        IMAGE,
+        GPU_IMAGE,
+    }
+
+
+def test_workload_identity_needs_no_keys():
+    docs = render(
+        values={
+            "objectStore": {
+                "existingSecret": "",
+                "endpoint": "https://s3.amazonaws.com",
+                "workloadIdentity": True,
+            }
+        }
+    )
+    (secret,) = _by_kind(docs, "Secret")
+    assert set(secret["data"]) == {"endpoint"}
+    (job,) = _by_kind(docs, "Job")
+    env = {e["name"] for c in job["spec"]["template"]["spec"]["containers"] for e in c["env"]}
+    assert "DINOFLOW_S3_ENDPOINT" in env and "DINOFLOW_S3_ACCESS_KEY" not in env
+    r = helm(
+        "template",
+        "rel",
+        str(CHART),
+        values={
+            "objectStore": {
+                "existingSecret": "",
+                "workloadIdentity": True,
+                "accessKey": "a",
+                "secretKey": "b",
+            }
+        },
+        check=False,
+    )
+    assert r.returncode != 0 and "workloadIdentity=true takes no accessKey" in r.stderr
+
+
+def test_notes_name_the_upload_the_ui_run_and_the_schedule(tmp_path):
+    """NOTES.txt (rendered through a copy of the chart, as `helm install` would print it) gives a new
+    user the commands in order: upload to the data prefix, run `full` from the UI, manage the schedule."""
+    import shutil
+
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "NOTES.txt").rename(chart / "templates" / "notes.txt")
+    out = helm(
+        "template",
+        "rel",
+        str(chart),
+        "--show-only",
+        "templates/notes.txt",
+        "--debug",
+        values={"objectStore": {"bucket": "acme"}},
+        check=False,
+    ).stdout
+    notes = out.split("# Source: dinoflow/templates/notes.txt", 1)[1]
+    assert "dinoflow upload --to s3://acme/raw" in notes
+    assert 'pipeline "dinoflow-full" -> Create run' in notes and "s3://acme/raw/fashion-mnist" in notes
+    assert "dinoflow schedule list|pause|resume|delete" in notes
+    assert notes.index("dinoflow upload") < notes.index("dinoflow-full") < notes.index("dinoflow schedule")

@@ -246,3 +246,49 @@ def test_local_runs_lift_retries_and_put_them_back():
     with _no_retries(full):
         assert retried() == set()
     assert retried() == before
+
+
+def test_compile_image_sets_every_components_image_and_pull_secrets_on_every_task(tmp_path):
+    """`dinoflow compile --image REG/NAME:TAG --pull-secret S --out DIR`: every component of every YAML
+    runs the user's image (GPU ones TAG-cuda), every task of every pipeline pulls with the Secret; the
+    checked-in YAMLs keep the default image."""
+    from typer.testing import CliRunner
+
+    from dinoflow.cli import app
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "compile",
+            "--image",
+            "reg.example.com/ml/dino:2.0.1",
+            "--pull-secret",
+            "regcred",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    paths = list((tmp_path / "pipelines").glob("*.yaml")) + list(
+        (tmp_path / "components").glob("*/component.yaml")
+    )
+    assert len(paths) == 8 + 3 + 8
+    for path in paths:
+        docs = _docs(path)
+        images = {ex["container"]["image"] for ex in docs[0]["deploymentSpec"]["executors"].values()}
+        assert images <= {"reg.example.com/ml/dino:2.0.1", "reg.example.com/ml/dino:2.0.1-cuda"}, path
+        if path.parent.name == "pipelines":
+            k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+            assert set(k8s) == set(docs[0]["deploymentSpec"]["executors"])
+            assert all(p["imagePullSecret"][0]["secretName"] == "regcred" for p in k8s.values()), path
+    cdir, pdir = default_dirs()
+    assert (
+        GPU_IMAGE in (pdir / "full.yaml").read_text()
+        and IMAGE in (cdir / "ingest" / "component.yaml").read_text()
+    )
+    bad = CliRunner().invoke(
+        app, ["compile", "--image", "reg.example.com/ml/dino:latest", "--out", str(tmp_path)]
+    )
+    assert bad.exit_code != 0 and "immutable tag" in str(bad.exception)
+    no_out = CliRunner().invoke(app, ["compile", "--image", "reg.example.com/ml/dino:2.0.1"])
+    assert no_out.exit_code != 0 and "give --out" in str(no_out.exception)

@@ -252,10 +252,11 @@ def test_cli_schedule_actions_are_wired(monkeypatch):
     assert r.exit_code == 0 and not fake.runs
 
 
-def test_the_charts_hook_arguments_create_then_keep_one_schedule(monkeypatch):
-    """The hook Job's container args, run through the real CLI against the fake: created on install,
-    unchanged on an upgrade with the same values; concurrency, catch-up and service account from the
-    values."""
+def test_the_charts_hook_arguments_create_then_keep_one_schedule(monkeypatch, tmp_path):
+    """The hook Job's containers, run through the real CLI against the fake: publish uploads every
+    pipeline customised with the ConfigMap; schedule creates the recurring run on install (reusing the
+    retrain version publish uploaded) and keeps it on an upgrade with the same values; concurrency,
+    catch-up and service account from the values."""
     from _deploy import CHART, render
 
     from dinoflow.cli import app
@@ -264,13 +265,38 @@ def test_the_charts_hook_arguments_create_then_keep_one_schedule(monkeypatch):
     (job,) = [
         d for d in docs if d["kind"] == "Job" and "helm.sh/hook" in d["metadata"].get("annotations", {})
     ]
-    (c,) = job["spec"]["template"]["spec"]["containers"]
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    config = tmp_path / "dinoflow.yaml"
+    config.write_text(cm["data"]["dinoflow.yaml"])
+    pod = job["spec"]["template"]["spec"]
+    (publish,) = pod["initContainers"]
+    (c,) = pod["containers"]
+    args = {
+        n: [str(config) if a == "/etc/dinoflow/dinoflow.yaml" else a for a in x["args"]]
+        for n, x in (("publish", publish), ("schedule", c))
+    }
     fake = FakeKfp()
+    uploaded = {}
+    real_upload = fake.upload_pipeline_version
+
+    def upload_version(pipeline_package_path, pipeline_version_name, pipeline_id=None, **kw):
+        uploaded[pipeline_version_name] = open(pipeline_package_path).read()
+        return real_upload(pipeline_package_path, pipeline_version_name, pipeline_id=pipeline_id, **kw)
+
+    monkeypatch.setattr(fake, "upload_pipeline_version", upload_version)
     monkeypatch.setattr(client, "connect", lambda *a, **k: fake)
-    first = CliRunner().invoke(app, c["args"])
+    done = CliRunner().invoke(app, args["publish"])
+    assert done.exit_code == 0, done.output
+    assert {"dinoflow-full", "dinoflow-retrain", "dinoflow-small-data", "dinoflow-stage-embed"} <= set(
+        fake.pipelines
+    )
+    assert all("registry.example.com/ml/dinoflow:0.1.0" in text for text in uploaded.values())
+    n_versions = len(fake.versions)
+    first = CliRunner().invoke(app, args["schedule"])
     assert first.exit_code == 0, first.output
-    again = CliRunner().invoke(app, c["args"])
+    again = CliRunner().invoke(app, args["schedule"])
     assert "created" in first.output and "unchanged" in again.output
+    assert len(fake.versions) == n_versions  # the schedule runs the retrain version publish uploaded
     (run,) = fake.runs.values()
     assert run.max_concurrency == "2" and run.no_catchup is True
     assert run.service_account == "rel-dinoflow"

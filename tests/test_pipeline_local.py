@@ -156,3 +156,130 @@ def test_multi_node_launcher_returns_the_result_its_job_recorded(store, bucket_u
     run = run_pipeline(PIPELINES["pretrain"], args, tmp_path, store.settings)
     assert run.executed == ["pretrain"]
     assert run.result("pretrain") == recorded
+
+
+# -- the scheduled retrain, three times after the full run: new images, new images, nothing new ------
+def _drop_images(store, root: str, rows, copies_of=()) -> list[str]:
+    """Fashion-MNIST train images ``rows`` as PNG files under ``root/train/<label>/``, plus exact
+    copies (new names, same bytes) of the objects ``copies_of``; returns the URIs written."""
+    import io
+
+    from PIL import Image
+
+    from dinoflow.data.idx import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("train")
+    out = []
+    for i in rows:
+        buf = io.BytesIO()
+        Image.fromarray(images[i]).save(buf, "PNG")
+        uri = f"{root}/train/{int(labels[i])}/{i:05d}.png"
+        store.put_bytes(uri, buf.getvalue())
+        out.append(uri)
+    for j, src in enumerate(copies_of):
+        uri = f"{root}/train/{src.split('/')[-2]}/copy-{j}.png"
+        store.put_bytes(uri, store.get_bytes(src))
+        out.append(uri)
+    return out
+
+
+def _retrain_args(full_args: dict, source_uri: str) -> dict:
+    keep = ("embed_spec", "pretrain_spec", "evaluate_spec", "promote_spec")
+    dedup = {**json.loads(full_args["dedup_spec"]), "copy_detection": {"enabled": False}}  # hashes only
+    return {
+        **{k: full_args[k] for k in keep},
+        "dedup_spec": json.dumps(dedup),
+        "output_root": full_args["output_root"],
+        "registry_uri": full_args["registry_uri"],
+        "model_name": full_args["model_name"],
+        "source_uri": source_uri,
+    }
+
+
+@pytest.fixture(scope="module")
+def retrains(full_run):
+    """Three retrain runs through kfp.local on what the full run published."""
+    from dinoflow.pipelines.retrain import retrain
+
+    store, args = full_run["store"], full_run["args"]
+    incoming = f"{args['output_root'].rsplit('/', 1)[0]}/raw/incoming"
+    curated_before = store.get_json(f"{args['output_root']}/curated.json")
+    first = _drop_images(store, incoming, range(1000, 1040))
+    runs = [run_pipeline(retrain, _retrain_args(args, incoming), full_run["root"], store.settings)]
+    second = _drop_images(store, incoming, range(1040, 1070), copies_of=first[:5])
+    runs.append(run_pipeline(retrain, _retrain_args(args, incoming), full_run["root"], store.settings))
+    runs.append(run_pipeline(retrain, _retrain_args(args, incoming), full_run["root"], store.settings))
+    return {"runs": runs, "drops": [first, second], "curated_before": curated_before}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_each_retrain_trains_the_champion_on_the_curated_set_grown_by_its_new_images(full_run, retrains):
+    from dinoflow.data.manifest import read_manifest
+
+    store = full_run["store"]
+    r1, r2, _ = retrains["runs"]
+    first, second = retrains["drops"]
+    prev = retrains["curated_before"]["count"]
+    for run, dropped in ((r1, first), (r2, second)):
+        assert set(run.executed) == {
+            "ingest",
+            "embed-new",
+            "embed-curated",
+            "embed-eval",
+            "dedup",
+            "curate",
+            "pretrain",
+            "evaluate",
+            "promote",
+        }
+        ing, dd, cu, pt = (run.result(t) for t in ("ingest", "dedup", "curate", "pretrain"))
+        assert ing["counts"] == {"train": len(dropped)}  # only the new images were ingested
+        assert dd["input_count"] == len(dropped)
+        assert cu["count"] == prev + dd["kept_count"]  # the curated set grows by what survived dedup
+        assert pt["n_images"] == cu["count"]  # ...and is what the retrain trained on
+        marker = store.read_success(pt["output_uri"])["spec"]
+        assert marker["manifest_uri"] == cu["manifest_uri"]
+        prev = cu["count"]
+    # the second drop's exact copies of first-drop images were dropped against the curated set
+    kept = set(read_manifest(store, r2.result("dedup")["manifest_uri"]).column("sha256").to_pylist())
+    curated_r1 = set(read_manifest(store, r1.result("curate")["manifest_uri"]).column("sha256").to_pylist())
+    assert not kept & curated_r1
+    assert r2.result("dedup")["kept_count"] <= len(second) - 5
+    # each run had its own data version, so nothing was a cache hit of the run before
+    v1, v2 = (r.result("pretrain")["output_uri"].split("/")[-3] for r in (r1, r2))
+    assert v1 != v2 and v1.startswith("t20")  # kfp.local: the creation time, as a one-off run gets
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_each_retrain_starts_from_the_champion_and_promotes_only_if_better(full_run, retrains):
+    from dinoflow.stages.promote import read_decisions
+
+    store, args = full_run["store"], full_run["args"]
+    r1, r2, _ = retrains["runs"]
+    decisions = read_decisions(store, args["registry_uri"], args["model_name"])
+    assert len(decisions) == 3  # the full run's, then one per retrain that had new images
+    full_d, d1, d2 = decisions
+    assert full_d["promoted"] and full_d["champion_version"] is None
+    for d, run in ((d1, r1), (d2, r2)):
+        assert d["challenger_backbone_uri"] == run.result("pretrain")["backbone_uri"]
+        assert d["promoted"] == (d["challenger_value"] > d["champion_value"] + d["margin"])
+        assert run.result("promote")["promoted"] == d["promoted"]
+    # each retrain continued from the champion of its time (the one the decision before it left)
+    for d_before, run in ((full_d, r1), (d1, r2)):
+        spec = store.read_success(run.result("pretrain")["output_uri"])["spec"]
+        version = d_before["new_champion_version"]
+        assert spec["init_backbone_uri"] == f"{args['registry_uri']}/{args['model_name']}/versions/{version}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_retrain_with_nothing_new_ends_after_ingest_and_says_so(full_run, retrains):
+    store, args = full_run["store"], full_run["args"]
+    r3 = retrains["runs"][2]
+    assert r3.executed == ["ingest"]  # the rest of the run is a skipped branch; the run succeeded
+    ing = r3.result("ingest")
+    assert ing["counts"] == {} and ing["skipped_seen"] == sum(len(d) for d in retrains["drops"])
+    curated = store.get_json(f"{args['output_root']}/curated.json")
+    assert curated["output_uri"] == retrains["runs"][1].result("curate")["output_uri"]  # unchanged

@@ -55,6 +55,7 @@ def test_trainjob_validates_against_trainer_v2_crd():
     assert env["DINOFLOW_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {
         "name": "dinoflow-s3",
         "key": "secret_key",
+        "optional": True,  # workload identity: a Secret with the endpoint only
     }
     assert "value" not in env["DINOFLOW_S3_ACCESS_KEY"]
     pod = m["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][

@@ -160,15 +160,53 @@ HostOpt = Annotated[
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="KF_PIPELINES_TOKEN", help="bearer token")]
 NsOpt = Annotated[str | None, typer.Option("--namespace", help="Kubeflow profile namespace (multi-user)")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="pipeline parameter k=v (repeatable)")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="the chart's dinoflow.yaml: images, pull secrets, pools, parameter defaults"
+    ),
+]
+ImageOpt = Annotated[
+    str | None, typer.Option("--image", help="REGISTRY/NAME:TAG of every CPU component (GPU: TAG-cuda)")
+]
+GpuImageOpt = Annotated[
+    str | None, typer.Option("--gpu-image", help="REGISTRY/NAME:TAG of the GPU components")
+]
+PullSecretOpt = Annotated[
+    list[str] | None, typer.Option("--pull-secret", help="image pull Secret on every task (repeatable)")
+]
+
+
+def _deployment(config: Path | None, image: str | None, gpu_image: str | None, pull_secret: list[str] | None):
+    """The installation's settings for the compiled pipelines (dinoflow.kfp.deploy)."""
+    from dinoflow.kfp import deploy
+
+    return deploy.load(config, image=image, gpu_image=gpu_image, pull_secrets=pull_secret or [])
 
 
 @app.command("compile")
 def compile_cmd(
     check: Annotated[bool, typer.Option("--check", help="only report YAMLs that are out of date")] = False,
+    image: ImageOpt = None,
+    gpu_image: GpuImageOpt = None,
+    pull_secret: PullSecretOpt = None,
+    config: ConfigOpt = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder for customised YAMLs (components/ and pipelines/ in it)")
+    ] = None,
 ) -> None:
-    """Compile every component and pipeline to components/*/component.yaml and pipelines/*.yaml."""
+    """Compile every component and pipeline to components/*/component.yaml and pipelines/*.yaml; with
+    --image/--pull-secret/--config, customised copies go to --out (the checked-in YAMLs keep the
+    default image)."""
     from dinoflow.kfp import compile as kc
 
+    deployment = _deployment(config, image, gpu_image, pull_secret)
+    if not deployment.is_empty():
+        if out is None:
+            raise DinoflowError("--image/--pull-secret/--config write customised YAMLs: give --out DIR")
+        for path in kc.compile_all(out / "components", out / "pipelines", deployment):
+            typer.echo(str(path))
+        return
     if check:
         stale = kc.stale()
         if stale:
@@ -187,12 +225,22 @@ def submit(
     token: TokenOpt = None,
     namespace: NsOpt = None,
     experiment: Annotated[str, typer.Option(help="KFP experiment")] = "dinoflow",
+    image: ImageOpt = None,
+    gpu_image: GpuImageOpt = None,
+    pull_secret: PullSecretOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Start a run of a compiled pipeline on a KFP cluster."""
     from dinoflow.kfp import client
 
     run_id = client.submit(
-        host, pipeline, param or [], token=token, namespace=namespace, experiment=experiment
+        host,
+        pipeline,
+        param or [],
+        token=token,
+        namespace=namespace,
+        experiment=experiment,
+        deployment=_deployment(config, image, gpu_image, pull_secret),
     )
     typer.echo(f"submitted {pipeline}: run {run_id}")
 
@@ -221,6 +269,10 @@ def schedule(
     service_account: Annotated[
         str | None, typer.Option(help="Kubernetes ServiceAccount the runs use")
     ] = None,
+    image: ImageOpt = None,
+    gpu_image: GpuImageOpt = None,
+    pull_secret: PullSecretOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Keep one recurring run of the retrain pipeline per name: `set` uploads the pipeline and a
     version, then creates or updates the recurring run; `list`, `pause`, `resume`, `delete` manage it."""
@@ -242,6 +294,7 @@ def schedule(
             max_concurrency=max_concurrency,
             no_catchup=not catchup,
             service_account=service_account,
+            deployment=_deployment(config, image, gpu_image, pull_secret),
         )
         typer.echo(f"schedule '{name or 'dinoflow-retrain'}' at '{cron}' {outcome}: recurring run {rid}")
         return
@@ -252,6 +305,35 @@ def schedule(
         typer.echo(f"{r['mode'] or '':<8} {r['cron']:<16} {r['recurring_run_id']}  {r['name']}")
     if not rows:
         typer.echo("no recurring runs")
+
+
+@app.command()
+def publish(
+    host: HostOpt,
+    pipeline: Annotated[
+        list[str] | None,
+        typer.Option(help="full, retrain, small_data, stage-<stage> (repeatable; default: all of them)"),
+    ] = None,
+    token: TokenOpt = None,
+    namespace: NsOpt = None,
+    image: ImageOpt = None,
+    gpu_image: GpuImageOpt = None,
+    pull_secret: PullSecretOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Upload the pipelines to KFP (a version named after each one's content), customised for this
+    installation, so that a run started from the UI with its defaults runs here."""
+    from dinoflow.kfp import client
+
+    done = client.publish(
+        host,
+        pipeline or None,
+        token=token,
+        namespace=namespace,
+        deployment=_deployment(config, image, gpu_image, pull_secret),
+    )
+    for name, version in done:
+        typer.echo(f"{name}: version {version}")
 
 
 @app.command()

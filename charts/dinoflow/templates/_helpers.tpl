@@ -83,7 +83,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* The env every dinoflow container gets: the object store, credentials only by secretKeyRef. */}}
+{{/* Where raw datasets live (`dinoflow upload --to`), and the one the pipelines ingest by default. */}}
+{{- define "dinoflow.dataPrefix" -}}
+{{- default (printf "s3://%s/raw" .Values.objectStore.bucket) .Values.data.prefix | trimSuffix "/" -}}
+{{- end -}}
+
+{{/* The env every dinoflow container gets: the object store, credentials only by secretKeyRef
+     (none with workload identity: the pod's ServiceAccount identity gives them). */}}
 {{- define "dinoflow.env" -}}
 - name: DINOFLOW_S3_ENDPOINT
   valueFrom:
@@ -94,6 +100,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - name: DINOFLOW_S3_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- if not .Values.objectStore.workloadIdentity }}
 - name: DINOFLOW_S3_ACCESS_KEY
   valueFrom:
     secretKeyRef:
@@ -104,6 +111,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     secretKeyRef:
       name: {{ include "dinoflow.secretName" . }}
       key: secret_key
+{{- end }}
 {{- with (include "dinoflow.pushgatewayUrl" .) }}
 - name: DINOFLOW_PUSHGATEWAY
   value: {{ . | quote }}
@@ -114,8 +122,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* Checks that need more than the JSON schema; they fail `helm template` with one clear line. */}}
 {{- define "dinoflow.validate" -}}
-{{- if and (not .Values.objectStore.existingSecret) (or (not .Values.objectStore.accessKey) (not .Values.objectStore.secretKey)) -}}
-{{- fail "objectStore: set existingSecret, or both accessKey and secretKey (the chart then creates the Secret)" -}}
+{{- if and (not .Values.objectStore.existingSecret) (not .Values.objectStore.workloadIdentity) (or (not .Values.objectStore.accessKey) (not .Values.objectStore.secretKey)) -}}
+{{- fail "objectStore: set existingSecret, or both accessKey and secretKey (the chart then creates the Secret), or workloadIdentity=true" -}}
+{{- end -}}
+{{- if and .Values.objectStore.workloadIdentity (or .Values.objectStore.accessKey .Values.objectStore.secretKey) -}}
+{{- fail "objectStore: workloadIdentity=true takes no accessKey/secretKey (the pods' identity gives the credentials)" -}}
 {{- end -}}
 {{- $tag := default .Chart.AppVersion .Values.image.cpu.tag -}}
 {{- if or (eq $tag "latest") (eq (default .Chart.AppVersion .Values.image.cuda.tag) "latest") -}}
@@ -123,8 +134,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* Pipeline parameters set from the values (names of pipelines/retrain.py's parameters). */}}
+{{/* Pipeline parameters set from the values (names of the pipelines' parameters: the defaults of
+     the uploaded pipelines, and the scheduled retrain's arguments). */}}
 {{- define "dinoflow.runParameters" -}}
+output_root: {{ printf "s3://%s/runs" .Values.objectStore.bucket }}
+registry_uri: {{ printf "s3://%s/registry" .Values.objectStore.bucket }}
+source_uri: {{ printf "%s/%s" (include "dinoflow.dataPrefix" .) .Values.data.dataset }}
 s3_secret_name: {{ include "dinoflow.secretName" . }}
 gpus: {{ .Values.gpuPool.gpusPerNode }}
 nodes: {{ .Values.gpuPool.numNodes }}
@@ -134,4 +149,51 @@ gpu_tolerations: {{ toJson .Values.gpuPool.tolerations }}
 {{- range $k, $v := .Values.schedule.parameters }}
 {{ $k }}: {{ toJson $v }}
 {{- end }}
+{{- end -}}
+
+{{/* A container of the hook Job: `dinoflow publish` (every pipeline, customised with the ConfigMap)
+     or `dinoflow schedule` (the retrain's recurring run, its version customised the same way). */}}
+{{- define "dinoflow.hookContainer" -}}
+{{- $root := .root -}}
+- name: {{ .name }}
+  image: {{ include "dinoflow.image" (dict "root" $root "kind" "cpu") }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  args:
+    - {{ .name }}
+    - --host
+    - {{ $root.Values.kfp.host | quote }}
+    - --config
+    - /etc/dinoflow/dinoflow.yaml
+    {{- if eq .name "schedule" }}
+    - --cron
+    - {{ $root.Values.schedule.cron | quote }}
+    - --name
+    - {{ $root.Values.kfp.pipelineName | quote }}
+    - --experiment
+    - {{ $root.Values.kfp.experiment | quote }}
+    - --max-concurrency
+    - {{ $root.Values.schedule.maxConcurrency | quote }}
+    - {{ ternary "--catchup" "--no-catchup" $root.Values.schedule.catchup }}
+    - --service-account
+    - {{ default (include "dinoflow.serviceAccountName" $root) $root.Values.kfp.runServiceAccount | quote }}
+    {{- range $k, $v := (include "dinoflow.runParameters" $root | fromYaml) }}
+    - --param
+    - {{ printf "%s=%s" $k (ternary $v (toJson $v) (kindIs "string" $v)) | quote }}
+    {{- end }}
+    {{- range $root.Values.hook.extraArgs }}
+    - {{ . | quote }}
+    {{- end }}
+    {{- end }}
+  env:
+    {{- include "dinoflow.env" $root | nindent 4 }}
+  securityContext:
+    {{- toYaml $root.Values.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml $root.Values.hook.resources | nindent 4 }}
+  volumeMounts:
+    - name: config
+      mountPath: /etc/dinoflow
+      readOnly: true
+    - name: tmp
+      mountPath: /tmp
 {{- end -}}

@@ -24,7 +24,7 @@ from dinoflow.data.idx import read_idx
 from dinoflow.data.images import MAX_IMAGE_BYTES, BadImage, is_image_ext
 from dinoflow.data.shards import sample_key
 from dinoflow.errors import SpecError, StorageError
-from dinoflow.storage.client import ObjectStore
+from dinoflow.storage.client import ObjectStore, read_local_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -44,17 +44,7 @@ def _read(store: ObjectStore, path: str) -> bytes:
         if not data and store.stat(path)["size"]:
             raise StorageError(f"reading {path} returned 0 of {store.stat(path)['size']} bytes")
         return data
-    p = Path(path)
-    if not p.exists():
-        raise SpecError(f"input {path} does not exist")
-    if p.is_dir():
-        raise SpecError(f"input {path} is a directory, not a file (a folder of images is kind 'folder')")
-    try:
-        if p.stat().st_size > MAX_IMAGE_BYTES:
-            raise SpecError(f"input {path} is larger than {MAX_IMAGE_BYTES} bytes: not an image to ingest")
-        return p.read_bytes()
-    except OSError as e:
-        raise SpecError(f"cannot read input {path}: {e.strerror or e}") from None
+    return read_local_bytes(path, "input", MAX_IMAGE_BYTES, " (a folder of images is kind 'folder')")
 
 
 def skipped_folder(name: str) -> bool:

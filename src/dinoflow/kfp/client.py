@@ -18,6 +18,7 @@ import yaml
 from dinoflow.errors import DinoflowError
 
 DEFAULT_EXPERIMENT = "dinoflow"
+PUBLISHED = ("full", "small_data", "retrain")  # and every stage-only pipeline
 
 
 def pipeline_yaml(name: str) -> Path:
@@ -30,6 +31,19 @@ def pipeline_yaml(name: str) -> Path:
             f"unknown pipeline {name!r}; choose one of: {', '.join(pipelines())} (or run `dinoflow compile`)"
         )
     return path
+
+
+def package(name: str, deployment: Any = None) -> Path:
+    """The YAML to send for pipeline ``name``: the compiled one, or a copy customised for this
+    installation (``dinoflow.kfp.deploy``; written to a temporary folder)."""
+    import tempfile
+
+    path = pipeline_yaml(name)
+    if deployment is None or deployment.is_empty():
+        return path
+    from dinoflow.kfp import deploy
+
+    return deploy.write(path, Path(tempfile.mkdtemp(prefix="dinoflow-")) / path.name, deployment)
 
 
 _TYPES = {
@@ -128,9 +142,17 @@ def talking_to(host: str) -> Iterator[None]:
         raise explain(host, e) from None
 
 
-def _package(host: str, pipeline: str, params: list[str] | None, token: str | None, namespace: str | None):
-    """The compiled pipeline's path, its typed arguments and a client (all checked before any call)."""
-    path = pipeline_yaml(pipeline)
+def _package(
+    host: str,
+    pipeline: str,
+    params: list[str] | None,
+    token: str | None,
+    namespace: str | None,
+    deployment: Any = None,
+):
+    """The pipeline's YAML (customised for the installation), its typed arguments and a client (all
+    checked before any call)."""
+    path = package(pipeline, deployment)
     return path, parse_params(path, params or []), connect(host, token, namespace)
 
 
@@ -152,9 +174,10 @@ def submit(
     namespace: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     run_name: str | None = None,
+    deployment: Any = None,
 ) -> str:
     """Start one run of ``pipeline``; returns its run id."""
-    path, args, client = _package(host, pipeline, params, token, namespace)
+    path, args, client = _package(host, pipeline, params, token, namespace, deployment)
     with talking_to(host):
         run = client.create_run_from_pipeline_package(
             str(path), arguments=args, run_name=run_name, experiment_name=experiment, namespace=namespace
@@ -196,6 +219,33 @@ def upload(client: Any, path: Path, name: str, namespace: str | None = None) -> 
     return pid, version.pipeline_version_id
 
 
+def publish(
+    host: str,
+    names: list[str] | None = None,
+    *,
+    token: str | None = None,
+    namespace: str | None = None,
+    client: Any = None,
+    deployment: Any = None,
+) -> list[tuple[str, str]]:
+    """Upload pipelines (default: full, small_data, retrain and every stage-only one) under their own
+    names (``dinoflow-full``...), each with a version named after its content, customised for the
+    installation: a run submitted from the UI with the defaults runs there. Returns (name, version)."""
+    from dinoflow.kfp.compile import pipelines
+
+    names = names or [*PUBLISHED, *sorted(n for n in pipelines() if n.startswith("stage-"))]
+    paths = {n: package(n, deployment) for n in names}  # every YAML checked before any call
+    client = client or connect(host, token, namespace)
+    out = []
+    with talking_to(host):
+        for path in paths.values():
+            spec = next(yaml.safe_load_all(path.read_text()))
+            display = spec["pipelineInfo"]["name"]
+            _, vid = upload(client, path, display, namespace)
+            out.append((display, vid))
+    return out
+
+
 def find_schedules(
     client: Any, name: str | None, experiment_id: str | None, namespace: str | None
 ) -> list[Any]:
@@ -221,6 +271,7 @@ def schedule(
     no_catchup: bool = True,
     service_account: str | None = None,
     client: Any = None,
+    deployment: Any = None,
 ) -> tuple[str, str]:
     """Create or update the recurring run ``name``: upload the pipeline and a version of it, then
     keep one recurring run of that name with these settings. Unchanged settings keep the existing
@@ -231,7 +282,7 @@ def schedule(
     cron = check_cron(cron)
     if max_concurrency < 1:
         raise DinoflowError(f"--max-concurrency must be >= 1, got {max_concurrency}")
-    path = pipeline_yaml(pipeline)
+    path = package(pipeline, deployment)
     args = parse_params(path, params or [])
     client = client or connect(host, token, namespace)
     with talking_to(host):

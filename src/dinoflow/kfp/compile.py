@@ -40,9 +40,12 @@ def default_dirs() -> tuple[Path, Path]:
 
 
 def compile_all(
-    components_dir: str | os.PathLike[str] | None = None, pipelines_dir: str | os.PathLike[str] | None = None
+    components_dir: str | os.PathLike[str] | None = None,
+    pipelines_dir: str | os.PathLike[str] | None = None,
+    deployment: Any = None,
 ) -> list[Path]:
-    """Write every YAML; returns the paths written."""
+    """Write every YAML; returns the paths written. ``deployment`` (``dinoflow.kfp.deploy``): the
+    installation's images, pull secrets, pools and defaults applied to each."""
     from kfp import compiler
 
     cdir, pdir = default_dirs()
@@ -59,6 +62,11 @@ def compile_all(
         path = pdir / f"{name}.yaml"
         compiler.Compiler().compile(fn, str(path))
         written.append(path)
+    if deployment is not None and not deployment.is_empty():
+        from dinoflow.kfp import deploy
+
+        for path in written:
+            deploy.write(path, path, deployment)
     return written
 
 

@@ -27,8 +27,12 @@ RETRY_BACKOFF_MAX = "900s"
 
 
 def with_credentials(task: Any, secret_name: Any) -> Any:
-    """Object-store endpoint and keys as env vars from the Secret ``secret_name`` (a parameter)."""
-    return kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=dict(S3_SECRET_KEYS))
+    """Object-store endpoint and keys as env vars from the Secret ``secret_name`` (a parameter). The
+    keys are optional: with workload identity (IRSA) the Secret holds the endpoint only and the store
+    client asks the pod's identity for credentials (``dinoflow.storage.client.workload_identity``)."""
+    return kubernetes.use_secret_as_env(
+        task, secret_name=secret_name, secret_key_to_env=dict(S3_SECRET_KEYS), optional=True
+    )
 
 
 def _retries(task: Any) -> Any:

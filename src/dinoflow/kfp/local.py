@@ -113,6 +113,60 @@ def _oneof_artifacts() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _condition_outputs() -> Iterator[None]:
+    """kfp.local (2.17) evaluates a ``dsl.If`` on an upstream task's output parameter as false: it
+    looks ``pipelinechannel--<task>-<output>`` up as a parent input only. For this run, a channel it
+    cannot find is also tried as ``<task>`` + ``<output>`` at each hyphen, as the KFP backend resolves
+    it through the condition task's inputs (the retrain's "something new?" branch needs it)."""
+    from kfp.local.orchestrator import enhanced_dag_orchestrator as edo
+
+    cls = edo.ConditionEvaluator
+    original = cls.__dict__["_resolve_pipeline_channel"]
+
+    def resolve(channel_ref: str, io_store: Any) -> Any:
+        value = original.__func__(channel_ref, io_store)
+        ref = channel_ref.replace("pipelinechannel--", "")
+        for i in [i for i, ch in enumerate(ref) if ch == "-"] if value is None else []:
+            try:
+                return io_store.get_task_output(ref[:i], ref[i + 1 :])
+            except (KeyError, ValueError):
+                continue
+        return value
+
+    cls._resolve_pipeline_channel = staticmethod(resolve)
+    try:
+        yield
+    finally:
+        cls._resolve_pipeline_channel = original
+
+
+@contextlib.contextmanager
+def _job_times() -> Iterator[None]:
+    """kfp.local (2.17) fills no pipeline-job time placeholders (it fails on them). The KFP backend
+    gives a one-off run its creation time for both the create and the schedule time; so does this."""
+    import datetime
+
+    from kfp import dsl
+    from kfp.local import placeholder_utils as pu
+
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    times = (dsl.PIPELINE_JOB_CREATE_TIME_UTC_PLACEHOLDER, dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER)
+    original = pu.resolve_individual_placeholder
+
+    def resolve(element: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(element, str):
+            for placeholder in times:
+                element = element.replace(placeholder, now)
+        return original(element, *args, **kwargs)
+
+    pu.resolve_individual_placeholder = resolve
+    try:
+        yield
+    finally:
+        pu.resolve_individual_placeholder = original
+
+
+@contextlib.contextmanager
 def _env(values: dict[str, str]) -> Iterator[None]:
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
@@ -164,7 +218,7 @@ def run_pipeline(
     )
     env = {**s3_env(settings), EVENTS_ENV: str(events_file)}
     t0 = time.perf_counter()
-    with _env(env), _no_retries(pipeline_fn), _oneof_artifacts():
+    with _env(env), _no_retries(pipeline_fn), _oneof_artifacts(), _job_times(), _condition_outputs():
         try:
             pipeline_fn(**arguments)
         except RuntimeError as e:  # kfp.local: "Pipeline '...' finished with status FAILURE ..."

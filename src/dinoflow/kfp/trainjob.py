@@ -136,8 +136,8 @@ def node_command(job: MultiNodeJob) -> list[str]:
 def _env(job: MultiNodeJob) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": "DINOFLOW_SPEC_JSON", "value": job.spec_json}]
     env += [{"name": k, "value": v} for k, v in sorted(job.env.items())]
-    env += [
-        {"name": var, "valueFrom": {"secretKeyRef": {"name": job.secret_name, "key": key}}}
+    env += [  # optional: with workload identity the Secret holds the endpoint only
+        {"name": var, "valueFrom": {"secretKeyRef": {"name": job.secret_name, "key": key, "optional": True}}}
         for key, var in S3_SECRET_KEYS.items()
     ]
     return env

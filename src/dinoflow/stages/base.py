@@ -25,7 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from dinoflow import metrics
 from dinoflow.errors import SpecError, StorageError
-from dinoflow.storage.client import SUCCESS, ObjectStore, join_uri, key_problem, parse_uri, sweep_local_tmp
+from dinoflow.storage.client import (
+    SUCCESS,
+    ObjectStore,
+    join_uri,
+    key_problem,
+    parse_uri,
+    read_local_bytes,
+    sweep_local_tmp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +45,7 @@ MAX_SPEC_BYTES = 16 << 20
 def read_spec_text(path: str | os.PathLike[str]) -> str:
     """A spec file's text; a missing file, a directory, or bytes that are not UTF-8 are one-line errors."""
     p = Path(path)
-    if not p.exists():
-        raise SpecError(f"spec file {p} does not exist")
-    if p.is_dir():
-        raise SpecError(f"spec file {p} is a directory, not a JSON file")
-    try:
-        if p.stat().st_size > MAX_SPEC_BYTES:
-            raise SpecError(f"spec file {p} is larger than {MAX_SPEC_BYTES} bytes: not a stage spec")
-        data = p.read_bytes()
-    except OSError as e:
-        raise SpecError(f"cannot read spec file {p}: {e.strerror or e}") from None
+    data = read_local_bytes(p, "spec file", MAX_SPEC_BYTES)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -46,6 +46,41 @@ _CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+# What a cloud injects into a pod whose ServiceAccount has an identity: EKS IRSA / pod identity
+# (a web identity token for STS), ECS-style container credential endpoints.
+_IDENTITY_ENV = (
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+)
+
+
+def workload_identity() -> Any:
+    """Credentials without static keys: minio's IAM provider (``IamAwsProvider``: a web identity token
+    exchanged at STS, ``DINOFLOW_S3_STS_ENDPOINT`` for a non-AWS STS such as MinIO's, or a container
+    credentials endpoint), tried once here so that a pod without either fails at once, in one line."""
+    from minio.credentials import IamAwsProvider
+
+    found = [k for k in _IDENTITY_ENV if os.environ.get(k)]
+    if not found:
+        raise StorageError(
+            "object-store credentials missing: set DINOFLOW_S3_ACCESS_KEY and DINOFLOW_S3_SECRET_KEY, or run "
+            "with workload identity (AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN, e.g. EKS IRSA)"
+        )
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=10, read=10), retries=urllib3.Retry(total=2, backoff_factor=0.2)
+    )
+    provider = IamAwsProvider(custom_endpoint=os.environ.get("DINOFLOW_S3_STS_ENDPOINT"), http_client=http)
+    try:
+        provider.retrieve()
+    except Exception as e:  # the provider raises whatever its HTTP client or STS answered
+        text = str(e).splitlines()[0][:200] if str(e) else ""
+        raise StorageError(
+            f"workload identity ({found[0]}) gave no object-store credentials: {type(e).__name__}: {text}"
+        ) from None
+    return provider
+
+
 def parse_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; anything else is a clear error."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
@@ -89,18 +124,17 @@ class ObjectStore:
                 "no object-store endpoint: set DINOFLOW_S3_ENDPOINT (or run `dinoflow store up` "
                 "for the embedded store)"
             )
-        if settings.access_key is None or settings.secret_key is None:
-            raise StorageError(
-                "object-store credentials missing: set DINOFLOW_S3_ACCESS_KEY and DINOFLOW_S3_SECRET_KEY"
-            )
         self.settings = settings
         host, secure = settings.host_and_tls()
         timeout = urllib3.Timeout(connect=settings.timeout_seconds, read=settings.timeout_seconds)
         http = urllib3.PoolManager(timeout=timeout, retries=urllib3.Retry(total=0), maxsize=16)
+        access, secret = settings.access_key, settings.secret_key
+        static = access is not None and secret is not None
         self._client = Minio(
             host,
-            access_key=settings.access_key.get_secret_value(),
-            secret_key=settings.secret_key.get_secret_value(),
+            access_key=access.get_secret_value() if access is not None and static else None,
+            secret_key=secret.get_secret_value() if secret is not None and static else None,
+            credentials=None if static else workload_identity(),
             secure=secure,
             region=settings.region,
             http_client=http,
@@ -317,6 +351,24 @@ class ObjectStore:
     def read_success(self, prefix_uri: str) -> dict[str, Any] | None:
         uri = join_uri(prefix_uri, SUCCESS)
         return self.get_json(uri) if self.exists(uri) else None
+
+
+def read_local_bytes(path: str | os.PathLike[str], what: str, max_bytes: int, dir_hint: str = "") -> bytes:
+    """A local file's bytes, or one ``SpecError`` line saying why not: missing, a directory, larger
+    than ``max_bytes``, unreadable. ``what`` names the file for the message ("input", "spec file")."""
+    from dinoflow.errors import SpecError
+
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(f"{what} {p} does not exist")
+    if p.is_dir():
+        raise SpecError(f"{what} {p} is a directory, not a file{dir_hint}")
+    try:
+        if p.stat().st_size > max_bytes:
+            raise SpecError(f"{what} {p} is larger than {max_bytes} bytes")
+        return p.read_bytes()
+    except OSError as e:
+        raise SpecError(f"cannot read {what} {p}: {e.strerror or e}") from None
 
 
 def _start_time(pid: int) -> str | None:
