@@ -84,7 +84,10 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _port_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now (as weed does, with SO_REUSEADDR: the
+    TIME_WAIT connections a killed server leaves do not hold its ports)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
