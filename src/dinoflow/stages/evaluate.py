@@ -52,8 +52,8 @@ class EvaluateSpec(StageSpec):
         "auto", description="where features are extracted; auto: cuda when available"
     )
     baseline: bool = Field(True, description="also run every protocol on raw pixels (the reference)")
-    baseline_size_px: int = Field(
-        28, ge=4, description="raw-pixel baseline resolution (Fashion-MNIST native: 28)"
+    baseline_size_px: int | None = Field(
+        None, ge=4, description="raw-pixel baseline resolution (default: the backbone's input size)"
     )
     class_names: list[str] = Field(
         default_factory=list, description="index = label; empty: taken from the ingest run, else 'class i'"
@@ -352,8 +352,12 @@ def _score(spec: EvaluateSpec, store: Any, inp: _Inputs, f: _Features) -> _Outco
     baseline: dict[str, float] = {}
     if spec.baseline:
         baseline = run_protocols(
-            pixel_features(f.images["train"], f.labels["train"], spec.baseline_size_px),
-            pixel_features(f.images["test"], f.labels["test"], spec.baseline_size_px),
+            pixel_features(
+                f.images["train"], f.labels["train"], spec.baseline_size_px or f.images["train"].shape[-1]
+            ),
+            pixel_features(
+                f.images["test"], f.labels["test"], spec.baseline_size_px or f.images["test"].shape[-1]
+            ),
             num_classes,
             params,
         ).metrics
