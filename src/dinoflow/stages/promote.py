@@ -211,8 +211,8 @@ def run(spec: PromoteSpec, store: Any) -> PromoteResult:
     old_value = _champion_value(spec, champion, test_manifest)
     promoted, reason = _verdict(spec, value, champion, old_value)
 
-    if promoted:
-        new_champion = {
+    if promoted or champion is None:  # (no champion: always promoted)
+        new_champion: dict[str, Any] = {
             "model_name": spec.model_name,
             "source_backbone_uri": challenger_uri,
             "evaluation_uri": spec.evaluation_uri,

@@ -338,7 +338,7 @@ class ObjectStore:
             o.object_name for o in objs if o.last_modified and (now - o.last_modified).total_seconds() >= age
         ]
         for key in stale:
-            self._call(f"cleaning s3://{bucket}/{key}", lambda k=key: self._client.remove_object(bucket, k))
+            self.delete(f"s3://{bucket}/{key}")
         if stale:
             log.info("removed %d stale temporary object(s) under s3://%s/%s/", len(stale), bucket, _TMP_DIR)
         return len(stale)
