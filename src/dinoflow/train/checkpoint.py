@@ -154,14 +154,17 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
 
 def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, msd: dict, osd: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """The model's state strictly (every key, every shape); then the optimizer's, where a parameter
+    that has had no gradient yet (DINO's prototypes while frozen) rightly has no state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=msd,
-        optim_state_dict=osd,
-        options=StateDictOptions(full_state_dict=True),
+    set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True, strict=True))
+    set_optimizer_state_dict(
+        model, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False)
     )
 
 
