@@ -20,6 +20,7 @@ from dinoflow.data.stream import (
     buffer_shuffle,
     crop_box,
 )
+from dinoflow.errors import SpecError
 
 GROUPS = [CropGroup(2, 12, (0.3, 1.0)), CropGroup(1, 8, (0.05, 0.3))]
 
@@ -130,8 +131,16 @@ def test_non_square_rgb_source_streams_and_trains_a_step(store, bucket_uri):
     from dinoflow.stages import get_stage
 
     manifest = _mixed_manifest(store, bucket_uri + "/data", 30)
-    source = ManifestSource(store.settings, read_manifest(store, manifest))
-    assert len(source) == 30 and len(source.shard_rows) == 5
+    source = ManifestSource(store.settings, manifest)
+    assert len(source) == 30 and len(source.shard_sizes) == 5
+    # the index keeps runs of rows per shard; the table form (a subset in memory) reads the same
+    table = ManifestSource(store.settings, read_manifest(store, manifest))
+    assert len(source._first) == 5 and all(source.member_of(r) == table.member_of(r) for r in range(30))
+    assert [source.shard_of(r) for r in range(30)] == [table.shard_of(r) for r in range(30)]
+    train = ManifestSource(store.settings, manifest, split="train")
+    assert len(train) == 30
+    with pytest.raises(SpecError, match="no rows with split == 'val'"):
+        ManifestSource(store.settings, manifest, split="val")
     plan = StreamPlan(30, batch_size=6, streams=3, seed=0, buffer=4)
     (rgb,) = Batches(TrainStream(source, plan, GROUPS, 3, 0, 1, 0, 1, workers=2))
     assert rgb["crops"][0].shape == (2, 6, 3, 12, 12) and rgb["crops"][1].shape == (1, 6, 3, 8, 8)

@@ -101,10 +101,14 @@ def crop_image(img: Image.Image, groups: list[CropGroup], rng: np.random.Generat
 class ImageSource:
     """Rows grouped in shards (the unit a stream reads whole); ``read(row)`` decodes one image."""
 
-    shard_rows: list[np.ndarray]  # row indices of each shard, in reading order
+    shard_sizes: np.ndarray  # int64 [shards]: rows of each shard
 
     def __len__(self) -> int:
-        return int(sum(len(r) for r in self.shard_rows))
+        return int(self.shard_sizes.sum())
+
+    def rows_of(self, shard: int) -> np.ndarray:
+        """Row ids of shard ``shard``, in reading order."""
+        raise NotImplementedError
 
     def read(self, row: int) -> Image.Image:
         raise NotImplementedError
@@ -112,7 +116,11 @@ class ImageSource:
     def sample_images(self, max_images: int, px: int, channels: int) -> torch.Tensor:
         """uint8 ``[n, C, px, px]``: the first ``max_images`` rows squashed to ``px`` (for fitting
         data-dependent parts of a method, e.g. SplitMask's k-means tokenizer)."""
-        rows = np.concatenate(self.shard_rows)[:max_images]
+        rows: list[int] = []
+        for s in range(len(self.shard_sizes)):
+            rows += self.rows_of(s)[: max_images - len(rows)].tolist()
+            if len(rows) >= max_images:
+                break
         arr = [
             np.asarray(self.read(int(i)).convert(_MODES[channels]).resize((px, px), Image.BILINEAR))
             for i in rows
@@ -131,8 +139,15 @@ class TensorSource(ImageSource):
             )
         self.images = images
         n = images.shape[0]
-        self.shard_rows = [np.arange(i, min(n, i + rows_per_shard)) for i in range(0, n, rows_per_shard)]
+        self.rows_per_shard = rows_per_shard
+        self.shard_sizes = np.array(
+            [min(rows_per_shard, n - i) for i in range(0, n, rows_per_shard)], dtype=np.int64
+        )
         self.channels = images.shape[1]
+
+    def rows_of(self, shard: int) -> np.ndarray:
+        lo = shard * self.rows_per_shard
+        return np.arange(lo, lo + int(self.shard_sizes[shard]))
 
     def read(self, row: int) -> Image.Image:
         a = self.images[row].numpy()
@@ -145,26 +160,164 @@ class TensorSource(ImageSource):
         return x
 
 
+class _Runs:
+    """A manifest's rows as runs of consecutive rows in one shard (first row, count, shard id), built
+    batch by batch: a manifest that lists each shard's rows together (as every stage writes them)
+    costs a few numbers per shard, whatever its number of rows."""
+
+    def __init__(self) -> None:
+        self.shard_ids: dict[str, int] = {}
+        self.first: list[np.ndarray] = []
+        self.count: list[np.ndarray] = []
+        self.shard: list[np.ndarray] = []
+        self._open: tuple[int, int, int] | None = None  # the last run, which the next batch may extend
+
+    def add(self, rows: np.ndarray, shards: np.ndarray) -> None:
+        """Rows (ascending positions in the manifest) and their shard ids."""
+        if not len(rows):
+            return
+        cut = np.flatnonzero((np.diff(rows) != 1) | (np.diff(shards) != 0)) + 1
+        starts = np.r_[0, cut]
+        counts = np.diff(np.r_[starts, len(rows)])
+        first, shard = rows[starts].astype(np.int64), shards[starts].astype(np.int64)
+        if self._open is not None:
+            f0, c0, s0 = self._open
+            if f0 + c0 == first[0] and s0 == shard[0]:
+                counts[0] += c0
+                first[0] = f0
+            else:
+                self._flush()
+        self.first.append(first[:-1])
+        self.count.append(counts[:-1])
+        self.shard.append(shard[:-1])
+        self._open = (int(first[-1]), int(counts[-1]), int(shard[-1]))
+
+    def _flush(self) -> None:
+        if self._open is not None:
+            f, c, s = self._open
+            self.first.append(np.array([f]))
+            self.count.append(np.array([c]))
+            self.shard.append(np.array([s]))
+            self._open = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._flush()
+        cat = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)  # noqa: E731
+        return cat(self.first), cat(self.count), cat(self.shard)
+
+
 class ManifestSource(ImageSource):
     """A manifest's rows, read from their WebDataset tar shards in object storage (each shard
     downloaded once into the local cache by the worker that reads it, members read by offset).
-    ``resize_px`` squashes every image to that square first (only when a spec asks for it)."""
 
-    def __init__(self, settings: Any, manifest: pa.Table, resize_px: int | None = None):
-        if manifest.num_rows == 0:
-            raise SpecError("manifest is empty: nothing to read")
+    The index is bounded by the number of shards, not of images: given a manifest URI, the training
+    process streams the manifest's ``shard`` (and ``split``) columns once into runs of consecutive
+    rows per shard, and a worker decodes member names from the manifest's Parquet row groups (one
+    at a time, from the node's local copy) when it reads. Given a ``pyarrow`` table (a subset held
+    anyway), its member column is used directly. ``split`` keeps only that split's rows;
+    ``require_labels`` refuses unlabelled rows; ``resize_px`` squashes every image to that square
+    first (only when a spec asks for it)."""
+
+    def __init__(
+        self,
+        settings: Any,
+        manifest: pa.Table | str,
+        resize_px: int | None = None,
+        *,
+        split: str | None = None,
+        require_labels: bool = False,
+    ):
         self.settings, self.resize_px = settings, resize_px
-        shard = manifest.column("shard").combine_chunks().dictionary_encode()
-        self.shards: list[str] = shard.dictionary.to_pylist()
-        ids = shard.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        order = np.argsort(ids, kind="stable")  # rows grouped by shard, manifest order within one
-        cuts = np.flatnonzero(np.diff(ids[order])) + 1
-        self.shard_rows = np.split(order, cuts)
-        self.member = manifest.column("member").combine_chunks()
+        self.path: str | None = None
+        self.member: pa.Array | None = None
+        runs = _Runs()
+        if isinstance(manifest, str):
+            self._index_file(manifest, runs, split, require_labels)
+        else:
+            self._index_table(manifest, runs, split, require_labels)
+        first, count, shard = runs.arrays()
+        if not len(first):
+            what = f" with split == {split!r}" if split is not None else ""
+            raise SpecError(f"manifest {self.where} has no rows{what}: nothing to read")
+        self.shards: list[str] = sorted(runs.shard_ids, key=runs.shard_ids.__getitem__)
+        self._first, self._count, self._shard = first, count, shard
+        self.shard_sizes = np.bincount(shard, weights=count, minlength=len(self.shards)).astype(np.int64)
+        self._by_shard = np.argsort(shard, kind="stable")
+        self._shard_start = np.searchsorted(shard[self._by_shard], np.arange(len(self.shards) + 1))
         self._index = None
+        self._groups: dict[int, pa.Array] = {}
+
+    def _index_file(self, uri: str, runs: _Runs, split: str | None, require_labels: bool) -> None:
+        import pyarrow.parquet as pq
+
+        from dinoflow.storage.client import ObjectStore
+
+        self.where = uri
+        self.path = str(ObjectStore(self.settings).cached(uri))
+        pf = pq.ParquetFile(self.path, read_dictionary=["shard"])
+        self.group_starts = np.r_[
+            0, np.cumsum([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        ]
+        cols = ["shard"] + (["split"] if split is not None else []) + (["label"] if require_labels else [])
+        at = 0
+        for batch in pf.iter_batches(batch_size=65_536, columns=cols):
+            self._add(runs, batch, at, split, require_labels)
+            at += batch.num_rows
+
+    def _index_table(self, table: pa.Table, runs: _Runs, split: str | None, require_labels: bool) -> None:
+        self.where = "(table)"
+        self.member = table.column("member").combine_chunks()
+        cols = ["shard"] + (["split"] if split is not None else []) + (["label"] if require_labels else [])
+        at = 0
+        for batch in table.select(cols).to_batches(max_chunksize=65_536):
+            self._add(runs, batch, at, split, require_labels)
+            at += batch.num_rows
+
+    def _add(
+        self, runs: _Runs, batch: pa.RecordBatch, at: int, split: str | None, require_labels: bool
+    ) -> None:
+        import pyarrow.compute as pc
+
+        keep = np.ones(batch.num_rows, bool)
+        if split is not None:
+            keep = pc.equal(batch.column("split"), split).fill_null(False).to_numpy(zero_copy_only=False)
+        if require_labels and (batch.column("label").to_numpy(zero_copy_only=False)[keep] < 0).any():
+            raise SpecError(
+                f"manifest {self.where} has unlabelled rows; target-only pretraining takes a labelled "
+                "dataset's own train split (use target_only=false for an uncurated pool)"
+            )
+        col = batch.column("shard")
+        if not pa.types.is_dictionary(col.type):
+            col = col.dictionary_encode()
+        ids = np.array(
+            [runs.shard_ids.setdefault(u, len(runs.shard_ids)) for u in col.dictionary.to_pylist()]
+        )
+        local = col.indices.to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(keep)
+        runs.add(rows + at, ids[local[rows]] if len(ids) else np.zeros(0, np.int64))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_index": None}
+        return {**self.__dict__, "_index": None, "_groups": {}}
+
+    def rows_of(self, shard: int) -> np.ndarray:
+        runs = self._by_shard[self._shard_start[shard] : self._shard_start[shard + 1]]
+        return np.concatenate([np.arange(self._first[r], self._first[r] + self._count[r]) for r in runs])
+
+    def shard_of(self, row: int) -> str:
+        r = int(np.searchsorted(self._first, row, side="right")) - 1
+        return self.shards[int(self._shard[r])]
+
+    def member_of(self, row: int) -> str:
+        if self.member is not None:
+            return self.member[row].as_py()
+        g = int(np.searchsorted(self.group_starts, row, side="right")) - 1
+        names = self._groups.get(g)
+        if names is None:  # one row group's member names at a time
+            import pyarrow.parquet as pq
+
+            names = pq.ParquetFile(self.path).read_row_group(g, columns=["member"]).column(0).combine_chunks()
+            self._groups = {g: names}
+        return names[row - int(self.group_starts[g])].as_py()
 
     def read(self, row: int) -> Image.Image:
         from dinoflow.data.images import decode_image
@@ -173,18 +326,10 @@ class ManifestSource(ImageSource):
 
         if self._index is None:
             self._index = ShardIndex(ObjectStore(self.settings))
-        img = decode_image(self._index.read(self.shard_of(row), self.member[row].as_py()))
+        img = decode_image(self._index.read(self.shard_of(row), self.member_of(row)))
         if self.resize_px and img.size != (self.resize_px, self.resize_px):  # the spec asks to squash
             img = img.resize((self.resize_px, self.resize_px), Image.BILINEAR)
         return img
-
-    def shard_of(self, row: int) -> str:
-        if not hasattr(self, "_shard_of"):
-            lut = np.empty(len(self), dtype=np.int32)
-            for s, rows in enumerate(self.shard_rows):
-                lut[rows] = s
-            self._shard_of = lut
-        return self.shards[int(self._shard_of[row])]
 
 
 # -- the stream ----------------------------------------------------------------------------------
@@ -252,7 +397,7 @@ class StreamPlan:
 
     def epoch_rows(self, source: ImageSource, k: int, epoch: int) -> np.ndarray:
         """Stream ``k``'s rows for ``epoch``, in the order it yields them."""
-        sizes = np.array([len(r) for r in source.shard_rows], dtype=np.int64)
+        sizes = np.asarray(source.shard_sizes, dtype=np.int64)
         perm = _seed(self.seed, epoch, 0x5EED).permutation(len(sizes))
         ends = np.cumsum(sizes[perm])
         lo, hi = k * self.n_rows // self.streams, (k + 1) * self.n_rows // self.streams
@@ -260,7 +405,7 @@ class StreamPlan:
         last = int(np.searchsorted(ends, hi - 1, side="right"))
         parts, start = [], int(ends[first] - sizes[perm[first]])
         for i in range(first, last + 1):
-            rows = source.shard_rows[perm[i]]
+            rows = source.rows_of(int(perm[i]))
             parts.append(rows[max(0, lo - start) : hi - start])
             start += len(rows)
         return buffer_shuffle(np.concatenate(parts), self.buffer, _seed(self.seed, epoch, k, 0xB0F))

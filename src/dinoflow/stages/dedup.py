@@ -382,17 +382,17 @@ def search_part(spec: DedupSpec, store, part: int, planned: dict) -> dict:
 def copy_detection_rows(spec: DedupSpec, store, lo: int, hi: int):
     """bool [hi - lo]: pool rows ``[lo, hi)`` verified as copies of an evaluation image, and a report
     (None, None when off or without evaluation sets)."""
+    cd = spec.copy_detection
+    if not cd.enabled or spec.copy_descriptor is not None or not spec.eval_manifest_uris or hi <= lo:
+        return None, None
     import time
 
     import numpy as np
 
-    from dinoflow.curation.copydetect import detect_copies
+    from dinoflow.curation.copydetect import detect_copies  # imports torch: only when it runs
     from dinoflow.data.dataset import load_images
     from dinoflow.data.manifest import read_manifest
 
-    cd = spec.copy_detection
-    if not cd.enabled or spec.copy_descriptor is not None or not spec.eval_manifest_uris or hi <= lo:
-        return None, None
     t0 = time.perf_counter()
     params = cd.params()
     table = read_manifest(store, spec.manifest_uri).slice(lo, hi - lo)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from dinoflow.errors import DinoflowError, SpecError
+from dinoflow.errors import DinoflowError
 from dinoflow.stages._worker import check_divisible, launch_local, launch_mode
 from dinoflow.stages.base import StageResult, StageSpec
 from dinoflow.train.config import TrainConfig
@@ -54,23 +54,13 @@ class PretrainResult(StageResult):
 
 
 def load_training_images(spec: PretrainSpec, store):
-    """The training images as a stream source over the manifest's shards (nothing decoded here)."""
-    import pyarrow.compute as pc
-
-    from dinoflow.data.manifest import read_manifest
+    """The training images as a stream source over the manifest's shards (nothing decoded here; the
+    index holds runs of rows per shard, not a row per image: ``dinoflow.data.stream.ManifestSource``)."""
     from dinoflow.data.stream import ManifestSource
 
-    table = read_manifest(store, spec.manifest_uri)
-    if spec.split is not None:
-        table = table.filter(pc.equal(table.column("split"), spec.split))
-        if table.num_rows == 0:
-            raise SpecError(f"manifest {spec.manifest_uri} has no rows with split == {spec.split!r}")
-    if spec.target_only and pc.any(pc.less(table.column("label"), 0)).as_py():
-        raise SpecError(
-            f"target_only: manifest {spec.manifest_uri} has unlabelled rows; target-only pretraining "
-            "takes a labelled dataset's own train split (use target_only=false for an uncurated pool)"
-        )
-    return ManifestSource(store.settings, table, resize_px=spec.image_px)
+    return ManifestSource(
+        store.settings, spec.manifest_uri, spec.image_px, split=spec.split, require_labels=spec.target_only
+    )
 
 
 def train_from_spec(spec: PretrainSpec, store) -> PretrainResult:

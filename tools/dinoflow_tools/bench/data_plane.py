@@ -87,11 +87,9 @@ def _groups(kind: dict):
 
 
 def _stream(settings, manifest_uri: str, kind: dict, batch: int, steps: int, workers: int, buffer: int):
-    from dinoflow.data.manifest import read_manifest
     from dinoflow.data.stream import Batches, ManifestSource, StreamPlan, TrainStream
-    from dinoflow.storage.client import ObjectStore
 
-    source = ManifestSource(settings, read_manifest(ObjectStore(settings), manifest_uri))
+    source = ManifestSource(settings, manifest_uri)
     plan = StreamPlan(len(source), batch, batch, seed=0, buffer=buffer)
     stream = TrainStream(source, plan, _groups(kind), kind["channels"], 0, 1, 0, steps, workers)
     return Batches(stream)

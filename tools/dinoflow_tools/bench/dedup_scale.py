@@ -1,19 +1,34 @@
-"""dinoflow bench dedup-scale: self-dedup of synthetic 256-d embeddings with planted near-duplicates
-at growing pool sizes on this machine's cores: wall time, peak memory, recall of the approximate
-(IVF) graph against exact search on a query sample, recall of planted duplicates.
+"""dinoflow bench dedup-scale: the dedup stage on synthetic 256-d embeddings with planted
+near-duplicates at growing pool sizes, run as a cluster runs it, against plain faiss on the same data.
 
-Two kinds of data: ``clustered`` (unit vectors around n/100 centres: the IVF lists follow the
-clusters, so most exact neighbours share the query's list and recall is easy) and ``uniform``
-(isotropic: neighbours spread over many lists, the hard case). For each, the recall is also given
-over the exact neighbours that lie outside the query's own IVF list, with the share that lie in it,
-and over the exact edges above the threshold (the edges dedup acts on)."""
+The stage runs in ``--partitions`` parts, each phase in its own process reading the embeddings from
+the object store (plan: coarse quantizer on a sample, nprobe tuned for ``--recall-target`` on held-out
+rows, every row's lists; each part: its partition indexed and every row searched; collect: top-k
+merged, hashes, groups, kept manifest and embeddings written). ``dedup_seconds`` is the sum of the
+phases (one machine running them one after another; ``critical_path_seconds`` is plan + slowest part
++ collect, what parallel tasks would take); ``peak_rss_part_gib`` the largest part's peak RSS.
+
+Plain faiss (``raw_faiss_*``) builds one ``IndexIVFFlat`` over the whole pool in this process with the
+configuration the stage chose (the same nlist, a quantizer trained on the same sample with the same
+seed, the same nprobe) and searches every row: the same recall, so the times compare like for like.
+For pools up to ``--exact-max-pool`` both are exact (``IndexFlatIP``).
+
+Recall figures, on ``--sample`` query rows against exact search: ``ann_recall`` (the stage's k-NN
+graph; its partitions are rebuilt here from the plan the stage stored), ``edge_recall_above_threshold``
+(the stage's stored edges above ``--threshold-cos``), ``dup_recall`` (planted copies grouped with
+their source in the stage's output). Data: ``clustered`` (unit vectors around n/100 centres, member
+cosine ~0.4) or ``uniform`` (isotropic, the hard case for IVF)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
 import time
+import uuid
 
 import numpy as np
 
@@ -47,117 +62,288 @@ def synthetic(
     return x, copy_of
 
 
-def run_one(
-    n: int, d: int, k: int, threshold: float, exact_max_pool: int, sample: int, seed: int, kind: str
-) -> dict:
+def write_pool(store, root: str, x: np.ndarray) -> tuple[str, str]:
+    """The embeddings (float16, as the embed stage stores them) and a manifest of as many rows."""
+    import pyarrow as pa
+
+    from dinoflow.data.embeddings import write_embeddings
+    from dinoflow.data.manifest import SCHEMA, write_manifest
+
+    n = len(x)
+    keys = pa.array([f"r{i:08d}" for i in range(n)])
+    cols = {
+        "key": keys,
+        "shard": pa.array(["s3://none/shard-000000.tar"] * n),
+        "member": keys,
+        "source": pa.array(["synthetic"] * n),
+        "label": pa.array(np.full(n, -1, np.int64)),
+        "width": pa.array(np.ones(n, np.int32)),
+        "height": pa.array(np.ones(n, np.int32)),
+        "sha256": keys,
+        "split": pa.array(["pool"] * n),
+    }
+    manifest = f"{root}/manifest.parquet"
+    write_manifest(store, manifest, pa.table(cols, schema=SCHEMA))
+    write_embeddings(store, f"{root}/emb", x.astype(np.float16), meta={"manifest_uri": manifest})
+    return manifest, f"{root}/emb"
+
+
+def _child(argv: list[str]) -> None:
+    """One phase of the stage in its own process: prints its wall time and peak RSS."""
+    phase, part, spec_json, threads = argv[0], int(argv[1]), argv[2], int(argv[3])
     import faiss
 
-    from dinoflow.curation.dedup import dedup
-    from dinoflow.curation.knn import edges_above, knn_graph, knn_search, recall_at_k
+    from dinoflow.stages import get_stage
+    from dinoflow.storage import open_store
 
-    x, copy_of = synthetic(n, d, 0.05, seed, kind)
+    faiss.omp_set_num_threads(threads)
+    stage, store = get_stage("dedup"), open_store()
+    spec = stage.parse_spec(spec_json)
     t0 = time.perf_counter()
-    g = knn_graph(x, k, exact_max_pool=exact_max_pool, keep_index=True)
-    t_graph = time.perf_counter() - t0
-    q, nb, _ = edges_above(g, threshold)
-    out = dedup(n, {"embedding": (q, nb)})
+    if phase == "collect":
+        stage.run(spec, store)
+    else:
+        stage.run_phase(spec, store, phase, part)
     secs = time.perf_counter() - t0
-    rng = np.random.default_rng(seed + 1)
-    rows = rng.choice(n, min(sample, n), replace=False)
-    exact = knn_search(x, x[rows], k + 1, force="flat")
-    # compare neighbour sets without the self match on both sides
-    ex = np.where(exact.ids == rows[:, None], -1, exact.ids)
-    ann_recall = recall_at_k(g.ids[rows], ex)
-    extra = {}
-    if g.choice.kind == "ivf":  # neighbours in the query's own list are found whatever nprobe is
-        quant = faiss.extract_index_ivf(g.index).quantizer
-        own = quant.search(x[rows], 1)[1][:, 0]
-        lists = quant.search(x[np.maximum(ex, 0).ravel()], 1)[1][:, 0].reshape(ex.shape)
-        same = (lists == own[:, None]) & (ex >= 0)
-        cross = np.where(same, -1, ex)
-        extra = {
-            "same_list_share": round(float(same.sum() / max(1, (ex >= 0).sum())), 4),
-            "ann_recall_cross_list": round(recall_at_k(g.ids[rows], cross), 4),
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"seconds": secs, "peak_rss_gib": rss}))
+
+
+def run_phase(store, phase: str, part: int, spec_json: str, threads: int) -> dict:
+    s = store.settings
+    env = {
+        **os.environ,
+        "DINOFLOW_S3_ENDPOINT": s.endpoint,
+        "DINOFLOW_S3_ACCESS_KEY": s.access_key.get_secret_value(),
+        "DINOFLOW_S3_SECRET_KEY": s.secret_key.get_secret_value(),
+        "OMP_NUM_THREADS": str(threads),
+    }
+    cmd = [sys.executable, "-m", __name__, "--child", phase, str(part), spec_json, str(threads)]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"dedup {phase} {part} failed: {out.stderr[-3000:]}")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got["wall_seconds"] = time.perf_counter() - t0  # with the process start, as a pod pays it
+    return got
+
+
+def stage_graph_sample(store, spec, planned: dict, x: np.ndarray, rows: np.ndarray, k: int):
+    """The stage's top-k of ``rows``: its partitions rebuilt from the stored plan (as its parts built
+    them), searched for these rows only, merged."""
+    from dinoflow.curation import partition as pt
+    from dinoflow.stages import _fanout
+    from dinoflow.stages.dedup import _lists
+
+    coarse = _fanout.coarse_plan(spec, store, planned)
+    n, found = len(x), []
+    probes = _lists(store, spec, 0, n)[rows] if coarse.kind == "ivf" else None
+    for p in range(spec.parts):
+        lo, hi = pt.part_range(n, spec.parts, p)
+        own = _lists(store, spec, lo, hi)[:, 0] if coarse.kind == "ivf" else None
+        index = pt.PartitionIndex(x[lo:hi], lo, coarse, own_lists=own)
+        found.append(index.search(x[rows], k + 1, probes))
+    _, ids = pt.merge_topk(found, k + 1)
+    ids = np.where(ids == rows[:, None], -1, ids)
+    return ids
+
+
+def raw_faiss(x: np.ndarray, planned: dict, k: int, rows: np.ndarray, threads: int) -> dict:
+    """One faiss index over the whole pool at the stage's configuration; every row searched."""
+    import faiss
+
+    from dinoflow.curation.partition import POINTS_PER_LIST
+
+    faiss.omp_set_num_threads(threads)
+    n, d = x.shape
+    t0 = time.perf_counter()
+    if planned["kind"] == "flat":
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = planned["nlist"]
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        m = min(n, max(POINTS_PER_LIST * nlist, 10_000))
+        sample = np.sort(np.random.default_rng(0).choice(n, m, replace=False))  # the stage's sample
+        index.cp.seed = 0
+        index.train(x[sample])
+        index.nprobe = planned["nprobe"]
+    index.add(x)
+    ids = np.empty((n, k + 1), np.int64)
+    for s in range(0, n, 65_536):
+        _, ids[s : s + 65_536] = index.search(x[s : s + 65_536], k + 1)
+    secs = time.perf_counter() - t0
+    sample_ids = np.where(ids[rows] == rows[:, None], -1, ids[rows])
+    return {"seconds": secs, "ids": sample_ids}
+
+
+def run_one(store, a, n: int, kind: str) -> dict:
+    import faiss
+    import pyarrow.parquet as pq
+
+    from dinoflow.curation.knn import recall_at_k
+    from dinoflow.stages import get_stage
+
+    x, copy_of = synthetic(n, a.dim, 0.05, a.seed, kind)
+    x = x.astype(np.float16).astype(np.float32)  # what the stage reads back
+    root = f"s3://bench-dedup-scale/{uuid.uuid4().hex[:8]}"
+    t0 = time.perf_counter()
+    manifest, emb = write_pool(store, root, x)
+    write_s = time.perf_counter() - t0
+    stage = get_stage("dedup")
+    spec = stage.parse_spec(
+        {
+            "output_uri": f"{root}/dedup",
+            "manifest_uri": manifest,
+            "embeddings_uri": emb,
+            "k": a.k,
+            "threshold_cos": a.threshold_cos,
+            "exact_max_pool": a.exact_max_pool,
+            "recall_target": a.recall_target,
+            "parts": a.partitions,
+            "exact_hash": False,
+            "phash_max_bits": -1,
+            "copy_detection": {"enabled": False},
+            "max_removed_fraction": 1.0,
         }
-    above = np.where(exact.sims > threshold, ex, -1)
-    edge_recall = recall_at_k(g.ids[rows], above) if (above >= 0).any() else None
-    g.index = None
-    dup = copy_of >= 0
-    dup_recall = float((out.labels[dup] == out.labels[copy_of[dup]]).mean())
+    )
+    spec_json = spec.model_dump_json()
+    phases = [("plan", 0)] + [("part", p) for p in range(a.partitions)] + [("collect", 0)]
+    runs = {
+        f"{ph}{'' if ph != 'part' else p}": run_phase(store, ph, p, spec_json, a.threads) for ph, p in phases
+    }
+    planned = store.read_success(spec.out("plan"))["result"]
+    parts = [runs[f"part{p}"] for p in range(a.partitions)]
+    dedup_s = sum(r["wall_seconds"] for r in runs.values())
+    critical = (
+        runs["plan"]["wall_seconds"] + max(r["wall_seconds"] for r in parts) + runs["collect"]["wall_seconds"]
+    )
+    # recall on sample rows against exact search
+    rows = np.sort(np.random.default_rng(a.seed + 1).choice(n, min(a.sample, n), replace=False))
+    exact_s, exact = faiss.knn(x[rows], x, a.k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    ex = np.where(exact == rows[:, None], -1, exact)
+    ann = recall_at_k(stage_graph_sample(store, spec, planned, x, rows, a.k), ex)
+    # the stage's stored edges above the threshold, for the sample rows
+    from dinoflow.data.embeddings import get_npy
+
+    got = {r: set() for r in rows.tolist()}
+    for p in range(a.partitions):
+        where = spec.out("parts", f"part-{p:05d}")
+        q, j = get_npy(store, f"{where}/edges-q.npy"), get_npy(store, f"{where}/edges-j.npy")
+        m = np.isin(q, rows) & (q != j)
+        for qq, jj in zip(q[m].tolist(), j[m].tolist(), strict=True):
+            got[qq].add(jj)
+    want = [
+        (int(r), int(e))
+        for r, ids_, ss in zip(rows, ex, exact_s, strict=True)
+        for e, s in zip(ids_, ss, strict=True)
+        if e >= 0 and s > a.threshold_cos
+    ]
+    edge_recall = sum(e in got[r] for r, e in want) / len(want) if want else None
+    # planted copies grouped with their source in the stage's output
+    res = store.read_success(spec.output_uri)["result"]
+    groups = pq.read_table(store.cached(res["groups_uri"])).to_pydict()
+    group = dict(zip(groups["key"], groups["group"], strict=True))
+    dup = np.flatnonzero(copy_of >= 0)
+    same = [group.get(f"r{i:08d}", -1) == group.get(f"r{copy_of[i]:08d}", -2) for i in dup]
+    raw = raw_faiss(x, planned, a.k, rows, a.threads)
     return {
         "data": kind,
         "n": n,
-        "seconds": round(secs, 2),
-        "graph_seconds": round(t_graph, 2),
-        "index": g.choice.kind,
-        "index_reason": g.choice.reason,
-        "kept": int(out.keep.sum()),
-        "ann_recall": round(ann_recall, 4),
-        **extra,
+        "partitions": a.partitions,
+        "dedup_seconds": round(dedup_s, 2),
+        "critical_path_seconds": round(critical, 2),
+        "phase_seconds": {k: round(v["wall_seconds"], 2) for k, v in runs.items()},
+        "raw_faiss_seconds": round(raw["seconds"], 2),
+        "stage_over_raw": round(dedup_s / max(raw["seconds"], 1e-9), 3),
+        "index": planned["kind"],
+        "nlist": planned["nlist"],
+        "nprobe": planned["nprobe"],
+        "nprobe_sweep": planned["tuning"],
+        "ann_recall": round(ann, 4),
+        "raw_faiss_recall": round(recall_at_k(raw["ids"], ex), 4),
         "edge_recall_above_threshold": None if edge_recall is None else round(edge_recall, 4),
-        "dup_recall": round(dup_recall, 4),
-        "threads": faiss.omp_get_max_threads(),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "dup_recall": round(float(np.mean(same)), 4) if len(dup) else None,
+        "kept": res["kept_count"],
+        "peak_rss_part_gib": round(max(r["peak_rss_gib"] for r in parts), 3),
+        "peak_rss_plan_gib": round(runs["plan"]["peak_rss_gib"], 3),
+        "peak_rss_collect_gib": round(runs["collect"]["peak_rss_gib"], 3),
+        "write_seconds": round(write_s, 2),
+        "threads": a.threads,
     }
 
 
 def main(argv: list[str]) -> None:
+    if argv and argv[0] == "--child":
+        _child(argv[1:])
+        return
     ap = argparse.ArgumentParser(prog="dinoflow bench dedup-scale", description=__doc__)
     ap.add_argument("--sizes", default="100000,1000000", help="comma-separated pool sizes")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--k", type=int, default=64, help="neighbours per image (DINOv2: 64)")
     ap.add_argument("--threshold-cos", type=float, default=0.6, help="edge threshold (DINOv2: 0.6)")
     ap.add_argument("--exact-max-pool", type=int, default=50_000)
-    ap.add_argument("--sample", type=int, default=1000, help="queries for the ANN-vs-exact recall")
+    ap.add_argument("--recall-target", type=float, default=0.95, help="what the stage tunes nprobe for")
+    ap.add_argument("--partitions", type=int, default=4, help="parts of the stage (its parallel tasks)")
+    ap.add_argument("--sample", type=int, default=1000, help="queries for the recall figures")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default="clustered,uniform", help="comma-separated: clustered, uniform")
+    ap.add_argument("--data", default="clustered", help="comma-separated: clustered, uniform")
     a = ap.parse_args(argv)
-    import faiss
+    import tempfile
 
-    faiss.omp_set_num_threads(a.threads)
+    from ._store import bench_store
+
+    os.environ.setdefault("DINOFLOW_HOME", tempfile.mkdtemp(prefix="dinoflow-bench-dedup-scale-"))
     rows = []
     print(
-        f"{'data':>9} {'n':>9} {'index':>5} {'seconds':>8} {'ann_rec':>8} {'x-list':>8} {'same':>6} "
-        f"{'edge_rec':>8} {'dup_rec':>8} {'peak_GiB':>8}"
+        f"{'data':>9} {'n':>9} {'index':>5} {'nprobe':>6} {'stage_s':>8} {'raw_s':>8} {'ann_rec':>8} "
+        f"{'raw_rec':>8} {'edge_rec':>8} {'dup_rec':>8} {'part_GiB':>8}"
     )
-    for kind in a.data.split(","):
-        for n in [int(s) for s in a.sizes.split(",")]:
-            r = run_one(n, a.dim, a.k, a.threshold_cos, a.exact_max_pool, a.sample, a.seed, kind)
-            rows.append(r)
-            print(
-                f"{kind:>9} {r['n']:>9} {r['index']:>5} {r['seconds']:>8} {r['ann_recall']:>8} "
-                f"{r.get('ann_recall_cross_list', '-'):>8} {r.get('same_list_share', '-'):>6} "
-                f"{r['edge_recall_above_threshold']!s:>8} {r['dup_recall']:>8} {r['peak_rss_gib']:>8}",
-                flush=True,
-            )
-
-    def pick(kind: str, n: int | None = None) -> dict | None:
-        c = [r for r in rows if r["data"] == kind and (n is None or r["n"] == n)]
-        return c[-1] if c else None
-
+    with bench_store() as store:
+        for kind in a.data.split(","):
+            for n in [int(s) for s in a.sizes.split(",")]:
+                r = run_one(store, a, n, kind)
+                rows.append(r)
+                print(
+                    f"{kind:>9} {n:>9} {r['index']:>5} {r['nprobe']:>6} {r['dedup_seconds']:>8} "
+                    f"{r['raw_faiss_seconds']:>8} {r['ann_recall']:>8} {r['raw_faiss_recall']:>8} "
+                    f"{r['edge_recall_above_threshold']!s:>8} {r['dup_recall']!s:>8} {r['peak_rss_part_gib']:>8}",
+                    flush=True,
+                )
+                print("  nprobe sweep:", r["nprobe_sweep"], "phases:", r["phase_seconds"], flush=True)
     first_kind = a.data.split(",")[0]
-    last, first = pick(first_kind), [r for r in rows if r["data"] == first_kind][0]
-    uni = pick("uniform", last["n"])
+    mine = [r for r in rows if r["data"] == first_kind]
+    last = mine[-1]
+    uni = [r for r in rows if r["data"] == "uniform" and r["n"] == last["n"]]
     print(
         json.dumps(
             {
-                "dedup_1m_seconds": last["seconds"] if last["n"] >= 1_000_000 else None,
+                "dedup_1m_seconds": last["dedup_seconds"] if last["n"] >= 1_000_000 else None,
+                "raw_faiss_seconds": last["raw_faiss_seconds"],
+                "raw_faiss_recall": last["raw_faiss_recall"],
+                "stage_over_raw": last["stage_over_raw"],
+                "partitions": a.partitions,
                 "largest_n": last["n"],
-                "largest_seconds": last["seconds"],
+                "largest_seconds": last["dedup_seconds"],
+                "critical_path_seconds": last["critical_path_seconds"],
                 "ann_recall": last["ann_recall"],
-                "ann_recall_cross_list": last.get("ann_recall_cross_list"),
-                "same_list_share": last.get("same_list_share"),
-                "ann_recall_uniform": uni["ann_recall"] if uni else None,
-                "edge_recall_uniform": uni["edge_recall_above_threshold"] if uni else None,
+                "recall_target": a.recall_target,
+                "nlist": last["nlist"],
+                "nprobe": last["nprobe"],
+                "edge_recall_above_threshold": last["edge_recall_above_threshold"],
                 "dup_recall_planted": last["dup_recall"],
-                "peak_rss_gib": max(r["peak_rss_gib"] for r in rows),
+                "peak_rss_part_gib": last["peak_rss_part_gib"],
+                "ann_recall_uniform": uni[0]["ann_recall"] if uni else None,
                 "threads": a.threads,
                 "dim": a.dim,
                 "k": a.k,
-                "time_growth_ratio": round(last["seconds"] / max(first["seconds"], 1e-9), 2),
-                "size_growth_ratio": round(last["n"] / first["n"], 2),
+                "time_growth_ratio": round(last["dedup_seconds"] / max(mine[0]["dedup_seconds"], 1e-9), 2),
+                "size_growth_ratio": round(last["n"] / mine[0]["n"], 2),
                 "runs": rows,
             }
         )
     )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
