@@ -1,5 +1,6 @@
-"""The container images: hadolint, hardening rules, the install step shared with the venv, the build
-context and the Docker-SDK driver (no engine exists here, so only its failure path runs for real)."""
+"""The container images as files: hadolint, hardening rules, the install steps kept in step with the
+venv's, the build context, and the builder's fast paths (planning, its one-line failures). The images
+themselves are built and run by tests/test_containers.py (marker ``containers``)."""
 
 from __future__ import annotations
 
@@ -71,15 +72,17 @@ def test_dockerfile_hardening(dockerfile):
     instrs = _instructions(dockerfile)
     froms = [a for w, a in instrs if w == "FROM"]
     assert len(froms) >= 2, "multi-stage: a build stage and a runtime stage"
-    # base images pinned by exact tag (x.y.z) or digest, never a moving tag
+    # base images pinned by digest (or at least an exact x.y.z tag), never a moving tag
     args = dict(a.split("=", 1) for w, a in instrs if w == "ARG" and "=" in a)
+    stages = {f.split()[-1] for f in froms if " AS " in f.upper()}
     for f in froms:
         ref = f.split()[0]
         ref = args.get(ref.strip("${}"), ref) if ref.startswith("$") else ref
-        if ref in {"build"}:
+        if ref in stages:
             continue
         assert "@sha256:" in ref or re.search(r":\d+\.\d+\.\d+", ref), f"base {ref!r} is not pinned"
         assert not ref.endswith(":latest")
+    assert re.search(r"@sha256:[0-9a-f]{64}$", args["BASE_IMAGE"]), "the public base is pinned by digest"
     final = _final_stage(instrs)
     users = [a for w, a in final if w == "USER"]
     assert users, "the runtime stage must switch to a non-root USER"
@@ -99,7 +102,32 @@ def test_faiss_flavour_per_image():
     cpu, cuda = (p.read_text() for p in DOCKERFILES)
     assert "faiss-gpu" not in cpu  # the CPU image keeps pyproject's faiss-cpu
     assert re.search(r"faiss-gpu-cu\d+==[\d.]+", cuda), "the CUDA image pins the faiss-gpu-cu12 wheel"
-    assert "pip uninstall --yes faiss-cpu" in cuda  # both wheels ship the same `faiss` module
+    # both wheels ship the same `faiss` module: the CUDA image installs faiss-gpu in place of faiss-cpu
+    assert not any(r.startswith("faiss-cpu") for r in images.image_requirements("cuda"))
+    assert any(r.startswith("faiss-cpu") for r in images.image_requirements("cpu"))
+
+
+def _requirements_run(dockerfile: Path) -> str:
+    """The shell command of the requirements stage's RUN (it writes requirements.txt)."""
+    runs = [a for w, a in _instructions(dockerfile) if w == "RUN" and "> requirements.txt" in a]
+    assert len(runs) == 1, f"{dockerfile.name}: one RUN writes requirements.txt"
+    return runs[0]
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda"])
+def test_requirements_stage_writes_what_the_wheelhouse_holds(name, tmp_path):
+    """The Dockerfile's own requirements command, run here on pyproject.toml, lists exactly what the
+    builder puts in the wheelhouse (dinoflow_tools.images.image_requirements)."""
+    df = ROOT / images.IMAGES[name][0]
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    cmd = _requirements_run(df)
+    if name == "cuda":
+        cmd = cmd.replace(
+            "${FAISS_GPU_PACKAGE}", re.search(r"^ARG FAISS_GPU_PACKAGE=(\S+)", df.read_text(), re.M)[1]
+        )
+    cmd = cmd.replace("python3 ", f"{shlex.quote(sys.executable)} ", 1)
+    subprocess.run(cmd, shell=True, cwd=tmp_path, check=True)
+    assert (tmp_path / "requirements.txt").read_text().split("\n")[:-1] == images.image_requirements(name)
 
 
 def _install_step(command: str) -> tuple[frozenset[str], str]:
@@ -126,6 +154,8 @@ def _install_step(command: str) -> tuple[frozenset[str], str]:
             continue
         if t in {"-c", "--constraint"}:
             opts.add(f"-c {next(it)}")
+        elif t in {"-r", "--requirement", "--target"}:
+            opts.add(f"{t} {next(it)}")
         elif t.startswith("-"):
             opts.add(t)
         else:
@@ -143,16 +173,21 @@ def test_image_install_step_is_the_venv_install_step():
         if re.search(r"pip install", line) and "constraints.txt" in line
     ]
     assert make_cmds, "Makefile has no `pip install -c constraints.txt ...` line"
-    venv_step = _install_step(make_cmds[0].replace("$(PIP)", "pip").replace("$(VENV)/bin/pip", "pip"))
-    for df in DOCKERFILES:
-        runs = [
-            a for w, a in _instructions(df) if w == "RUN" and "pip install" in a and "constraints.txt" in a
-        ]
-        assert runs, f"{df.name} has no `pip install -c constraints.txt` step"
-        assert _install_step(runs[0]) == venv_step, (
-            f"{df.name}: {runs[0]!r} differs from the Makefile's {make_cmds[0]!r}"
-        )
+    venv_step = _install_step(make_cmds[0].replace("$(BIN)/pip", "pip").replace("$(VENV)/bin/pip", "pip"))
     assert venv_step == (frozenset({"-c constraints.txt"}), ".")
+    for df in DOCKERFILES:
+        runs = [a for w, a in _instructions(df) if w == "RUN" and "pip install" in a]
+        # the third-party packages: the package's requirements (the requirements stage, tested
+        # above) resolved under the venv's constraints and nothing else
+        deps = [r for r in runs if "requirements.txt" in r]
+        assert len(deps) == 1, f"{df.name}: one `pip install -r requirements.txt` step"
+        assert _install_step(deps[0]) == (frozenset({"-c constraints.txt", "-r requirements.txt"}), None)
+        # then the package alone, from the same source tree, into /opt/dinoflow (on the venv's path)
+        pkg = [r for r in runs if "--no-deps" in r]
+        assert len(pkg) == 1, f"{df.name}: one `pip install --no-deps .` step"
+        opts, target = _install_step(pkg[0])
+        assert target == "." and opts == {"--no-deps", "--no-build-isolation", "--target /opt/dinoflow"}
+        assert "/opt/dinoflow" in deps[0], "dinoflow.pth puts /opt/dinoflow on the venv's path"
 
 
 def test_build_context_holds_the_sources_and_nothing_secret():
@@ -212,3 +247,19 @@ def test_no_docker_engine_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: no Docker engine answers") and "\n" not in err
     assert images.main(["--push", "--registry", ""]) == 2
     assert "--push needs --registry" in capsys.readouterr().err
+
+
+def test_without_docker_or_podman_the_builder_says_so_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no podman on PATH
+    with pytest.raises(images.NoDockerEngine, match="podman is not installed") as e:
+        with images.podman_service(tmp_path):
+            pass
+    assert "\n" not in str(e.value)
+
+
+def test_explicit_base_and_wheels_need_no_probe(monkeypatch):
+    monkeypatch.setattr(images, "_reachable", lambda *a, **k: pytest.fail("probed the network"))
+    assert images.resolve_source("public", "index") == images.BuildSource(None, False)
+    assert images.resolve_source("debootstrap", "wheelhouse") == images.BuildSource("debootstrap", True)
+    ref = "registry.example/python:3.11.13-slim-bookworm@sha256:" + "0" * 64
+    assert images.resolve_source(ref, "index") == images.BuildSource(ref, False)
