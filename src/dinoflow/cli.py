@@ -358,11 +358,14 @@ def demo(
     out: Annotated[
         Path | None, typer.Option(help="output folder (default $DINOFLOW_DEMO_OUT or ./demo-out)")
     ] = None,
+    containers: Annotated[
+        bool, typer.Option(help="run each stage in the built images (kfp.local DockerRunner)")
+    ] = False,
 ) -> None:
     """Run the full pipeline locally (kfp.local, embedded store, CPU sizes); write summary.json."""
     from dinoflow.demo import run_demo
 
-    run_demo(out)
+    run_demo(out, containers=containers)
 
 
 def main() -> None:

@@ -5,6 +5,11 @@ against its test split), curated, pretrained on, distilled, evaluated and promot
 configuration (``dinoflow.kfp.configs.demo_arguments``). Prints each stage's duration and the final
 metrics and writes ``summary.json`` (and ``report.html``) to ``$DINOFLOW_DEMO_OUT`` (default
 ``./demo-out``).
+
+``dinoflow demo --containers`` (``make demo-containers``) runs the same pipeline through kfp.local's
+DockerRunner in the built images (``dinoflow.kfp.IMAGE`` and ``GPU_IMAGE``) as the chart runs a pod:
+each component's own container command, uid 10001, a read-only root filesystem with ``/tmp``
+writable, against the embedded store on the host.
 """
 
 from __future__ import annotations
@@ -14,12 +19,89 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from dinoflow.errors import DinoflowError
 from dinoflow.eval.knn import FASHION_MNIST_RAW_PIXEL_KNN_TOP1
 
 log = logging.getLogger(__name__)
+
+# A pod as the chart runs it: the images' numeric USER (runAsNonRoot), readOnlyRootFilesystem, and
+# /tmp as the only writable path (the chart's "tmp" emptyDir, values.yaml tmpSize: 2Gi).
+CONTAINER_USER = "10001:10001"
+CONTAINER_TMP = {"/tmp": "rw,size=2g,mode=1777"}
+# host env the tasks also get in containers (the subprocess runner inherits all of it)
+PASSED_ENV = ("OMP_NUM_THREADS",)
+
+
+def docker_runner(read_only_dirs: Iterable[Path]) -> Callable[[dict[str, str]], Any]:
+    """A ``run_pipeline`` runner factory: kfp.local's DockerRunner, each task in its component's
+    image. The component's container command replaces the image ENTRYPOINT (as a Kubernetes
+    ``command`` does), the host network lets the tasks reach the embedded store on the host's
+    loopback, and ``read_only_dirs`` (the inputs ingest reads) are bind-mounted read-only at their
+    host paths. The tasks get only their env (S3 settings, events file) and ``PASSED_ENV``."""
+    from docker.types import Mount
+    from kfp import local
+
+    mounts = [Mount(str(d), str(d), type="bind", read_only=True) for d in sorted(set(read_only_dirs))]
+
+    def make(env: dict[str, str]) -> Any:
+        passed = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        return local.DockerRunner(
+            user=CONTAINER_USER,
+            read_only=True,
+            tmpfs=CONTAINER_TMP,
+            network_mode="host",
+            entrypoint=[""],  # reset, as `docker run --entrypoint ""` sends it ([] means "unset" to podman)
+            mounts=mounts,
+            environment={**passed, **env},
+        )
+
+    return make
+
+
+def input_dirs(arguments: dict[str, Any]) -> set[Path]:
+    """Host folders the ingest spec reads from (its absolute paths that exist), to mount read-only."""
+    found: set[Path] = set()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str) and v.startswith("/") and Path(v).exists():
+            found.add(Path(v).resolve() if Path(v).is_dir() else Path(v).resolve().parent)
+
+    walk(json.loads(arguments["ingest_spec"]))
+    return found
+
+
+def require_images(refs: Iterable[str]) -> None:
+    """One line, before any work, when no Docker API engine answers or it lacks an image."""
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        import docker
+        from docker.errors import DockerException
+    except ImportError:
+        raise DinoflowError("--containers needs the 'docker' Python package: pip install docker") from None
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+        present = {t for image in client.images.list() for t in image.tags}
+    except (DockerException, OSError):
+        raise DinoflowError(
+            f"no Docker API engine answers at {where}: `make demo-containers` builds the images and "
+            "starts podman's when no Docker engine runs"
+        ) from None
+    missing = [r for r in refs if r not in present]
+    if missing:
+        raise DinoflowError(
+            f"image {missing[0]} is not in the engine at {where}: build it with `make images`"
+        )
 
 
 def _metric(metrics: dict[str, float], protocol: str) -> float | None:
@@ -62,9 +144,12 @@ def summarise(run: Any, out: Path, store: Any) -> dict[str, Any]:
 
 
 def run_demo(
-    out_dir: str | os.PathLike[str] | None = None, arguments: dict[str, Any] | None = None
+    out_dir: str | os.PathLike[str] | None = None,
+    arguments: dict[str, Any] | None = None,
+    containers: bool = False,
 ) -> dict[str, Any]:
     from dinoflow.data.idx import fashion_mnist_paths
+    from dinoflow.kfp import GPU_IMAGE, IMAGE
     from dinoflow.kfp.configs import demo_arguments
     from dinoflow.kfp.local import run_pipeline
     from dinoflow.pipelines.full import full
@@ -72,6 +157,8 @@ def run_demo(
     from dinoflow.storage.embedded import EmbeddedStore
 
     out = Path(out_dir or os.environ.get("DINOFLOW_DEMO_OUT") or "demo-out").resolve()
+    if containers:
+        require_images([IMAGE, GPU_IMAGE])
     out.mkdir(parents=True, exist_ok=True)
     embedded = None
     settings = configured_settings()
@@ -85,12 +172,20 @@ def run_demo(
         args = arguments or demo_arguments(
             fashion_mnist_paths(), "s3://dinoflow-demo/runs", f"demo-{int(time.time())}"
         )
+        runner = None
+        where = "kfp.local"
+        if containers:
+            runner = docker_runner(input_dirs(args))
+            where = f"kfp.local's DockerRunner ({IMAGE}, {GPU_IMAGE})"
+            (out / "kfp").mkdir(parents=True, exist_ok=True)
+            (out / "kfp").chmod(0o777)  # the tasks write their outputs there as uid 10001
         print(
-            f"dinoflow demo: full pipeline through kfp.local, store {settings.endpoint}, output {out}",
+            f"dinoflow demo: full pipeline through {where}, store {settings.endpoint}, output {out}",
             flush=True,
         )
-        run = run_pipeline(full, args, out / "kfp", settings, caching=False)
+        run = run_pipeline(full, args, out / "kfp", settings, caching=False, runner=runner)
         summary = summarise(run, out, store)
+        summary["runner"] = "containers" if containers else "subprocess"
     finally:
         if embedded is not None:
             embedded.down()

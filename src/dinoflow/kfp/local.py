@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,24 +199,27 @@ def run_pipeline(
     *,
     caching: bool = True,
     cache_root: str | os.PathLike[str] | None = None,
+    runner: Callable[[dict[str, str]], Any] | None = None,
 ) -> LocalRun:
     """Run ``pipeline_fn(**arguments)`` through ``kfp.local``; raise ``DinoflowError`` if a task fails.
 
     With ``caching`` on, a task whose inputs (parameters, upstream artifacts, data_version) match an
     earlier run is skipped; entries live under ``cache_root`` (default ``{pipeline_root}/.kfp_cache``).
+    ``runner`` makes the kfp.local runner from the env the tasks need (``dinoflow demo --containers``:
+    a DockerRunner); by default the tasks run as subprocesses of this venv.
     """
     from kfp import local
 
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     events_file = root / f"events-{time.time_ns()}.jsonl"
+    env = {**s3_env(settings), EVENTS_ENV: str(events_file)}
     local.init(
-        runner=local.SubprocessRunner(use_venv=False),
+        runner=runner(env) if runner else local.SubprocessRunner(use_venv=False),
         pipeline_root=str(root),
         enable_caching=caching,
         cache_root=str(cache_root) if cache_root else None,
     )
-    env = {**s3_env(settings), EVENTS_ENV: str(events_file)}
     t0 = time.perf_counter()
     with _env(env), _no_retries(pipeline_fn), _oneof_artifacts(), _job_times(), _condition_outputs():
         try:
