@@ -44,6 +44,67 @@ def get_npy(store: ObjectStore, uri: str) -> np.ndarray:
     return npy_load(store.get_bytes(uri))
 
 
+class EmbeddingWriter:
+    """Rows appended in order (``add``), written as shards of ``rows_per_shard`` rows named
+    ``emb{name}-NNNNNN.npy`` (with ``phash{name}-NNNNNN.npy`` beside them when ``hashes``: every block
+    then comes with its rows' perceptual hashes) as soon as each is full: memory holds at most one shard. ``close()`` returns the listing for
+    :func:`write_index` (no ``embeddings.json`` is written here)."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix: str,
+        dim: int,
+        *,
+        hashes: bool = False,
+        name: str = "",
+        rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    ):
+        self.store, self.prefix, self.dim, self.name, self.per = store, prefix, int(dim), name, rows_per_shard
+        self.hashes = hashes
+        self.listing: dict[str, Any] = {"shards": [], "shard_rows": [], "dim": self.dim}
+        if hashes:
+            self.listing["phash_shards"] = []
+        self._emb: list[np.ndarray] = []
+        self._hash: list[np.ndarray] = []
+        self._held = 0
+
+    def add(self, emb: np.ndarray, phash: np.ndarray | None = None) -> None:
+        emb = np.asarray(emb)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise ValueError(f"embeddings must be [N, {self.dim}], got {emb.shape}")
+        if (phash is not None) != self.hashes or (phash is not None and len(phash) != len(emb)):
+            raise ValueError(
+                "each block's rows need their hashes" if self.hashes else "this writer takes no hashes"
+            )
+        self._emb.append(emb.astype(np.float16))
+        if phash is not None:
+            self._hash.append(np.asarray(phash, np.uint64))
+        self._held += len(emb)
+        while self._held >= self.per:
+            self._flush(self.per)
+
+    def _flush(self, rows: int) -> None:
+        emb = np.concatenate(self._emb)
+        i = len(self.listing["shards"])
+        shard = f"emb{self.name}-{i:06d}.npy"
+        put_npy(self.store, join_uri(self.prefix, shard), emb[:rows])
+        self.listing["shards"].append(shard)
+        self.listing["shard_rows"].append(rows)
+        self._emb = [emb[rows:]]
+        if self.hashes:
+            ph = np.concatenate(self._hash)
+            self.listing["phash_shards"].append(f"phash{self.name}-{i:06d}.npy")
+            put_npy(self.store, join_uri(self.prefix, self.listing["phash_shards"][-1]), ph[:rows])
+            self._hash = [ph[rows:]]
+        self._held -= rows
+
+    def close(self) -> dict[str, Any]:
+        if self._held:
+            self._flush(self._held)
+        return self.listing
+
+
 def write_part(
     store: ObjectStore,
     prefix: str,
@@ -53,26 +114,16 @@ def write_part(
     name: str = "",
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
 ) -> dict[str, Any]:
-    """Write ``emb`` (and its ``phash`` rows) as shards named ``emb{name}-NNNNNN.npy`` under
-    ``prefix``, without ``embeddings.json``; returns the part's listing for :func:`write_index`."""
+    """Write ``emb`` (and its ``phash`` rows) as shards under ``prefix`` (:class:`EmbeddingWriter`),
+    without ``embeddings.json``; returns the part's listing for :func:`write_index`."""
     emb = np.asarray(emb)
     if emb.ndim != 2:
         raise ValueError(f"embeddings must be [N, D], got {emb.shape}")
-    if phash is not None and len(phash) != len(emb):
-        raise ValueError(f"phash rows {len(phash)} != embedding rows {len(emb)}")
-    shards, rows = [], []
-    for i, s in enumerate(range(0, len(emb), rows_per_shard)):
-        shard = f"emb{name}-{i:06d}.npy"
-        block = emb[s : s + rows_per_shard].astype(np.float16)
-        put_npy(store, join_uri(prefix, shard), block)
-        shards.append(shard)
-        rows.append(len(block))
-    part: dict[str, Any] = {"shards": shards, "shard_rows": rows, "dim": int(emb.shape[1])}
-    if phash is not None:
-        part["phash_shards"] = [f"phash{name}.npy"] if len(emb) else []
-        if len(emb):
-            put_npy(store, join_uri(prefix, part["phash_shards"][0]), np.asarray(phash, np.uint64))
-    return part
+    writer = EmbeddingWriter(
+        store, prefix, emb.shape[1], hashes=phash is not None, name=name, rows_per_shard=rows_per_shard
+    )
+    writer.add(emb, phash)
+    return writer.close()
 
 
 def write_index(
@@ -230,30 +281,13 @@ def copy_rows(
     rows = np.asarray(rows, np.int64)
     if len(rows) > 1 and (np.diff(rows) <= 0).any():
         raise ValueError("copy_rows: rows must be sorted and distinct")
-    shards, counts, buf, held, k = [], [], [], 0, 0
-
-    def flush(final: bool) -> None:
-        nonlocal buf, held, k
-        while held >= rows_per_shard or (final and held):
-            block = np.concatenate(buf)
-            name = f"emb-{k:06d}.npy"
-            put_npy(store, join_uri(prefix, name), block[:rows_per_shard].astype(np.float16))
-            shards.append(name)
-            counts.append(min(rows_per_shard, len(block)))
-            buf, held, k = [block[rows_per_shard:]], max(0, len(block) - rows_per_shard), k + 1
-
+    if phash is not None and len(phash) != len(rows):
+        raise ValueError(f"phash rows {len(phash)} != selected rows {len(rows)}")
+    writer = EmbeddingWriter(store, prefix, src.dim, hashes=phash is not None, rows_per_shard=rows_per_shard)
     which = np.searchsorted(src.starts, rows, side="right") - 1
+    at = 0
     for i in np.unique(which):
         sel = rows[which == i] - src.starts[i]
-        buf.append(src.shard(int(i))[sel])
-        held += len(sel)
-        flush(False)
-    flush(True)
-    part: dict[str, Any] = {"shards": shards, "shard_rows": counts}
-    if phash is not None:
-        if len(phash) != len(rows):
-            raise ValueError(f"phash rows {len(phash)} != selected rows {len(rows)}")
-        part["phash_shards"] = ["phash.npy"] if len(rows) else []
-        if len(rows):
-            put_npy(store, join_uri(prefix, "phash.npy"), np.asarray(phash, np.uint64))
-    return write_index(store, prefix, [part], src.dim, meta)
+        writer.add(src.shard(int(i))[sel], None if phash is None else phash[at : at + len(sel)])
+        at += len(sel)
+    return write_index(store, prefix, [writer.close()], src.dim, meta)

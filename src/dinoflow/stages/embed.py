@@ -265,7 +265,7 @@ def embed_part(spec: EmbedSpec, store, part: int, planned: dict[str, Any]) -> di
 
     from dinoflow.curation.partition import part_range
     from dinoflow.data.dataset import RowBatches
-    from dinoflow.data.embeddings import write_part
+    from dinoflow.data.embeddings import EmbeddingWriter
     from dinoflow.metrics import IMAGES_PROCESSED
     from dinoflow.models import load_backbone
 
@@ -289,29 +289,28 @@ def embed_part(spec: EmbedSpec, store, part: int, planned: dict[str, Any]) -> di
         pin_memory=device == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    emb = np.zeros((hi - lo, planned["dim"]), np.float16)
-    ph = np.zeros((hi - lo, 2), np.int64)
-    seen = np.zeros(hi - lo, bool)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for x, h, r in loader:
-            f = features_of(backbone, x.to(device, non_blocking=True), spec.features)
-            r = r.numpy() - lo
-            emb[r] = f.half().cpu().numpy()
-            ph[r] = h.numpy()
-            seen[r] = True
-            IMAGES_PROCESSED.labels("embed").inc(len(r))
-    secs = time.perf_counter() - t0
-    if not seen.all():
-        raise SpecError(f"embed: {int((~seen).sum())} manifest rows were not embedded (data loader gap)")
-    listing = write_part(
+    writer = EmbeddingWriter(
         store,
         spec.out("embeddings"),
-        emb,
-        phash=ph.view(np.uint64),
+        planned["dim"],
+        hashes=True,
         name=f"-p{part:05d}" if spec.parts > 1 else "",
         rows_per_shard=spec.rows_per_shard,
     )
+    done = 0  # the loader hands batches back in row order: each is appended as it comes
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for x, h, r in loader:
+            if int(r[0]) != lo + done:
+                raise SpecError(f"embed: rows arrived out of order ({int(r[0])} after {lo + done})")
+            f = features_of(backbone, x.to(device, non_blocking=True), spec.features)
+            writer.add(f.half().cpu().numpy(), h.numpy().view(np.uint64))
+            done += len(r)
+            IMAGES_PROCESSED.labels("embed").inc(len(r))
+    secs = time.perf_counter() - t0
+    if done != hi - lo:
+        raise SpecError(f"embed: {hi - lo - done} manifest rows were not embedded (data loader gap)")
+    listing = writer.close()
     log.info(
         "embed: part %d of %d, rows %d..%d, %.0f images/s on %s",
         part,

@@ -1,6 +1,8 @@
 """dinoflow bench embed: embed-stage throughput (S3 shards -> DataLoader workers -> model ->
 float16 shards) against the bare model forward on the same images already in memory (ratio).
 
+The stage runs fanned out as a pipeline runs it (``--parts``: a plan, then each part's rows, then
+the collect step; here one after another), its rate the images over the parts' embedding time.
 Bare and stage runs alternate (``--reps`` of each, after one warm-up of each) so that a load change
 on a shared machine hits both alike; the ratio is of the medians. Workers default to
 min(2, cpus - 1): decoding needs a core of its own, the model the rest."""
@@ -19,6 +21,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--num-workers", type=int, default=None, help="default min(2, cpus - 1)")
     ap.add_argument("--reps", type=int, default=3, help="timed runs of each, interleaved")
+    ap.add_argument("--parts", type=int, default=2, help="the embed stage's fan-out (parts)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     import uuid
@@ -87,6 +90,7 @@ def main(argv: list[str]) -> None:
                 "backbone_uri": f"{root}/bb",
                 "batch_size": a.batch_size,
                 "num_workers": workers,
+                "parts": a.parts,
             }
             return stage.run(stage.parse_spec(spec), store).images_per_second
 
@@ -115,6 +119,7 @@ def main(argv: list[str]) -> None:
                 "backbone": a.backbone,
                 "device": device,
                 "num_workers": workers,
+                "parts": a.parts,
                 "threads": a.threads,
                 "batch_size": a.batch_size,
             }
