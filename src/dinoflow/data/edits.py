@@ -3,9 +3,10 @@
 A copy detector is judged on edits it was not trained on, so the families are split in two:
 ``TRAIN_FAMILIES`` (the only ones the copy descriptor's training augmentation may draw from) and
 ``HELDOUT_FAMILIES`` (used only to test it; nothing in training touches them). Every family is a
-function ``(uint8 image, torch.Generator) -> uint8 image``: grayscale ``[H, W]`` / ``[1, H, W]`` or
-RGB ``[3, H, W]``, any size; all its random choices come from the generator, so an edit is a pure
-function of ``(image, seed)``. Sizes are relative to the image side, so a family means the same on
+function ``(uint8 image, generator) -> uint8 image``: grayscale ``[H, W]`` / ``[1, H, W]`` or
+RGB ``[3, H, W]``, any size; all its random choices come from the generator (a numpy ``Generator``;
+the entry points also take a ``torch.Generator`` or an int seed), so an edit is a pure function of
+``(image, seed)``. Sizes are relative to the image side, so a family means the same on
 a 28 px thumbnail and on a photo. Some families change the image size (``resize``, ``border``).
 
 Seen in training (SSCD's augmentations and the usual copy edits, Pizzi et al. 2022). Strengths are
@@ -52,31 +53,42 @@ import torch.nn.functional as F
 
 from dinoflow.data.augment import gaussian_blur
 
-Edit = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Rng = np.random.Generator
+Edit = Callable[[torch.Tensor, Rng], torch.Tensor]
 
 
 # -- random draws ---------------------------------------------------------------------------------
-def _u(g: torch.Generator, lo: float, hi: float) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=g))
+def rng(g: Rng | torch.Generator | int) -> Rng:
+    """The numpy generator edits draw from: ``g`` itself, one seeded by an int, or one seeded by a
+    draw from a ``torch.Generator`` (which advances it)."""
+    if isinstance(g, np.random.Generator):
+        return g
+    if isinstance(g, torch.Generator):
+        g = int(torch.randint(0, 2**62, (), generator=g))
+    return np.random.default_rng(int(g) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def _i(g: torch.Generator, lo: int, hi: int) -> int:
+def _u(g: Rng, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(g.random())
+
+
+def _i(g: Rng, lo: int, hi: int) -> int:
     """An integer in [lo, hi], both ends included."""
-    return int(torch.randint(lo, hi + 1, (), generator=g))
+    return int(g.integers(lo, hi + 1))
 
 
-def _sign(g: torch.Generator) -> float:
-    return 1.0 if float(torch.rand((), generator=g)) < 0.5 else -1.0
+def _sign(g: Rng) -> float:
+    return 1.0 if g.random() < 0.5 else -1.0
 
 
-def _colour(g: torch.Generator, c: int) -> tuple[int, ...]:
+def _colour(g: Rng, c: int) -> tuple[int, ...]:
     """A fill colour: black or white half of the time, else a random grey (or RGB colour)."""
-    r = float(torch.rand((), generator=g))
+    r = g.random()
     if r < 0.25:
         return (0,) * c
     if r < 0.5:
         return (255,) * c
-    return tuple(int(v) for v in torch.randint(0, 256, (c,), generator=g))
+    return tuple(int(v) for v in g.integers(0, 256, c))
 
 
 # -- tensor plumbing ------------------------------------------------------------------------------
@@ -121,12 +133,12 @@ def _from_pil(im, c: int) -> torch.Tensor:
     return torch.from_numpy(a.copy())
 
 
-def _warp(x: torch.Tensor, hom: torch.Tensor, fill: tuple[int, ...]) -> torch.Tensor:
+def _warp(x: torch.Tensor, hom: np.ndarray, fill: tuple[int, ...]) -> torch.Tensor:
     """Resample uint8 ``[C, H, W]`` through the 3x3 homography ``hom`` that maps input pixel
     coordinates (x, y, 1) to output ones; outside the source is filled with ``fill``."""
     c, h, w = x.shape
-    inv = torch.linalg.inv(hom.double()).float()
-    pts = _pixel_centres(h, w) @ inv.T
+    inv = torch.from_numpy(np.linalg.inv(hom).T.astype(np.float32))
+    pts = _pixel_centres(h, w) @ inv
     # input pixel coordinates -> grid_sample's [-1, 1] (align_corners=False)
     grid = (pts[..., :2] / pts[..., 2:]) * torch.tensor([2.0 / w, 2.0 / h]) - 1.0
     y = torch.cat([_float(x), torch.ones(1, 1, h, w)], dim=1)
@@ -143,26 +155,23 @@ def _pixel_centres(h: int, w: int) -> torch.Tensor:
     return torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).float()
 
 
-def _about_centre(a: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def _about_centre(a: np.ndarray, h: int, w: int) -> np.ndarray:
     """The 2x2 linear map ``a`` applied about the image centre, as a 3x3 homography."""
-    cx, cy = w / 2, h / 2
-    m = torch.eye(3, dtype=torch.float64)
+    m = np.eye(3)
     m[:2, :2] = a
-    t1, t2 = torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
-    t1[:2, 2] = torch.tensor([-cx, -cy])
-    t2[:2, 2] = torch.tensor([cx, cy])
-    return t2 @ m @ t1
+    centre = np.array([w / 2, h / 2])
+    m[:2, 2] = centre - a @ centre
+    return m
 
 
-def homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+def homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """The 3x3 homography taking the four points ``src`` [4, 2] to ``dst`` [4, 2]."""
     rows, rhs = [], []
     for (x, y), (u, v) in zip(src.tolist(), dst.tolist(), strict=True):
         rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
         rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
         rhs += [u, v]
-    p = torch.linalg.solve(torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64))
-    return torch.cat([p, torch.ones(1, dtype=torch.float64)]).view(3, 3)
+    return np.append(np.linalg.solve(np.array(rows), np.array(rhs)), 1.0).reshape(3, 3)
 
 
 @lru_cache(maxsize=64)
@@ -193,38 +202,38 @@ def _overlay(x: torch.Tensor, draw_fn, opacity: float) -> torch.Tensor:
 
 
 # -- families seen in training --------------------------------------------------------------------
-def crop(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def crop(x: torch.Tensor, g: Rng) -> torch.Tensor:
     c, h, w = x.shape
     ch, cw = max(1, round(h * _u(g, 0.65, 0.9))), max(1, round(w * _u(g, 0.65, 0.9)))
     y0, x0 = _i(g, 0, h - ch), _i(g, 0, w - cw)
     return _uint8(_resize(_float(x[:, y0 : y0 + ch, x0 : x0 + cw]), h, w))
 
 
-def rotate(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def rotate(x: torch.Tensor, g: Rng) -> torch.Tensor:
     _, h, w = x.shape
     t = math.radians(_u(g, 5, 20) * _sign(g))
-    a = torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], dtype=torch.float64)
+    a = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
     return _warp(x, _about_centre(a, h, w), _colour(g, x.shape[0]))
 
 
-def translate(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def translate(x: torch.Tensor, g: Rng) -> torch.Tensor:
     _, h, w = x.shape
-    m = torch.eye(3, dtype=torch.float64)
+    m = np.eye(3)
     m[0, 2], m[1, 2] = _u(g, -0.15, 0.15) * w, _u(g, -0.15, 0.15) * h
     return _warp(x, m, _colour(g, x.shape[0]))
 
 
-def mirror(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def mirror(x: torch.Tensor, g: Rng) -> torch.Tensor:
     return x.flip(-1).contiguous()
 
 
-def resize(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def resize(x: torch.Tensor, g: Rng) -> torch.Tensor:
     _, h, w = x.shape
     sh, sw = math.exp(_u(g, math.log(0.6), math.log(1.6))), math.exp(_u(g, math.log(0.6), math.log(1.6)))
     return _uint8(_resize(_float(x), max(2, round(h * sh)), max(2, round(w * sw))))
 
 
-def border(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def border(x: torch.Tensor, g: Rng) -> torch.Tensor:
     c, h, w = x.shape
     s = min(h, w)
     top, bottom, left, right = (round(s * _u(g, 0.03, 0.2)) for _ in range(4))
@@ -234,18 +243,19 @@ def border(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
-def blur(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def blur(x: torch.Tensor, g: Rng) -> torch.Tensor:
     sigma = _u(g, 0.015, 0.04) * min(x.shape[1:])
     y = gaussian_blur(_float(x), torch.tensor([sigma]), torch.tensor([True]))
     return _uint8(y)
 
 
-def noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def noise(x: torch.Tensor, g: Rng) -> torch.Tensor:
     std = _u(g, 4, 20)
-    return (x.float() + std * torch.randn(x.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
+    n = torch.from_numpy(g.standard_normal(tuple(x.shape), dtype=np.float32))
+    return (x.float() + std * n).round().clamp(0, 255).to(torch.uint8)
 
 
-def jpeg(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def jpeg(x: torch.Tensor, g: Rng) -> torch.Tensor:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -253,7 +263,7 @@ def jpeg(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return _from_pil(Image.open(io.BytesIO(buf.getvalue())), x.shape[0])
 
 
-def color(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def color(x: torch.Tensor, g: Rng) -> torch.Tensor:
     y = _float(x)
     y = (y * _u(g, 0.6, 1.4)).clamp(0, 1)
     mean = y.mean()
@@ -267,7 +277,7 @@ def color(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 _TEXT_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz0123456789@#&%!?"
 
 
-def text(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def text(x: torch.Tensor, g: Rng) -> torch.Tensor:
     c, h, w = x.shape
     word = "".join(_TEXT_CHARS[_i(g, 0, len(_TEXT_CHARS) - 1)] for _ in range(_i(g, 2, 8)))
     font = _font(max(4, round(h * _u(g, 0.15, 0.35))))
@@ -276,7 +286,7 @@ def text(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return _overlay(x, lambda d, rgba: d.text(pos, word, fill=rgba(col), font=font), _u(g, 0.6, 1.0))
 
 
-def _shape(d, g: torch.Generator, h: int, w: int, fill) -> None:
+def _shape(d, g: Rng, h: int, w: int, fill) -> None:
     s = min(h, w) * _u(g, 0.08, 0.25)
     cx, cy = _u(g, 0, w), _u(g, 0, h)
     kind = _i(g, 0, 3)
@@ -293,7 +303,7 @@ def _shape(d, g: torch.Generator, h: int, w: int, fill) -> None:
         d.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=fill, width=max(1, round(s / 4)))
 
 
-def shapes(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def shapes(x: torch.Tensor, g: Rng) -> torch.Tensor:
     c, h, w = x.shape
     n = _i(g, 1, 3)
     cols = [_colour(g, c) for _ in range(n)]
@@ -305,22 +315,20 @@ def shapes(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return _overlay(x, draw, 1.0)
 
 
-def erase(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def erase(x: torch.Tensor, g: Rng) -> torch.Tensor:
     c, h, w = x.shape
     area, ratio = _u(g, 0.04, 0.15) * h * w, math.exp(_u(g, math.log(0.3), math.log(3.3)))
     eh, ew = min(h, max(1, round(math.sqrt(area / ratio)))), min(w, max(1, round(math.sqrt(area * ratio))))
     y0, x0 = _i(g, 0, h - eh), _i(g, 0, w - ew)
     out = x.clone()
-    if float(torch.rand((), generator=g)) < 0.5:
+    if g.random() < 0.5:
         out[:, y0 : y0 + eh, x0 : x0 + ew] = torch.tensor(_colour(g, c), dtype=torch.uint8).view(c, 1, 1)
     else:
-        out[:, y0 : y0 + eh, x0 : x0 + ew] = torch.randint(
-            0, 256, (c, eh, ew), generator=g, dtype=torch.uint8
-        )
+        out[:, y0 : y0 + eh, x0 : x0 + ew] = torch.from_numpy(g.integers(0, 256, (c, eh, ew), dtype=np.uint8))
     return out
 
 
-def downscale(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def downscale(x: torch.Tensor, g: Rng) -> torch.Tensor:
     _, h, w = x.shape
     f = _u(g, 0.35, 0.65)
     small = _resize(_float(x), max(2, round(h * f)), max(2, round(w * f)))
@@ -328,34 +336,34 @@ def downscale(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 # -- families held out from training --------------------------------------------------------------
-def perspective(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def perspective(x: torch.Tensor, g: Rng) -> torch.Tensor:
     c, h, w = x.shape
     d = _u(g, 0.05, 0.15)
-    src = torch.tensor([[0, 0], [w, 0], [w, h], [0, h]], dtype=torch.float64)
-    jitter = torch.tensor([[_u(g, -d, d) * w, _u(g, -d, d) * h] for _ in range(4)], dtype=torch.float64)
+    src = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
+    jitter = np.array([[_u(g, -d, d) * w, _u(g, -d, d) * h] for _ in range(4)])
     return _warp(x, homography(src, src + jitter), _colour(g, c))
 
 
-def shear(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def shear(x: torch.Tensor, g: Rng) -> torch.Tensor:
     _, h, w = x.shape
     k = math.tan(math.radians(_u(g, 8, 20))) * _sign(g)
-    a = torch.tensor([[1.0, k], [0.0, 1.0]] if _i(g, 0, 1) else [[1.0, 0.0], [k, 1.0]], dtype=torch.float64)
+    a = np.array([[1.0, k], [0.0, 1.0]] if _i(g, 0, 1) else [[1.0, 0.0], [k, 1.0]])
     return _warp(x, _about_centre(a, h, w), _colour(g, x.shape[0]))
 
 
-def pixelate(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def pixelate(x: torch.Tensor, g: Rng) -> torch.Tensor:
     _, h, w = x.shape
     block = max(2.0, _u(g, 0.06, 0.1) * min(h, w))
     small = F.interpolate(_float(x), size=(max(1, round(h / block)), max(1, round(w / block))), mode="area")
     return _uint8(F.interpolate(small, size=(h, w), mode="nearest"))
 
 
-def gamma(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def gamma(x: torch.Tensor, g: Rng) -> torch.Tensor:
     gm = _u(g, 0.45, 0.75) if _i(g, 0, 1) else _u(g, 1.4, 2.2)
     return _uint8(_float(x).pow(gm))
 
 
-def stripes(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def stripes(x: torch.Tensor, g: Rng) -> torch.Tensor:
     c, h, w = x.shape
     n, t = _i(g, 2, 5), _u(g, 0, math.pi)
     gap = max(h, w) / (n + 1)
@@ -379,10 +387,10 @@ def stripes(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return _overlay(x, draw, _u(g, 0.5, 1.0))
 
 
-def salt_pepper(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def salt_pepper(x: torch.Tensor, g: Rng) -> torch.Tensor:
     c, h, w = x.shape
     p = _u(g, 0.01, 0.05)
-    r = torch.rand((h, w), generator=g)
+    r = torch.from_numpy(g.random((h, w)))
     out = x.clone()
     out[:, r < p / 2] = 0
     out[:, (r >= p / 2) & (r < p)] = 255
@@ -399,7 +407,7 @@ class EditFamily:
 
 
 def _chain(names: Sequence[str], lo: int, hi: int) -> Edit:
-    def fn(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def fn(x: torch.Tensor, g: Rng) -> torch.Tensor:
         for name in _pick(names, _i(g, lo, hi), g):
             x = FAMILIES[name].fn(x, g)
         return x
@@ -407,9 +415,9 @@ def _chain(names: Sequence[str], lo: int, hi: int) -> Edit:
     return fn
 
 
-def _pick(names: Sequence[str], n: int, g: torch.Generator) -> list[str]:
+def _pick(names: Sequence[str], n: int, g: Rng) -> list[str]:
     """``n`` distinct names drawn in a random order."""
-    order = torch.randperm(len(names), generator=g)[:n].tolist()
+    order = g.permutation(len(names))[:n].tolist()
     return [names[i] for i in order]
 
 
@@ -462,28 +470,33 @@ def check_families(names: Sequence[str], allow_heldout: bool = True) -> tuple[st
     return tuple(names)
 
 
-def apply_edit(img: torch.Tensor, family: str, g: torch.Generator) -> torch.Tensor:
+def apply_edit(img: torch.Tensor, family: str, g: Rng | torch.Generator | int) -> torch.Tensor:
     """One edit of family ``family`` on uint8 ``img`` ([H, W] or [C, H, W]); the output keeps the
     input's number of dimensions (its size may change: ``resize``, ``border``)."""
     check_families([family])
-    out = FAMILIES[family].fn(_check(img), g)
+    out = FAMILIES[family].fn(_check(img), rng(g))
     return out[0] if img.ndim == 2 else out
 
 
 def random_copy(
-    img: torch.Tensor, families: Sequence[str], g: torch.Generator, min_edits: int = 1, max_edits: int = 3
+    img: torch.Tensor,
+    families: Sequence[str],
+    g: Rng | torch.Generator | int,
+    min_edits: int = 1,
+    max_edits: int = 3,
 ) -> tuple[torch.Tensor, list[str]]:
     """A chain of ``min_edits..max_edits`` distinct families drawn from ``families`` (0 edits: the
     image itself); returns the copy and the families applied, in order."""
-    x = _check(img)
+    x, g = _check(img), rng(g)
     names = _pick(families, min(len(families), _i(g, min_edits, max_edits)), g)
     for name in names:
         x = FAMILIES[name].fn(x, g)
     return (x[0] if img.ndim == 2 else x), names
 
 
-def seed_generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+def seed_generator(seed: int) -> Rng:
+    """The generator of one copy: a pure function of ``seed``."""
+    return rng(int(seed))
 
 
 def edit_batch(
