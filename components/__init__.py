@@ -6,8 +6,10 @@ Every component takes the stage spec as one JSON string (``dinoflow schema <stag
 ``output_root`` and ``data_version`` (outputs go to ``{output_root}/{data_version}/{output_name}/
 {spec hash}``; the data version is also what KFP's cache keys on), ``overrides_json`` (fields from
 pipeline parameters layered over the spec) and upstream stage results as artifacts. It writes the
-stage result JSON (``result``) and a KFP ``Metrics`` artifact; evaluate also writes a confusion
-matrix, the HTML report and the model card.
+stage result JSON as a typed artifact (``result``: a KFP ``Model`` for pretrain, distill and promote's
+champion, a ``Dataset`` for ingest, embed, dedup and curate; the object's s3:// URI and key facts in
+its metadata) and a KFP ``Metrics`` artifact; evaluate also writes a confusion matrix, the HTML report
+and the model card.
 """
 
 from __future__ import annotations

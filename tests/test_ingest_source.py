@@ -34,13 +34,13 @@ def _ingest(store, out: str, **spec):
     return stage.run(stage.parse_spec({"output_uri": out, **spec}), store)
 
 
-def test_upload_fashion_mnist_then_ingest_it_by_its_folder(store, s3_env, bucket_uri, fmnist_dir):
+def test_upload_fashion_mnist_then_ingest_it_by_its_folder(store, s3_env, bucket_uri, fmnist_dir, tmp_path):
     raw = f"{bucket_uri}/raw"
     up = _cli("upload", "--to", raw, "--fashion-mnist", str(fmnist_dir), env=s3_env)
     assert up.returncode == 0, up.stderr
     assert f"{raw}/fashion-mnist: 5 object(s) uploaded" in up.stdout
     again = _cli("upload", "--to", raw, "--fashion-mnist", str(fmnist_dir), env=s3_env)
-    assert "0 object(s) uploaded" in again.stdout and "5 already there" in again.stdout
+    assert "0 object(s) uploaded" in again.stdout and "4 already there" in again.stdout  # + dataset.json kept
     res = _ingest(store, f"{bucket_uri}/ing", source_uri=f"{raw}/fashion-mnist", limit_per_split=300)
     assert res.counts == {"test": 300, "train": 300}
     _, labels = load_fashion_mnist("train")
@@ -48,6 +48,12 @@ def test_upload_fashion_mnist_then_ingest_it_by_its_folder(store, s3_env, bucket
     assert table.column("label").to_pylist() == labels[:300].tolist()
     assert set(table.column("source").to_pylist()) == {"fashion-mnist"}  # from dataset.json
     assert set(res.label_counts["train"]) <= set(FASHION_MNIST_CLASSES)  # class names from dataset.json
+    # new images added to the dataset later (no class folder: unlabelled) keep its dataset.json
+    (tmp_path / "new" / "train").mkdir(parents=True)
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "new" / "train" / "n1.png")
+    more = _cli("upload", str(tmp_path / "new"), "--to", raw, "--name", "fashion-mnist", env=s3_env)
+    assert more.returncode == 0 and "1 object(s) uploaded" in more.stdout, more.stderr
+    assert store.get_json(f"{raw}/fashion-mnist/dataset.json")["label_names"] == FASHION_MNIST_CLASSES
 
 
 def _png(path, value: int) -> None:

@@ -101,6 +101,9 @@ def test_ingest_component_runs_alone_through_kfp_local(store, bucket_uri, tmp_pa
     assert result["counts"] == {"train": 256, "test": 256}
     assert store.read_success(result["output_uri"])["result"]["counts"] == result["counts"]
     assert task.outputs["metrics"].metadata["counts.train"] == 256.0
+    meta = task.outputs["result"].metadata  # a Dataset: its manifests and counts, for the UI's lineage
+    assert meta["s3_uri"] == result["output_uri"] and meta["manifests"] == result["manifests"]
+    assert type(task.outputs["result"]).__name__ == "Dataset"
 
 
 def test_confusion_matrix_carries_class_names(tmp_path):
@@ -147,3 +150,34 @@ def test_a_pointer_is_read_when_the_task_runs(store, bucket_uri):
     champion = runtime.resolve_pointer(store, f"{bucket_uri}/registry/m/champion.json")
     spec = runtime.fill_from_upstream("pretrain", {}, {"init": champion}, fields("pretrain"))
     assert spec == {"init_backbone_uri": f"{bucket_uri}/v0001"}
+
+
+def test_result_artifacts_are_typed_with_their_s3_uri_in_the_metadata():
+    """Backbones are KFP Models and manifests/embeddings Datasets, with the object's s3:// URI first."""
+    import yaml
+
+    from dinoflow.kfp.compile import default_dirs
+
+    cdir, _ = default_dirs()
+    want = {"pretrain": "system.Model", "distill": "system.Model", "promote": "system.Model"}
+    want.update({s: "system.Dataset" for s in ("ingest", "embed", "dedup", "curate")})
+    for stage, kind in want.items():
+        spec = yaml.safe_load((cdir / stage / "component.yaml").read_text())
+        out = spec["root"]["outputDefinitions"]["artifacts"]["result"]["artifactType"]["schemaTitle"]
+        assert out == kind, stage
+    pt = runtime.describe(
+        "pretrain", {"output_uri": "s3://b/p", "backbone_uri": "s3://b/p/backbone", "steps": 5}
+    )
+    assert pt == {
+        "stage": "pretrain",
+        "s3_uri": "s3://b/p/backbone",
+        "output_uri": "s3://b/p",
+        "backbone_uri": "s3://b/p/backbone",
+        "steps": 5,
+    }
+    ds = runtime.describe(
+        "distill", {"output_uri": "s3://b/d", "backbone_uris": {"s1": "s3://b/d/s1", "s2": "s3://b/d/s2"}}
+    )
+    assert ds["s3_uri"] == "s3://b/d/s1" and ds["backbone_uris"]["s2"] == "s3://b/d/s2"
+    ing = runtime.describe("ingest", INGEST)
+    assert ing["s3_uri"] == "s3://b/r/ingest/x" and ing["counts"] == {"train": 10, "test": 5}

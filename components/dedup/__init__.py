@@ -1,7 +1,7 @@
 """KFP component: the dedup stage (near-duplicates and evaluation-set copies removed)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Metrics, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Output
 
 from dinoflow.kfp import IMAGE
 
@@ -11,7 +11,7 @@ def dedup(
     spec_json: str,
     output_root: str,
     data_version: str,
-    result: Output[Artifact],
+    result: Output[Dataset],
     metrics: Output[Metrics],
     output_name: str = "dedup",
     overrides_json: str = "{}",

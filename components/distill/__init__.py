@@ -1,7 +1,7 @@
 """KFP component: the distill stage (frozen teacher -> smaller students); multi-node specs run as a TrainJob."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Metrics, Output
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
 from dinoflow.kfp import GPU_IMAGE
 
@@ -11,7 +11,7 @@ def distill(
     spec_json: str,
     output_root: str,
     data_version: str,
-    result: Output[Artifact],
+    result: Output[Model],
     metrics: Output[Metrics],
     output_name: str = "distill",
     overrides_json: str = "{}",

@@ -1,7 +1,7 @@
 """KFP component: the embed stage (manifest + backbone -> float16 embeddings)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Metrics, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Output
 
 from dinoflow.kfp import GPU_IMAGE
 
@@ -11,7 +11,7 @@ def embed(
     spec_json: str,
     output_root: str,
     data_version: str,
-    result: Output[Artifact],
+    result: Output[Dataset],
     metrics: Output[Metrics],
     output_name: str = "embed",
     overrides_json: str = "{}",

@@ -1,7 +1,7 @@
 """KFP component: the ingest stage (raw images -> shards + per-split manifests)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Metrics, Output, OutputPath
+from kfp.dsl import Dataset, Metrics, Output, OutputPath
 
 from dinoflow.kfp import IMAGE
 
@@ -11,7 +11,7 @@ def ingest(
     spec_json: str,
     output_root: str,
     data_version: str,
-    result: Output[Artifact],
+    result: Output[Dataset],
     metrics: Output[Metrics],
     images: OutputPath(int),
     version: OutputPath(str),

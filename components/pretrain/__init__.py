@@ -1,7 +1,7 @@
 """KFP component: the pretrain stage (DINOv2 / MAE / SplitMask); multi-node specs run as a TrainJob."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Metrics, Output
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
 from dinoflow.kfp import GPU_IMAGE
 
@@ -11,7 +11,7 @@ def pretrain(
     spec_json: str,
     output_root: str,
     data_version: str,
-    result: Output[Artifact],
+    result: Output[Model],
     metrics: Output[Metrics],
     output_name: str = "pretrain",
     overrides_json: str = "{}",

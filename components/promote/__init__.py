@@ -1,7 +1,7 @@
 """KFP component: the promote stage (challenger becomes champion when it wins)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Metrics, Output
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
 from dinoflow.kfp import IMAGE
 
@@ -11,7 +11,7 @@ def promote(
     spec_json: str,
     output_root: str,
     data_version: str,
-    result: Output[Artifact],
+    result: Output[Model],
     metrics: Output[Metrics],
     output_name: str = "promote",
     overrides_json: str = "{}",

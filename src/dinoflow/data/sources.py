@@ -280,9 +280,10 @@ def upload_dataset(
     parse_uri(dest)
     dest = dest.rstrip("/")
     payload = {k: v.read_bytes() if k == DATASET_JSON else v for k, v in files.items()}
-    if DATASET_JSON not in payload and info:
-        payload[DATASET_JSON] = json.dumps(info, indent=2, sort_keys=True).encode()
     existing = set(store.list(dest + "/"))
+    if DATASET_JSON not in payload and info and join_uri(dest, DATASET_JSON) not in existing:
+        # a dataset's first upload names it; adding images later keeps what it says
+        payload[DATASET_JSON] = json.dumps(info, indent=2, sort_keys=True).encode()
     report = Upload(dataset_uri=dest)
     todo = {}
     for rel, src in sorted(payload.items()):

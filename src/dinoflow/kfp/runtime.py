@@ -337,7 +337,7 @@ def component_main(stage: str, args: dict[str, Any], inputs: tuple[str, ...] = (
     ``metrics`` outputs, and optionally split / test_split / student, typed spec defaults, run_id,
     schedule_time, publish_uri); ``inputs`` names its optional upstream-result artifacts. Runs the
     stage, then fills every output the component declares: ``metrics`` always, the ``result``
-    artifact's metadata, evaluate's ``classification``, ``report`` and ``model_card``, and the output
+    artifact's metadata (:func:`describe`: a Model's or Dataset's s3:// URI and key facts), evaluate's ``classification``, ``report`` and ``model_card``, and the output
     parameters ``images`` (images the stage produced) and ``version`` (the run's data version)."""
     res = run_component(
         stage,
@@ -356,6 +356,7 @@ def component_main(stage: str, args: dict[str, Any], inputs: tuple[str, ...] = (
         **{k: args[k] for k in ("phase", "part", "parts") if k in args},
     )
     log_metrics(args["metrics"], res)
+    args["result"].metadata.update(describe(stage, res))
     if "classification" in args:
         log_confusion(args["classification"], res)
     if "report" in args:
@@ -379,6 +380,35 @@ def _write_parameter(path: str, value: Any) -> None:
 
 
 # -- UI artifacts ----------------------------------------------------------------------------------
+# The object a stage's result artifact stands for (a KFP Model: a backbone; a Dataset: a manifest or
+# embeddings): its s3:// URI leads the artifact's metadata, for the UI's lineage and a model registry.
+_PRIMARY_URI = {
+    "ingest": "output_uri",
+    "embed": "embeddings_uri",
+    "dedup": "manifest_uri",
+    "curate": "manifest_uri",
+    "pretrain": "backbone_uri",
+    "distill": "backbone_uris",
+    "evaluate": "output_uri",
+    "promote": "champion_uri",
+}
+_FACTS = ("manifests", "counts", "backbone_uris", "metrics")  # small maps worth showing too
+
+
+def describe(stage: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The result artifact's metadata: ``s3_uri`` (what the artifact stands for), the stage, its
+    scalar fields and URIs (counts, steps, loss, dims...) and its small maps (manifests per split,
+    students, metrics)."""
+    primary = result.get(_PRIMARY_URI.get(stage, "output_uri"))
+    if isinstance(primary, dict):  # distill: one backbone per student; the first is evaluated
+        primary = next(iter(primary.values()), None)
+    meta: dict[str, Any] = {"stage": stage, "s3_uri": primary or result.get("output_uri", "")}
+    for k, v in result.items():
+        if isinstance(v, str | int | float | bool) or (k in _FACTS and isinstance(v, dict)):
+            meta.setdefault(k, v)
+    return meta
+
+
 def scalar_metrics(result: dict[str, Any]) -> dict[str, float]:
     """Numbers worth a KFP Metrics artifact: flat numeric fields and the ``metrics``/``counts`` maps."""
     out: dict[str, float] = {}
