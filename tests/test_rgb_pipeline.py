@@ -159,3 +159,22 @@ def test_rgb_photos_of_any_size_go_through_every_stage(store, bucket_uri, tmp_pa
     # what evaluate decoded: the originals resized to the student's 64 px, three channels
     imgs, _ = load_images(store, test, channels=3, size_px=64)
     assert imgs.shape == (40, 3, 64, 64) and imgs.float().std(dim=(0, 2, 3)).min() > 10
+
+
+def test_bootstrap_shape_follows_the_pools_channels_and_size():
+    from dinoflow.errors import SpecError
+    from dinoflow.stages.embed import EmbedSpec, bootstrap_backbone_for, bootstrap_fields
+
+    assert bootstrap_backbone_for(1, 28) == "vit_mini_p7_28"
+    assert bootstrap_backbone_for(1, 500) == "vit_mini_p7_28"  # the only grayscale shape
+    assert bootstrap_backbone_for(3, 40) == "vit_mini_p8_64"  # smaller than any: the smallest
+    assert bootstrap_backbone_for(3, 150) == "vit_mini_p8_64"
+    assert bootstrap_backbone_for(3, 640) == "vit_small_p14"
+    spec = EmbedSpec(output_uri="s3://b/e", manifest_uri="s3://b/m.parquet", bootstrap_steps=20)
+    fields = bootstrap_fields(spec, 3, 640, "s3://b/s.parquet", 100)
+    # crops at the backbone's size and DINOv2's local/global ratio (98/224), on its patch grid
+    assert fields["backbone"] == "vit_small_p14" and fields["crops"]["global_crop_px"] == 224
+    assert fields["crops"]["local_crop_px"] == 98
+    gray = EmbedSpec(**{**spec.model_dump(), "bootstrap_backbone": "vit_test_p4_28"})
+    with pytest.raises(SpecError, match="takes 1-channel images but the pool's are RGB"):
+        bootstrap_fields(gray, 3, 64, "s3://b/s.parquet", 100)
