@@ -43,8 +43,11 @@ class DistillResult(StageResult):
 def build(spec: DistillSpec, store: Any) -> Any:
     """A method factory for the trainer, after every check that needs no training: the first call
     returns the instance built (and checked) here, before any image is loaded."""
+    import torch
+
     from dinoflow.methods.distill import Distill
 
+    torch.manual_seed(spec.seed)  # the trainer's initial weights: it seeds so before make(), too late here
     first = [Distill.from_config(spec, store)]
 
     def factory() -> Distill:
