@@ -63,3 +63,26 @@ class SSCDConfig(BaseModel):
             if not 0 <= lo <= hi:
                 raise ValueError(f"{name} must be (min, max) with 0 <= min <= max, got {(lo, hi)}")
         return self
+
+
+# The copy descriptor's CPU recipe (pretrain-stage fields) for 28 px grayscale pools on 1-2 cores:
+# chosen in 1,000-step runs on Fashion-MNIST (README, "Copy descriptor"): the micro ViT with pooled
+# patch tokens, a tenth of SSCD's batch and therefore a third of its entropy weight, AdamW at 4e-3.
+SSCD_CPU: dict = {
+    "method": "sscd",
+    "backbone": "vit_micro_p7_28",
+    "batch_size": 128,
+    "steps": 1000,
+    "sscd": {"temperature": 0.05, "entropy_weight": 10.0, "features": "cls+patch"},
+    # peak LR = lr_per_1024 * sqrt(128 / 1024) = 4e-3; flat weight decay, no layer decay
+    "optim": {
+        "lr_per_1024": 0.0113,
+        "warmup_steps": 50,
+        "weight_decay_start": 0.05,
+        "weight_decay_end": 0.05,
+        "layer_decay": 1.0,
+        "patch_embed_lr_mult": 1.0,
+    },
+    "checkpoint_every_steps": 500,
+    "log_every_steps": 50,
+}
