@@ -73,6 +73,21 @@ def score_arrays(
     }
 
 
+def score_outcome(g: dict[str, np.ndarray], out) -> dict:
+    """``score_arrays`` of ground-truth arrays ``g`` (``ground_truth_arrays``) and a
+    ``dinoflow.curation.dedup`` outcome (keep, labels, reason, representative)."""
+    return score_arrays(
+        g["copy_of"],
+        g["transform"],
+        g["contam"],
+        g["source"],
+        out.keep,
+        out.labels,
+        out.reason,
+        out.representative,
+    )
+
+
 def ground_truth_arrays(gt: pa.Table, manifest_keys: list[str]) -> dict[str, np.ndarray]:
     """Ground truth aligned with ``manifest_keys`` (the pool manifest's row order)."""
     keys = gt.column("key").to_pylist()

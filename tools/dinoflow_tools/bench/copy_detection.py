@@ -312,7 +312,7 @@ def choose_thresholds(store, prefix: str, data: dict, fields: dict, embedder: st
     from dinoflow.stages.dedup import decide, load_inputs, similarity_graph
     from dinoflow.storage.client import join_uri
     from dinoflow_tools.pool import read_ground_truth
-    from dinoflow_tools.scoring import ground_truth_arrays, score_arrays
+    from dinoflow_tools.scoring import ground_truth_arrays, score_outcome
 
     stage = get_stage("dedup")
     out_uri = join_uri(prefix, f"sweep-{embedder}-{fields['grouping']}-k{fields['k']}")
@@ -324,16 +324,7 @@ def choose_thresholds(store, prefix: str, data: dict, fields: dict, embedder: st
 
     def score(t: float, d: float) -> dict:
         out = decide(spec.model_copy(update={"threshold_cos": t, "decontam_threshold_cos": d}), table, sim)
-        return score_arrays(
-            g["copy_of"],
-            g["transform"],
-            g["contam"],
-            g["source"],
-            out.keep,
-            out.labels,
-            out.reason,
-            out.representative,
-        )
+        return score_outcome(g, out)
 
     def pick(rows: list[tuple[float, dict]], p_key: str, r_key: str, target: float) -> tuple[float, bool]:
         ok = [(s[r_key], t) for t, s in rows if s[p_key] >= target and s[r_key] > 0]

@@ -33,7 +33,7 @@ def _sweep(spec, store, gt, keys, pairs):
 
     from dinoflow.curation.dedup import dedup
     from dinoflow.stages.dedup import load_inputs, similarity_graph
-    from dinoflow_tools.scoring import ground_truth_arrays, score_arrays
+    from dinoflow_tools.scoring import ground_truth_arrays, score_outcome
 
     floor = min(t for t, _ in pairs)
     spec = spec.model_copy(update={"output_uri": f"{spec.output_uri}-sweep{floor}", "threshold_cos": floor})
@@ -48,16 +48,7 @@ def _sweep(spec, store, gt, keys, pairs):
         hit = sim.touched_hash | (sim.eval_top1 > d)
         touched = np.flatnonzero(hit if sim.touched_copy is None else hit | sim.touched_copy)
         out = dedup(len(keys), edges, touched_eval=touched, grouping=spec.grouping)
-        sc = score_arrays(
-            g["copy_of"],
-            g["transform"],
-            g["contam"],
-            g["source"],
-            out.keep,
-            out.labels,
-            out.reason,
-            out.representative,
-        )
+        sc = score_outcome(g, out)
         rows.append(
             {
                 "threshold_cos": t,
