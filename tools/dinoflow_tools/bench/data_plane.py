@@ -118,8 +118,10 @@ def _child(argv: list[str]) -> None:
     rows = 0
     for b in _stream(resolve_settings(), uri, GRAY28, batch, steps, workers, buffer):
         rows += len(b["rows"])
-    me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    from ._rss import peak_rss_mib
+
+    me = peak_rss_mib()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # forked workers: shared pages count
     print(json.dumps({"rows": rows, "main_mib": me, "worker_mib": kids}))
 
 

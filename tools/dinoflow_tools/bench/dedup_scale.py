@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -105,8 +104,9 @@ def _child(argv: list[str]) -> None:
     else:
         stage.run_phase(spec, store, phase, part)
     secs = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"seconds": secs, "peak_rss_gib": rss}))
+    from ._rss import peak_rss_mib
+
+    print(json.dumps({"seconds": secs, "peak_rss_gib": peak_rss_mib() / 1024}))
 
 
 def run_phase(store, phase: str, part: int, spec_json: str, threads: int) -> dict:
