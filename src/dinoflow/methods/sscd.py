@@ -4,8 +4,9 @@ descriptor trained contrastively on edited copies, the kind of network DINOv2 de
 Each image of the batch becomes two copies, each a chain of random edits drawn from the families
 seen in training (``dinoflow.data.edits``; the held-out families are never drawn). The descriptor
 is the L2-normalised CLS token of the backbone, or CLS ++ mean-pooled patch tokens (``features``,
-the embed stage's two feature kinds), optionally through a training-only linear projection. Loss: symmetric InfoNCE between the two copies, every other image of the (all-gathered)
-global batch a negative (``dinoflow.losses.infonce``), plus SSCD's differential-entropy regulariser
+the embed stage's two feature kinds; pooling stands in for SSCD's GeM pooling), optionally through
+a training-only linear projection. Loss: symmetric InfoNCE between the two copies, every other image
+of the (all-gathered) global batch a negative (``dinoflow.losses.infonce``), plus SSCD's differential-entropy regulariser
 ``-mean log(distance to the nearest other image)``: KoLeo (``dinoflow.losses.koleo``) over each
 copy's descriptors on its own, so an image's own copy is never its "nearest other image" (SSCD
 excludes matching pairs the same way). It spreads the descriptors of distinct images over the
