@@ -206,6 +206,15 @@ def podman_storage_driver() -> str:
         return "vfs"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL
+    (a killed test run), so that no service outlives its build."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def podman_service(cache: Path, timeout_s: int = 3600, echo: Callable[[str], None] = print) -> Iterator[str]:
     """Run ``podman system service`` on a private socket while the block runs; yields its URL."""
@@ -233,7 +242,14 @@ def podman_service(cache: Path, timeout_s: int = 3600, echo: Callable[[str], Non
     ]  # fmt: skip
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C reaches this process, which then stops the service
+            preexec_fn=_die_with_parent,
+        )
     try:
         deadline = time.monotonic() + 60
         while _ping(url, timeout_s) is None:
