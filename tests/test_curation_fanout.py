@@ -243,3 +243,20 @@ def test_stage_phases_run_once_and_a_part_outside_the_spec_is_refused(store, poo
         get_stage("evaluate").run_phase(spec, store, "plan")
     res = stage.run(spec, store)  # collects: part 0 runs here, part 1 is reused
     assert res.parts == 2 and store.read_success(spec.out("parts", "part-00000")) is not None
+
+
+def test_bench_dedup_scale_runs_small_and_matches_plain_faiss(store, s3_env, monkeypatch, capsys):
+    import json
+
+    from dinoflow_tools.bench import dedup_scale
+
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    argv = ["--sizes", "3000", "--dim", "16", "--k", "8", "--partitions", "2", "--sample", "100"]
+    dedup_scale.main([*argv, "--exact-max-pool", "1000", "--threshold-cos", "0.9"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["partitions"] == 2 and figures["largest_n"] == 3000 and figures["nprobe"] >= 1
+    # the same index settings as plain faiss: the same neighbours
+    assert figures["ann_recall"] == pytest.approx(figures["raw_faiss_recall"], abs=0.01)
+    assert figures["edge_recall_above_threshold"] == 1.0 and figures["raw_faiss_seconds"] > 0
+    assert 0 < figures["peak_rss_part_gib"] < 1.5

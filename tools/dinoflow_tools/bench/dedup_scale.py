@@ -293,24 +293,39 @@ def main(argv: list[str]) -> None:
 
     from ._store import bench_store
 
-    os.environ.setdefault("DINOFLOW_HOME", tempfile.mkdtemp(prefix="dinoflow-bench-dedup-scale-"))
+    home = None
+    if "DINOFLOW_HOME" not in os.environ:  # the phases' local caches, removed at the end
+        home = os.environ["DINOFLOW_HOME"] = tempfile.mkdtemp(prefix="dinoflow-bench-dedup-scale-")
     rows = []
     print(
         f"{'data':>9} {'n':>9} {'index':>5} {'nprobe':>6} {'stage_s':>8} {'raw_s':>8} {'ann_rec':>8} "
         f"{'raw_rec':>8} {'edge_rec':>8} {'dup_rec':>8} {'part_GiB':>8}"
     )
-    with bench_store() as store:
-        for kind in a.data.split(","):
-            for n in [int(s) for s in a.sizes.split(",")]:
-                r = run_one(store, a, n, kind)
-                rows.append(r)
-                print(
-                    f"{kind:>9} {n:>9} {r['index']:>5} {r['nprobe']:>6} {r['dedup_seconds']:>8} "
-                    f"{r['raw_faiss_seconds']:>8} {r['ann_recall']:>8} {r['raw_faiss_recall']:>8} "
-                    f"{r['edge_recall_above_threshold']!s:>8} {r['dup_recall']!s:>8} {r['peak_rss_part_gib']:>8}",
-                    flush=True,
-                )
-                print("  nprobe sweep:", r["nprobe_sweep"], "phases:", r["phase_seconds"], flush=True)
+    try:
+        with bench_store() as store:
+            for kind in a.data.split(","):
+                for n in [int(s) for s in a.sizes.split(",")]:
+                    rows.append(_report(run_one(store, a, n, kind)))
+    finally:
+        if home:
+            import shutil
+
+            shutil.rmtree(home, ignore_errors=True)
+    _summary(a, rows)
+
+
+def _report(r: dict) -> dict:
+    print(
+        f"{r['data']:>9} {r['n']:>9} {r['index']:>5} {r['nprobe']:>6} {r['dedup_seconds']:>8} "
+        f"{r['raw_faiss_seconds']:>8} {r['ann_recall']:>8} {r['raw_faiss_recall']:>8} "
+        f"{r['edge_recall_above_threshold']!s:>8} {r['dup_recall']!s:>8} {r['peak_rss_part_gib']:>8}",
+        flush=True,
+    )
+    print("  nprobe sweep:", r["nprobe_sweep"], "phases:", r["phase_seconds"], flush=True)
+    return r
+
+
+def _summary(a, rows: list[dict]) -> None:
     first_kind = a.data.split(",")[0]
     mine = [r for r in rows if r["data"] == first_kind]
     last = mine[-1]
