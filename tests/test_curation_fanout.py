@@ -99,6 +99,15 @@ def test_nprobe_is_the_fewest_lists_that_reach_the_recall_target():
     assert measured == pytest.approx(estimated, abs=0.01)
 
 
+def test_nprobe_keeps_every_edge_above_the_threshold_with_a_step_of_margin():
+    recall = {n: min(1.0, 0.9 + 0.02 * n) for n in range(1, 33)}
+    assert pt.choose_nprobe(recall, 0.95, 100)[0] == 4  # 0.98 at 4, 0.94 at 2
+    edges = {n: 1.0 if n >= 8 else 0.99 for n in range(1, 33)}
+    nprobe, table = pt.choose_nprobe(recall, 0.95, 100, edges)
+    assert nprobe == 12 and table[0]["edge_recall"] == 0.99  # all edges from 8 on; one step more
+    assert pt.choose_nprobe(recall, 0.95, 100, {n: 1.0 for n in range(1, 33)})[0] == 4
+
+
 def test_gpu_index_is_chosen_when_faiss_sees_a_gpu(monkeypatch):
     """faiss-cpu here: the selection logic only (the GPU build's calls are recorded, not run)."""
     import faiss

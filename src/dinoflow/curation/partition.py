@@ -124,14 +124,23 @@ def recall_by_nprobe(probes: np.ndarray, neighbour_lists: np.ndarray) -> dict[in
     return {n: float(((pos < n) & valid).sum() / total) for n in range(1, p + 1)}
 
 
-def choose_nprobe(recall: dict[int, float], target: float, nlist: int) -> tuple[int, list[dict]]:
-    """The smallest ``nprobe`` of the ladder whose recall reaches ``target`` (else the largest tried)."""
+def choose_nprobe(
+    recall: dict[int, float], target: float, nlist: int, edge_recall: dict[int, float] | None = None
+) -> tuple[int, list[dict]]:
+    """The smallest ``nprobe`` of the ladder whose recall reaches ``target`` (else the largest tried)
+    and, with ``edge_recall`` (recall of the neighbours above a cosine threshold: the edges dedup acts
+    on), one ladder step above the first that finds all of those: a held-out sample holds few such
+    edges, so the step is the margin that keeps their recall at 1 on the whole pool."""
     ladder = [n for n in NPROBE_LADDER if n <= min(nlist, max(recall))] or [max(recall)]
     table = [{"nprobe": n, "recall": round(recall[n], 4)} for n in ladder]
-    for row in table:
-        if row["recall"] >= target:
-            return row["nprobe"], table
-    return ladder[-1], table
+    if edge_recall is not None:
+        for row in table:
+            row["edge_recall"] = round(edge_recall[row["nprobe"]], 4)
+    pick = next((i for i, row in enumerate(table) if row["recall"] >= target), len(table) - 1)
+    if edge_recall is not None:
+        full = next((i for i, row in enumerate(table) if row["edge_recall"] >= 1.0), len(table) - 1)
+        pick = max(pick, min(full + 1, len(table) - 1))
+    return table[pick]["nprobe"], table
 
 
 def tune_nprobe(
@@ -142,19 +151,24 @@ def tune_nprobe(
     k: int,
     target: float,
     query_rows: np.ndarray | None = None,
+    threshold: float | None = None,
 ) -> tuple[int, list[dict]]:
     """The fewest IVF lists (``nprobe``) whose recall of the ``queries``' exact ``k`` nearest pool rows
-    reaches ``target``, and the sweep. ``blocks()`` streams the pool as ``(first row, rows)``;
+    reaches ``target`` (and, with ``threshold``, that keep every neighbour above that cosine: see
+    :func:`choose_nprobe`), and the sweep. ``blocks()`` streams the pool as ``(first row, rows)``;
     ``rows_of(ids)`` gives pool rows by id; ``query_rows``: the queries' own pool rows (excluded from
     their neighbours), when they come from the pool."""
-    _, ids = exact_topk(queries, blocks(), k + (query_rows is not None))
+    sims, ids = exact_topk(queries, blocks(), k + (query_rows is not None))
     if query_rows is not None:
         ids = np.where(ids == np.asarray(query_rows)[:, None], -1, ids)
     lists = np.full(ids.shape, -1, np.int64)
     if (ids >= 0).any():
         lists[ids >= 0] = assign(centroids, rows_of(ids[ids >= 0]), 1)[1][:, 0]
     _, probes = assign(centroids, queries, min(len(centroids), NPROBE_LADDER[-1]))
-    return choose_nprobe(recall_by_nprobe(probes, lists), target, len(centroids))
+    edge = None
+    if threshold is not None and ((sims > threshold) & (lists >= 0)).any():
+        edge = recall_by_nprobe(probes, np.where(sims > threshold, lists, -1))
+    return choose_nprobe(recall_by_nprobe(probes, lists), target, len(centroids), edge)
 
 
 class PartitionIndex:

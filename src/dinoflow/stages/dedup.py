@@ -143,7 +143,8 @@ class DedupSpec(StageSpec):
         0.95,
         gt=0,
         le=1,
-        description="IVF: k-NN recall the chosen nprobe must reach on held-out pool rows (exact search)",
+        description="IVF: k-NN recall the chosen nprobe must reach on held-out pool rows (exact search); "
+        "it must also find all their neighbours above threshold_cos, with a step of margin",
     )
     tune_queries: int = Field(500, ge=10, description="IVF: held-out pool rows that nprobe is tuned on")
     parts: int = Field(
@@ -296,6 +297,7 @@ def plan(spec: DedupSpec, store) -> dict:
             spec.k,
             spec.recall_target,
             query_rows=rows,
+            threshold=spec.threshold_cos,
         )
     reason = (
         f"{choice.reason.split('; nlist')[0]}; nlist={choice.nlist} (~4*sqrt(n)) trained on {m} rows; nprobe="
