@@ -1,8 +1,8 @@
-"""Pieces the pipelines share: a named embed task on the GPU pool, and evaluate-then-promote."""
+"""Pieces the pipelines share: one GPU of the pool, and evaluate-then-promote (the curation subgraph
+is in ``curation.py``)."""
 
 from typing import Any
 
-from dinoflow.components.embed import embed
 from dinoflow.components.evaluate import evaluate
 from dinoflow.components.promote import promote
 from dinoflow.kfp.gpu import cpu_task, gpu_task
@@ -11,12 +11,6 @@ from dinoflow.kfp.gpu import cpu_task, gpu_task
 def one_gpu(gpu: dict[str, Any]) -> dict[str, Any]:
     """The GPU pool's placement with one GPU: embed and evaluate run one device each."""
     return {**gpu, "gpus": 1}
-
-
-def embed_task(name: str, spec_json: Any, secret: Any, gpu: dict[str, Any], **args: Any) -> Any:
-    """An embed task shown as ``name`` (several run in one pipeline: pool, seed, eval...), one GPU."""
-    task = embed(spec_json=spec_json, output_name=name, **args)
-    return gpu_task(task, secret, display_name=name, **one_gpu(gpu))
 
 
 def evaluate_and_promote(
