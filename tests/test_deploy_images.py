@@ -263,3 +263,31 @@ def test_explicit_base_and_wheels_need_no_probe(monkeypatch):
     assert images.resolve_source("debootstrap", "wheelhouse") == images.BuildSource("debootstrap", True)
     ref = "registry.example/python:3.11.13-slim-bookworm@sha256:" + "0" * 64
     assert images.resolve_source(ref, "index") == images.BuildSource(ref, False)
+
+
+def test_a_container_podman_lost_mid_removal_reads_as_not_found(monkeypatch):
+    """podman answers 500 "no such container" for a self-removing container caught mid-removal
+    (Docker: 404); kfp.local's DockerRunner only tolerates NotFound there."""
+    import docker.api.client as api_client
+    import requests
+    from docker.errors import APIError, NotFound
+
+    from dinoflow.demo import _vanished_container_is_not_found
+
+    def http_error(status: int, body: bytes) -> requests.HTTPError:
+        r = requests.Response()
+        r.status_code, r._content = status, body
+        return requests.HTTPError(response=r)
+
+    # restored after the test: the shim is process-wide where the demo uses it
+    monkeypatch.setattr(
+        api_client, "create_api_error_from_http_exception", api_client.create_api_error_from_http_exception
+    )
+    _vanished_container_is_not_found()
+    _vanished_container_is_not_found()  # idempotent: one shim
+    gone = b'{"cause":"no such container","message":"container 7b92 does not exist in database: no such container","response":500}'
+    with pytest.raises(NotFound):
+        api_client.create_api_error_from_http_exception(http_error(500, gone))
+    with pytest.raises(APIError) as e:
+        api_client.create_api_error_from_http_exception(http_error(500, b'{"message":"disk full"}'))
+    assert not isinstance(e.value, NotFound)

@@ -45,6 +45,7 @@ def docker_runner(read_only_dirs: Iterable[Path]) -> Callable[[dict[str, str]], 
     from docker.types import Mount
     from kfp import local
 
+    _vanished_container_is_not_found()
     mounts = [Mount(str(d), str(d), type="bind", read_only=True) for d in sorted(set(read_only_dirs))]
 
     def make(env: dict[str, str]) -> Any:
@@ -60,6 +61,28 @@ def docker_runner(read_only_dirs: Iterable[Path]) -> Callable[[dict[str, str]], 
         )
 
     return make
+
+
+def _vanished_container_is_not_found() -> None:
+    """podman's Docker API answers a question about a container that is gone with 500 "no such
+    container" where Docker answers 404. kfp.local's DockerRunner starts self-removing containers and
+    expects NotFound when a quick one is gone before it reads its logs; make the docker SDK raise
+    that for this answer too (process-wide, idempotent; every other error is unchanged)."""
+    import docker.api.client as api_client
+    from docker.errors import NotFound
+
+    original = api_client.create_api_error_from_http_exception
+    if getattr(original, "dinoflow_shim", False):
+        return
+
+    def create(e: Any) -> Any:
+        r = e.response
+        if r is not None and r.status_code == 500 and "no such container" in (r.text or "").lower():
+            raise NotFound(e, response=r, explanation=r.text.strip()) from e
+        return original(e)
+
+    create.dinoflow_shim = True  # type: ignore[attr-defined]
+    api_client.create_api_error_from_http_exception = create
 
 
 def input_dirs(arguments: dict[str, Any]) -> set[Path]:
