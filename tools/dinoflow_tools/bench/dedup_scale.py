@@ -180,14 +180,16 @@ def run_one(store, a, n: int, kind: str) -> dict:
     import faiss
     import pyarrow.parquet as pq
 
+    from dinoflow.curation.descriptors import l2_normalize
     from dinoflow.curation.knn import recall_at_k
     from dinoflow.stages import get_stage
 
     x, copy_of = synthetic(n, a.dim, 0.05, a.seed, kind)
-    x = x.astype(np.float16).astype(np.float32)  # what the stage reads back
     root = f"s3://bench-dedup-scale/{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
     manifest, emb = write_pool(store, root, x)
+    # what the stage compares: the stored float16 rows, L2-normalised again (the same bits here)
+    x = l2_normalize(x.astype(np.float16).astype(np.float32))
     write_s = time.perf_counter() - t0
     stage = get_stage("dedup")
     spec = stage.parse_spec(
