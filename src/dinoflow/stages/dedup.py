@@ -146,7 +146,7 @@ class DedupSpec(StageSpec):
         description="IVF: k-NN recall the chosen nprobe must reach on held-out pool rows (exact search); "
         "it must also find all their neighbours above threshold_cos, with a step of margin",
     )
-    tune_queries: int = Field(500, ge=10, description="IVF: held-out pool rows that nprobe is tuned on")
+    tune_queries: int = Field(1000, ge=10, description="IVF: held-out pool rows that nprobe is tuned on")
     parts: int = Field(
         1, ge=1, description="partitions of the pool (row ranges), each indexed and searched by its own task"
     )
