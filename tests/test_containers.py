@@ -15,6 +15,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import time
 
 import pytest
 
@@ -26,23 +27,41 @@ REGISTRY = "ghcr.io/dinoflow"  # the references the compiled pipelines run (dino
 POD = {"read_only": True, "tmpfs": {"/tmp": "rw,size=64m,mode=1777"}, "network_mode": "host"}
 
 
+def _report(config, figures: dict) -> None:
+    """One JSON line of figures on the terminal, captured output or not (CI's log keeps them)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(json.dumps(figures, sort_keys=True))
+
+
 @pytest.fixture(scope="module")
-def engine():
+def engine(pytestconfig):
     with contextlib.ExitStack() as stack:
         try:
             eng = stack.enter_context(images.container_engine())
         except images.NoDockerEngine as e:
             pytest.skip(f"no container engine can start here: {e}")
         plans = images.plan_images(registry=REGISTRY)
-        images.build_images(eng, plans, images.resolve_source("auto", "auto"))
+        t0 = time.perf_counter()
+        # a build that fails raises here and fails every test of the module: never a skip
+        figures = images.build_images(eng, plans, images.resolve_source("auto", "auto"))
+        _report(pytestconfig, {"build_seconds": round(time.perf_counter() - t0, 1), **figures})
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("DOCKER_HOST", eng.host)  # kfp.local's DockerRunner finds the engine here
             yield eng
 
 
 @pytest.fixture(scope="module")
-def runs(engine, tmp_path_factory):
-    return containers.run_both(tmp_path_factory.mktemp("containers"))
+def runs(engine, tmp_path_factory, pytestconfig):
+    both = containers.run_both(tmp_path_factory.mktemp("containers"))
+    _report(
+        pytestconfig,
+        {
+            "stage_seconds": containers.stage_seconds(both),
+            "wall_seconds": {name: r.wall_seconds for name, r in both.items()},
+        },
+    )
+    return both
 
 
 def _refs() -> list[str]:

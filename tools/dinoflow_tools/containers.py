@@ -73,6 +73,15 @@ def run_both(workdir: Path, output_root: str = "s3://tiny-containers/runs") -> d
     return runs
 
 
+def stage_seconds(runs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per run, each task's seconds (a fanned-out stage: its plan, parts and collect phases together)."""
+    seconds: dict[str, dict[str, float]] = {name: {} for name in runs}
+    for name, r in runs.items():
+        for e in r.events:
+            seconds[name][e["task"]] = round(seconds[name].get(e["task"], 0.0) + e["seconds"], 3)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m dinoflow_tools.containers", description=__doc__.splitlines()[0]
@@ -90,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:  # stores and task outputs; the containers' files are uid 10001's
             shutil.rmtree(workdir, ignore_errors=True)
     inproc, cont = runs["in-process"], runs["containers"]
-    seconds: dict[str, dict[str, float]] = {name: {} for name in runs}
-    for name, r in runs.items():  # a fanned-out stage: its plan, parts and collect phases together
-        for e in r.events:
-            seconds[name][e["task"]] = round(seconds[name].get(e["task"], 0.0) + e["seconds"], 3)
+    seconds = stage_seconds(runs)
     print(f"\n{'stage':<14} {'in-process s':>12} {'containers s':>12}")
     for task in seconds["in-process"]:
         print(
