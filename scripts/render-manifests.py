@@ -51,7 +51,8 @@ OVERLAYS: dict[str, dict] = {
     },
     "minio": {
         "objectStore": {"endpoint": "http://dinoflow-minio.dinoflow.svc:9000"},
-        "minio": {"enabled": True},
+        # MinIO's root Secret (keys root_user, root_password) is created by hand, like dinoflow-s3
+        "minio": {"enabled": True, "existingRootSecret": "dinoflow-minio-root"},
     },
 }
 

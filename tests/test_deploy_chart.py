@@ -110,7 +110,7 @@ def test_hook_job_uploads_and_schedules(rendered):
     name, docs = rendered
     hooks = [d for d in _by_kind(docs, "Job") if "helm.sh/hook" in d["metadata"].get("annotations", {})]
     cfg = _config(docs)
-    (job,) = hooks
+    (job,) = [h for h in hooks if h["metadata"]["labels"]["app.kubernetes.io/component"] == "schedule-hook"]
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     pod = job["spec"]["template"]["spec"]
     config = ["--config", "/etc/dinoflow/dinoflow.yaml"]
@@ -183,20 +183,155 @@ def test_stage_defaults_are_stage_spec_fields():
             TypeAdapter(fields[k].annotation).validate_python(v)
 
 
-def test_minio_uses_the_object_store_secret():
-    docs = render(VALUE_SETS["minio"])
-    (secret,) = _by_kind(docs, "Secret")
-    assert set(secret["data"]) == {"endpoint", "access_key", "secret_key"}
-    dep = next(d for d in _by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-minio"))
-    env = {
-        e["name"]: e["valueFrom"]["secretKeyRef"]
-        for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
-        if "valueFrom" in e
+def _minio_parts(docs) -> dict:
+    """The in-cluster MinIO's resources by role: its Deployment, its root Secret (when the chart makes
+    it), the object-store Secret, the setup hook's Job and ConfigMap."""
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    return {
+        "deployment": by_name[("Deployment", "rel-dinoflow-minio")],
+        "root": by_name.get(("Secret", "rel-dinoflow-minio-root")),
+        "s3": by_name.get(("Secret", "rel-dinoflow-s3")),
+        "job": by_name[("Job", "rel-dinoflow-minio-setup")],
+        "setup": by_name[("ConfigMap", "rel-dinoflow-minio-setup")],
     }
-    assert env["MINIO_ROOT_USER"] == {"name": secret["metadata"]["name"], "key": "access_key"}
+
+
+def _secret_refs(container: dict) -> dict:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+
+
+def test_minio_runs_with_its_own_root_user():
+    """MinIO's root comes from a Secret of its own (random, kept on uninstall, read back on upgrade),
+    never from the object-store Secret the pipelines use."""
     import base64
 
-    assert base64.b64decode(secret["data"]["endpoint"]).decode() == "http://rel-dinoflow-minio.ml.svc:9000"
+    values = yaml.safe_load(VALUE_SETS["minio"][0].read_text())
+    docs = render(VALUE_SETS["minio"])
+    parts = _minio_parts(docs)
+    assert set(parts["s3"]["data"]) == {"endpoint", "access_key", "secret_key"}
+    assert (
+        base64.b64decode(parts["s3"]["data"]["endpoint"]).decode() == "http://rel-dinoflow-minio.ml.svc:9000"
+    )
+    root = parts["root"]
+    assert set(root["data"]) == {"root_user", "root_password"}
+    assert root["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    root_user = base64.b64decode(root["data"]["root_user"]).decode()
+    root_password = base64.b64decode(root["data"]["root_password"]).decode()
+    assert root_user != values["objectStore"]["accessKey"] and len(root_password) >= 32
+    outside = yaml.safe_dump([d for d in docs if d["kind"] != "Secret"])
+    assert root_user not in outside and root_password not in outside, "root credentials only in their Secret"
+    refs = _secret_refs(parts["deployment"]["spec"]["template"]["spec"]["containers"][0])
+    assert refs["MINIO_ROOT_USER"] == {"name": "rel-dinoflow-minio-root", "key": "root_user"}
+    assert refs["MINIO_ROOT_PASSWORD"] == {"name": "rel-dinoflow-minio-root", "key": "root_password"}
+    assert all(r["name"] != parts["s3"]["metadata"]["name"] for r in refs.values())
+    # generated, not a constant of the chart: another install gets another root
+    again = _minio_parts(render(VALUE_SETS["minio"]))["root"]["data"]
+    assert again["root_user"] != root["data"]["root_user"]
+    assert again["root_password"] != root["data"]["root_password"]
+    # a root Secret of the user's: the chart makes none and MinIO reads that one
+    own = render(VALUE_SETS["minio"], values={"minio": {"existingRootSecret": "my-minio-root"}})
+    parts = _minio_parts(own)
+    assert parts["root"] is None
+    refs = _secret_refs(parts["deployment"]["spec"]["template"]["spec"]["containers"][0])
+    assert {r["name"] for r in refs.values()} == {"my-minio-root"}
+
+
+def test_minio_setup_hook_creates_the_pipelines_user():
+    """A post-install/upgrade Job, before the schedule hook, logs in as root and creates the
+    object-store Secret's user with the chart's policy; its script is valid sh."""
+    parts = _minio_parts(render(VALUE_SETS["minio"]))
+    job = parts["job"]
+    ann = job["metadata"]["annotations"]
+    assert ann["helm.sh/hook"] == "post-install,post-upgrade"
+    sched = next(
+        d for d in _by_kind(render(VALUE_SETS["minio"]), "Job") if d["metadata"]["name"].endswith("-schedule")
+    )
+    assert int(ann["helm.sh/hook-weight"]) < int(sched["metadata"]["annotations"]["helm.sh/hook-weight"])
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == yaml.safe_load((CHART / "values.yaml").read_text())["minio"]["mcImage"]
+    assert c["image"].startswith("quay.io/minio/mc:RELEASE.")
+    refs = _secret_refs(c)
+    assert refs["MINIO_ROOT_USER"] == {"name": "rel-dinoflow-minio-root", "key": "root_user"}
+    assert refs["ACCESS_KEY"] == {"name": "rel-dinoflow-s3", "key": "access_key"}
+    assert refs["SECRET_KEY"] == {"name": "rel-dinoflow-s3", "key": "secret_key"}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["MINIO_URL"] == "http://rel-dinoflow-minio.ml.svc:9000" and env["BUCKETS"] == "dinoflow"
+    (setup,) = [v for v in pod["volumes"] if v["name"] == "setup"]
+    assert setup["configMap"]["name"] == parts["setup"]["metadata"]["name"]
+    assert c["command"] == ["/bin/sh", "/etc/minio-setup/setup.sh"]
+    script = parts["setup"]["data"]["setup.sh"]
+    r = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    for step in (
+        "admin policy create root",
+        "admin user add root",
+        "admin policy attach root",
+        "mb --ignore-existing",
+    ):
+        assert step in script, step
+
+
+@pytest.mark.parametrize(
+    "values, buckets",
+    [
+        ({}, ["dinoflow"]),
+        ({"objectStore": {"bucket": "acme"}, "data": {"prefix": "s3://acme/raw"}}, ["acme"]),
+        (
+            {"objectStore": {"bucket": "acme"}, "data": {"prefix": "s3://datasets/fmnist"}},
+            ["acme", "datasets"],
+        ),
+    ],
+)
+def test_minio_policy_names_only_the_charts_buckets(values, buckets):
+    """The pipelines' policy: object access and listing in the buckets the chart's pipelines use
+    (runs, registry, datasets), nothing else: no admin action, no wildcard resource or action."""
+    parts = _minio_parts(render(VALUE_SETS["minio"], values=values))
+    policy = json.loads(parts["setup"]["data"]["policy.json"])
+    resources = sorted(r for st in policy["Statement"] for r in st["Resource"])
+    assert resources == sorted(
+        [f"arn:aws:s3:::{b}" for b in buckets] + [f"arn:aws:s3:::{b}/*" for b in buckets]
+    )
+    actions = [a for st in policy["Statement"] for a in st["Action"]]
+    assert all(st["Effect"] == "Allow" for st in policy["Statement"])
+    assert all(a.startswith("s3:") and "*" not in a for a in actions), actions
+    assert not {"s3:DeleteBucket", "s3:PutBucketPolicy", "s3:CreateBucket"} & set(actions)
+    (c,) = parts["job"]["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e.get("value") for e in c["env"]}["BUCKETS"].split() == buckets
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and not selector.get(
+        "matchExpressions"
+    )
+
+
+def test_network_policies_let_the_setup_hook_reach_minio():
+    """The default-deny ingress covers every pod of the release; MinIO's policy must still admit the
+    hook (same namespace) on the S3 port, and nothing restricts the hook's egress."""
+    docs = render(VALUE_SETS["minio"])
+    parts = _minio_parts(docs)
+    hook_labels = parts["job"]["spec"]["template"]["metadata"]["labels"]
+    minio_labels = parts["deployment"]["spec"]["template"]["metadata"]["labels"]
+    policies = _by_kind(docs, "NetworkPolicy")
+    assert not [
+        p
+        for p in policies
+        if _selects(p["spec"]["podSelector"], hook_labels) and "Egress" in p["spec"]["policyTypes"]
+    ]
+    on_minio = [p for p in policies if _selects(p["spec"]["podSelector"], minio_labels)]
+    assert on_minio, "MinIO must be under a NetworkPolicy"
+    admitted = [
+        rule
+        for p in on_minio
+        for rule in p["spec"].get("ingress", [])
+        if any(port["port"] in (9000, "s3") for port in rule.get("ports", [{"port": 9000}]))
+        and any(
+            "namespaceSelector" not in peer and _selects(peer.get("podSelector", {}), hook_labels)
+            for peer in rule.get("from", [{}])
+        )
+    ]
+    assert admitted, "no ingress rule admits the setup hook to MinIO's S3 port"
 
 
 @pytest.mark.parametrize(
@@ -218,6 +353,27 @@ def test_minio_uses_the_object_store_secret():
             "objectStore: set existingSecret, or both accessKey and secretKey",
         ),
         ({"image": {"cpu": {"repository": "reg/dinoflow", "tag": "latest"}}}, "image tags must be immutable"),
+        ({"minio": {"mcImage": "quay.io/minio/mc"}}, "minio.mcImage: Does not match pattern"),
+        (
+            {"minio": {"existingRootSecret": "Root_Secret"}},
+            "minio.existingRootSecret: Does not match pattern",
+        ),
+        ({"minio": {"setupResources": {"limits": None}}}, "minio.setupResources: limits is required"),
+        (
+            {"minio": {"enabled": True}, "objectStore": {"workloadIdentity": True}},
+            "minio.enabled: the in-cluster MinIO needs the pipelines' keys",
+        ),
+        (
+            {"minio": {"enabled": True, "existingRootSecret": "dinoflow-s3"}},
+            "minio.existingRootSecret names the object-store Secret",
+        ),
+        (
+            {
+                "minio": {"enabled": True},
+                "objectStore": {"existingSecret": "", "accessKey": "ak", "secretKey": "short"},
+            },
+            "objectStore.secretKey: MinIO needs at least 8 characters",
+        ),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(values, message):
@@ -307,7 +463,7 @@ def test_trainjob_config_map_reaches_the_launchers_job(name, monkeypatch):
 # -- every value reaches something ------------------------------------------------------------------
 # Everything turned on, so that a value's effect shows: in-cluster MinIO, metrics, a namespaced runtime.
 _ALL_ON = {
-    "objectStore": {"existingSecret": "", "accessKey": "ak-test", "secretKey": "sk-test"},
+    "objectStore": {"existingSecret": "", "accessKey": "ak-test", "secretKey": "sk-test-key"},
     "minio": {"enabled": True},
     "trainingRuntime": {"enabled": True},
     "metrics": {
@@ -322,7 +478,8 @@ _CONTEXT = {
     "objectStore.existingSecret": {"objectStore": {"existingSecret": "x"}},
     "objectStore.endpoint": {},
     "objectStore.workloadIdentity": {
-        "objectStore": {"existingSecret": "byo", "accessKey": "", "secretKey": ""}
+        "objectStore": {"existingSecret": "byo", "accessKey": "", "secretKey": ""},
+        "minio": {"enabled": False},  # MinIO needs keys
     },
     "trainJob.clusterRuntime": {"trainingRuntime": {"enabled": False}},
     "trainingRuntime.enabled": {},
@@ -346,6 +503,7 @@ _NEW = {  # values that must keep a pattern or an enum
     "metrics.pushgateway.externalUrl": "http://pg.example:9091",
     "metrics.pushgateway.image": "quay.io/prometheus/pushgateway:v1.11.2",
     "minio.image": "quay.io/minio/minio:RELEASE.2025-05-24T17-08-30Z",
+    "minio.mcImage": "quay.io/minio/mc:RELEASE.2025-05-21T01-59-54Z",
     "serviceAccount.name": "other-sa",
 }
 
@@ -402,6 +560,8 @@ def _what_is_read(values: dict) -> list:
 
     docs = render(values=values)
     for d in docs:
+        if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-minio-root"):
+            d["data"] = sorted(d["data"])  # random on every render: only its keys say anything
         if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config"):
             read = Deployment.model_validate(yaml.safe_load(d["data"]["dinoflow.yaml"]))
             d["data"] = read.model_dump(mode="json")

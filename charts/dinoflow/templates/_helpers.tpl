@@ -61,6 +61,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s-minio" (include "dinoflow.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* MinIO's root credentials (keys root_user, root_password): never the object-store Secret. */}}
+{{- define "dinoflow.minioRootSecretName" -}}
+{{- default (printf "%s-root" (include "dinoflow.minioName" .)) .Values.minio.existingRootSecret -}}
+{{- end -}}
+
+{{/* The buckets the chart's pipelines use: objectStore.bucket and the datasets' bucket (data.prefix),
+     as a JSON list; the MinIO setup hook creates them and scopes the pipelines' policy to them. */}}
+{{- define "dinoflow.buckets" -}}
+{{- $data := regexReplaceAll "^s3://([^/]+).*$" (include "dinoflow.dataPrefix" .) "${1}" -}}
+{{- list .Values.objectStore.bucket $data | uniq | toJson -}}
+{{- end -}}
+
 {{- define "dinoflow.s3Endpoint" -}}
 {{- if .Values.objectStore.endpoint -}}
 {{- .Values.objectStore.endpoint -}}
@@ -127,6 +139,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- if and .Values.objectStore.workloadIdentity (or .Values.objectStore.accessKey .Values.objectStore.secretKey) -}}
 {{- fail "objectStore: workloadIdentity=true takes no accessKey/secretKey (the pods' identity gives the credentials)" -}}
+{{- end -}}
+{{- if and .Values.minio.enabled .Values.objectStore.workloadIdentity -}}
+{{- fail "minio.enabled: the in-cluster MinIO needs the pipelines' keys (objectStore accessKey/secretKey or existingSecret), not workloadIdentity" -}}
+{{- end -}}
+{{- if and .Values.minio.enabled (eq .Values.minio.existingRootSecret (include "dinoflow.secretName" .)) -}}
+{{- fail "minio.existingRootSecret names the object-store Secret: MinIO's root must not be the pipelines' user; give it a Secret of its own (keys root_user, root_password)" -}}
+{{- end -}}
+{{- if and .Values.minio.enabled .Values.objectStore.secretKey (lt (len .Values.objectStore.secretKey) 8) -}}
+{{- fail "objectStore.secretKey: MinIO needs at least 8 characters" -}}
 {{- end -}}
 {{- $tag := default .Chart.AppVersion .Values.image.cpu.tag -}}
 {{- if or (eq $tag "latest") (eq (default .Chart.AppVersion .Values.image.cuda.tag) "latest") -}}
