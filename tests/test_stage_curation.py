@@ -225,3 +225,25 @@ def test_embed_bootstraps_a_backbone_when_none_is_given(store, demo, bucket_uri,
     assert store.exists(res.backbone_uri + "/backbone.json")
     emb, _ = read_embeddings(store, res.embeddings_uri)
     assert emb.shape == (100, res.dim) and np.isfinite(emb).all()
+
+
+def test_embed_pixels_needs_no_model_and_equals_the_pixel_descriptor(store, demo, bucket_uri):
+    """The training-free first-generation embedder: the stage's rows are the pixel descriptor of the
+    stored images, row for row; a set embedded "with the same embedder" (backbone_uri "pixels", as
+    the full pipeline shares the pool's) gets the same; a backbone beside it is refused."""
+    from dinoflow.data.embeddings import read_embeddings
+
+    stage = get_stage("embed")
+    spec = {"output_uri": bucket_uri + "/px", "manifest_uri": demo["eval_manifest_uri"], "num_workers": 1}
+    res = stage.run(stage.parse_spec({**spec, "embedder": "pixels"}), store)
+    assert res.backbone_uri == "pixels" and not res.bootstrapped and res.dim == 14 * 14
+    emb, _ = read_embeddings(store, res.embeddings_uri)
+    ref, _ = read_embeddings(store, demo["eval_emb"])  # pixel_descriptor of the decoded images
+    assert emb.shape == ref.shape == (400, 196)
+    assert np.abs(emb.astype(np.float32) - ref.astype(np.float32)).max() < 2e-3
+    shared = stage.run(
+        stage.parse_spec({**spec, "output_uri": bucket_uri + "/px2", "backbone_uri": "pixels"}), store
+    )
+    assert np.array_equal(read_embeddings(store, shared.embeddings_uri)[0], emb)
+    with pytest.raises(SpecError, match="uses no backbone"):
+        stage.parse_spec({**spec, "embedder": "pixels", "backbone_uri": bucket_uri + "/bb"})

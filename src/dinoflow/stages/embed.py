@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dinoflow.errors import SpecError
 from dinoflow.stages import _fanout
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 BOOTSTRAP_BACKBONES = ("vit_mini_p7_28", "vit_mini_p8_64", "vit_small_p14")
 LOCAL_CROP_SHARE = 98 / 224  # DINOv2: 98 px local crops for 224 px global ones (patch 14)
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+PIXELS = "pixels"  # EmbedResult.backbone_uri of the training-free pixel embedder
 
 
 class EmbedSpec(StageSpec):
@@ -60,6 +61,24 @@ class EmbedSpec(StageSpec):
     bootstrap_sample: int = Field(5000, ge=16, description="pool images the bootstrap pretrain sees")
     bootstrap_steps: int = Field(200, ge=1, description="optimizer steps of the bootstrap pretrain")
     bootstrap_method: Literal["dinov2", "mae", "splitmask"] = "dinov2"
+    embedder: Literal["backbone", "pixels"] = Field(
+        "backbone",
+        description="backbone: a trained (or bootstrapped) backbone's features; pixels: no model, the "
+        "image reduced to pixels_px squared in gray, standardised and L2-normalised (cosine = pixel "
+        "correlation): a training-free first-generation embedder for a pool no model has seen yet",
+    )
+    pixels_px: int = Field(14, ge=2, le=64, description="embedder pixels: side of the reduced image")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pixels_need_no_backbone(cls, data: Any) -> Any:
+        # backbone_uri "pixels" is what a pixel-embedded set's result offers the sets embedded with
+        # the same embedder (the full pipeline's share_embedder)
+        if isinstance(data, dict) and data.get("backbone_uri") == PIXELS:
+            data = {**data, "backbone_uri": None, "embedder": "pixels"}
+        if isinstance(data, dict) and data.get("embedder") == "pixels" and data.get("backbone_uri"):
+            raise ValueError("embedder 'pixels' uses no backbone: leave backbone_uri unset")
+        return data
 
 
 class EmbedResult(StageResult):
@@ -230,11 +249,44 @@ def _manifest(spec: EmbedSpec, store):
     return table
 
 
+def _median_side(table) -> int:
+    import numpy as np
+
+    w = table.column("width").to_numpy(zero_copy_only=False)
+    h = table.column("height").to_numpy(zero_copy_only=False)
+    return max(8, int(np.median(np.minimum(w, h))))
+
+
+class _Pixels:
+    """The ``pixels`` embedder, called as a backbone's features are: gray, area-reduced to
+    ``side`` squared, standardised per image, L2-normalised (``curation.descriptors.pixel_descriptor``)."""
+
+    def __init__(self, side: int):
+        self.side = side
+
+    def __call__(self, x):
+        import torch
+
+        from dinoflow.curation.descriptors import pixel_descriptor
+
+        return torch.from_numpy(pixel_descriptor(x.float().numpy(), self.side))
+
+
 def plan(spec: EmbedSpec, store) -> dict[str, Any]:
     """Check the inputs, bootstrap the backbone when none is given; what every part needs (read from
     the backbone's ``backbone.json``: the plan task loads no model unless it bootstraps one)."""
     table = _manifest(spec, store)
     pick_device(spec.device)
+    if spec.embedder == "pixels":
+        px = spec.image_px or _median_side(table)
+        return {
+            "backbone_uri": PIXELS,
+            "bootstrapped": False,
+            "image_px": px,
+            "in_chans": 1,
+            "dim": spec.pixels_px**2,
+            "count": table.num_rows,
+        }
     if spec.backbone_uri is not None and not store.exists(spec.backbone_uri.rstrip("/") + "/backbone.json"):
         raise SpecError(f"embed: no exported backbone at {spec.backbone_uri} (backbone.json missing)")
     bootstrapped = spec.backbone_uri is None
@@ -277,7 +329,10 @@ def embed_part(spec: EmbedSpec, store, part: int, planned: dict[str, Any]) -> di
         )
     lo, hi = part_range(n, spec.parts, part, align=spec.batch_size)
     device = pick_device(spec.device)
-    backbone = load_backbone(store, planned["backbone_uri"], map_location=device).eval()
+    if planned["backbone_uri"] == PIXELS:
+        pixels, device = _Pixels(spec.pixels_px), "cpu"
+    else:
+        backbone = load_backbone(store, planned["backbone_uri"], map_location=device).eval()
     mode = "L" if planned["in_chans"] == 1 else "RGB"
     rows = table.slice(lo, hi - lo)
     ds = RowBatches(store.settings, rows, spec.batch_size, _Prep(planned["image_px"], mode), first_row=lo)
@@ -303,7 +358,10 @@ def embed_part(spec: EmbedSpec, store, part: int, planned: dict[str, Any]) -> di
         for x, h, r in loader:
             if int(r[0]) != lo + done:
                 raise SpecError(f"embed: rows arrived out of order ({int(r[0])} after {lo + done})")
-            f = features_of(backbone, x.to(device, non_blocking=True), spec.features)
+            if planned["backbone_uri"] == PIXELS:
+                f = pixels(x)
+            else:
+                f = features_of(backbone, x.to(device, non_blocking=True), spec.features)
             writer.add(f.half().cpu().numpy(), h.numpy().view(np.uint64))
             done += len(r)
             IMAGES_PROCESSED.labels("embed").inc(len(r))
