@@ -455,8 +455,18 @@ def test_trainjob_config_map_reaches_the_launchers_job(name, monkeypatch):
     ]
     assert m["metadata"]["name"].startswith("dinoflow-pretrain-8d1c7e0b-")
     pod = m["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    labels = pod["template"]["spec"]["template"]["metadata"]["labels"]
     pod = pod["template"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == cfg["serviceAccount"]
+    # its nodes serve /metrics like the chart's runtime's, under the chart's training NetworkPolicy
+    (training,) = [p for p in _by_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-training")]
+    assert _selects(training["spec"]["podSelector"], labels)
+    env = {e["name"]: e.get("value") for e in m["spec"]["trainer"]["env"]}
+    assert env["DINOFLOW_METRICS_ADDR"] == "0.0.0.0"
+    for rt in runtimes:
+        node = rt["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+        rt_env = {e["name"]: e.get("value") for e in node["spec"]["containers"][0]["env"]}
+        assert rt_env["DINOFLOW_METRICS_ADDR"] == env["DINOFLOW_METRICS_ADDR"]
     assert pod.get("nodeSelector", {}) == cfg["gpuPool"]["nodeSelector"]
 
 

@@ -74,6 +74,32 @@ def test_pytorchjob_validates_against_training_operator_v1_crd():
     assert c["name"] == "pytorch" and '--nnodes=3 --nproc_per_node=8 --node_rank="$RANK"' in c["command"][-1]
 
 
+@pytest.mark.parametrize("kind", ["TrainJob", "PyTorchJob"])
+def test_node_pods_serve_metrics_on_the_pod_address_under_the_training_policy(kind):
+    """Whatever runtime a job runs on (a ClusterTrainingRuntime the chart does not own included),
+    every node gets DINOFLOW_METRICS_ADDR=0.0.0.0, as the chart's TrainingRuntime sets it, and the
+    labels that put it under the chart's training NetworkPolicy and PodMonitor."""
+    m = build_manifest(job(kind))
+    if kind == "TrainJob":
+        jsonschema.validate(m, crd_schema("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"))
+        envs = [m["spec"]["trainer"]["env"]]
+        rj = m["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+        templates = [rj["template"]["spec"]["template"]]
+    else:
+        jsonschema.validate(m, crd_schema("kubeflow.org_pytorchjobs.yaml", "v1"))
+        templates = [r["template"] for r in m["spec"]["pytorchReplicaSpecs"].values()]
+        envs = [t["spec"]["containers"][0]["env"] for t in templates]
+    for env in envs:
+        addr = [e for e in env if e["name"] == "DINOFLOW_METRICS_ADDR"]
+        assert addr == [{"name": "DINOFLOW_METRICS_ADDR", "value": "0.0.0.0"}]
+    for t in templates:
+        assert t["metadata"]["labels"]["dinoflow.io/metrics"] == "true"
+    # a job's own env still wins (one entry, its value)
+    own = build_manifest(MultiNodeJob(**{**job(kind).__dict__, "env": {"DINOFLOW_METRICS_ADDR": "10.0.0.1"}}))
+    text = str(own)
+    assert text.count("DINOFLOW_METRICS_ADDR") == (1 if kind == "TrainJob" else 2) and "10.0.0.1" in text
+
+
 def test_schema_catches_a_broken_manifest():
     m = build_manifest(job("TrainJob"))
     m["spec"]["trainer"]["numNodes"] = "two"

@@ -133,9 +133,16 @@ def node_command(job: MultiNodeJob) -> list[str]:
     return ["bash", "-c", script]
 
 
+# Every node pod, whichever runtime it runs on: rank 0 serves /metrics on the pod's address (the
+# library binds loopback unless told, metrics.serve_metrics), as the chart's TrainingRuntime sets it;
+# the labels put the pods under the chart's training NetworkPolicy and PodMonitor.
+NODE_ENV = {"DINOFLOW_METRICS_ADDR": "0.0.0.0"}
+NODE_LABELS = {"app.kubernetes.io/part-of": "dinoflow", "dinoflow.io/metrics": "true"}
+
+
 def _env(job: MultiNodeJob) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": "DINOFLOW_SPEC_JSON", "value": job.spec_json}]
-    env += [{"name": k, "value": v} for k, v in sorted(job.env.items())]
+    env += [{"name": k, "value": v} for k, v in sorted({**NODE_ENV, **job.env}.items())]
     env += [  # optional: with workload identity the Secret holds the endpoint only
         {"name": var, "valueFrom": {"secretKeyRef": {"name": job.secret_name, "key": key, "optional": True}}}
         for key, var in S3_SECRET_KEYS.items()
@@ -208,7 +215,17 @@ def build_manifest(job: MultiNodeJob) -> dict[str, Any]:
                         "template": {
                             "spec": {
                                 "replicatedJobs": [
-                                    {"name": "node", "template": {"spec": {"template": {"spec": pod_spec}}}}
+                                    {
+                                        "name": "node",
+                                        "template": {
+                                            "spec": {
+                                                "template": {
+                                                    "metadata": {"labels": dict(NODE_LABELS)},
+                                                    "spec": pod_spec,
+                                                }
+                                            }
+                                        },
+                                    }
                                 ]
                             }
                         }
@@ -237,7 +254,8 @@ def build_manifest(job: MultiNodeJob) -> dict[str, Any]:
         }
         if job.priority_class:
             pod["priorityClassName"] = job.priority_class
-        return {"replicas": n, "restartPolicy": "OnFailure", "template": {"spec": pod}}
+        template = {"metadata": {"labels": dict(NODE_LABELS)}, "spec": pod}
+        return {"replicas": n, "restartPolicy": "OnFailure", "template": template}
 
     replicas = {"Master": replica(1)}
     if job.nnodes > 1:
