@@ -5,10 +5,13 @@ store's own process."""
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import socket
 import ssl
 import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -197,3 +200,129 @@ def test_unsigned_and_wrongly_signed_s3_requests_are_refused(embedded_store, buc
     wrong = embedded_store.settings().model_copy(update={"secret_key": SecretStr("x" * 32), "max_retries": 0})
     with pytest.raises(StorageError, match="refused the credentials"):
         ObjectStore(wrong).put_bytes(f"{bucket_uri}/{uuid.uuid4().hex}", b"x")
+
+
+# -- killed transfers: a partial download is never a cached copy, a killed upload is aborted ---------
+_KILLED_DOWNLOAD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from dinoflow.settings import S3Settings
+    from dinoflow.storage import ObjectStore
+    store = ObjectStore(S3Settings())
+    get_object = store._client.get_object
+    def get_then_die(*a, **k):  # dies like kill -9 once the first MiB is on disk
+        resp = get_object(*a, **k)
+        stream = resp.stream
+        def first_chunk_then_die(*sa, **sk):
+            yield next(iter(stream(*sa, **sk)))
+            os.kill(os.getpid(), signal.SIGKILL)
+        resp.stream = first_chunk_then_die
+        return resp
+    store._client.get_object = get_then_die
+    store.cached(sys.argv[1], sys.argv[2])
+    """
+)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_download_killed_midway_is_never_a_cached_copy_and_its_partial_is_removed(
+    store, s3_env, bucket_uri, tmp_path
+):
+    data = os.urandom(3 << 20)
+    uri = f"{bucket_uri}/shard-000.tar"
+    store.put_bytes(uri, data)
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_DOWNLOAD, uri, str(cache)],
+        env={**os.environ, **s3_env},
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    left = _files(cache)
+    assert left and all(0 < p.stat().st_size < len(data) for p in left), "a partial file, nothing complete"
+    path = store.cached(uri, cache)
+    assert path.read_bytes() == data
+    assert _files(cache) == [path], "the dead download's partial file is removed"
+
+
+def test_a_cached_copy_that_is_not_the_objects_size_is_downloaded_again(store, bucket_uri, tmp_path):
+    """A copy cut short (a full disk, a machine that crashed before the rename reached the disk)
+    is never returned as the object."""
+    data = os.urandom(1 << 20)
+    uri = f"{bucket_uri}/groups.parquet"
+    store.put_bytes(uri, data)
+    path = store.cached(uri, tmp_path)
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    assert store.cached(uri, tmp_path) == path and path.read_bytes() == data
+
+
+def test_a_download_of_a_replaced_version_fails_in_one_line_and_keeps_nothing(store, bucket_uri, tmp_path):
+    from dinoflow.storage.client import ObjectChanged
+
+    uri = f"{bucket_uri}/m.json"
+    store.put_bytes(uri, b"old")
+    old = store.stat(uri)["etag"]
+    store.put_bytes(uri, b"new!")
+    with pytest.raises(ObjectChanged) as e:
+        store.get_file(uri, tmp_path / "m.json", etag=old)
+    assert "changed while downloading" in str(e.value) and "\n" not in str(e.value)
+    assert _files(tmp_path) == []
+    assert store.cached(uri, tmp_path / "c").read_bytes() == b"new!"
+
+
+_KILLED_UPLOAD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from dinoflow.settings import S3Settings
+    from dinoflow.storage import ObjectStore
+    store = ObjectStore(S3Settings())
+    upload_part = store._client._upload_part
+    def one_part_then_die(*a, **k):  # dies like kill -9 after the first part reached the store
+        upload_part(*a, **k)
+        os.kill(os.getpid(), signal.SIGKILL)
+    store._client._upload_part = one_part_then_die
+    store.put_file(sys.argv[1], sys.argv[2])
+    """
+)
+
+
+def _uploads(store, bucket: str, prefix: str) -> list[str]:
+    return [u.object_name for u in store._client._list_multipart_uploads(bucket, prefix=prefix).uploads]
+
+
+def test_an_upload_killed_midway_is_aborted_by_the_next_stage(
+    embedded_store, store, s3_env, bucket_uri, tmp_path
+):
+    """A large put_file killed after its first part leaves an unfinished multipart upload under
+    `_tmp/` (no key shows it, its parts take space); the next stage in the bucket aborts it, and
+    leaves uploads outside `_tmp/` alone."""
+    from test_adversarial_stages import _tiny_png
+
+    from dinoflow.stages import get_stage
+    from dinoflow.storage import parse_uri
+
+    bucket = parse_uri(bucket_uri)[0]
+    big = tmp_path / "big.pt"
+    big.write_bytes(os.urandom(12 << 20))  # over minio's 5 MiB part size: a multipart upload
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_UPLOAD, f"{bucket_uri}/train/ckpt.pt", str(big)],
+        env={**os.environ, **s3_env},
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert [k for k in _uploads(store, bucket, "_tmp/") if k.endswith("/run/train/ckpt.pt")]
+    theirs = store._client._create_multipart_upload(bucket, "elsewhere/upload.bin", {})
+    impatient = ObjectStore(embedded_store.settings().model_copy(update={"tmp_max_age_seconds": 0}))
+    (tmp_path / "a.png").write_bytes(_tiny_png())
+    stage = get_stage("ingest")
+    spec = {"output_uri": f"{bucket_uri}/ingest", "kind": "files", "splits": {"s": [str(tmp_path / "a.png")]}}
+    stage.run(stage.parse_spec({**spec, "source": "t"}), impatient)
+    assert _uploads(store, bucket, "_tmp/") == []
+    assert _uploads(store, bucket, "elsewhere/") == ["elsewhere/upload.bin"]
+    store._client._abort_multipart_upload(bucket, "elsewhere/upload.bin", theirs)

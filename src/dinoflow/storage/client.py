@@ -4,9 +4,11 @@ Writes are atomic from a reader's view: the bytes go to a temporary key under ``
 server-side to the final key, and the temporary key is removed. A stage directory is complete only
 when its ``_SUCCESS`` marker (written last, holding the result JSON) exists.
 
-A writer killed between the two steps leaves its ``_tmp/`` key behind: ``clean_stale_tmp`` removes
-those older than ``S3Settings.tmp_max_age_seconds``. Local temporary files (``local_tmp_file``) are
-named after the process that made them, so ``sweep_local_tmp`` removes those of dead processes.
+A writer killed between the two steps leaves its ``_tmp/`` key behind (or, killed mid-upload of a
+large file, an unfinished multipart upload there): ``clean_stale_tmp`` removes or aborts those older
+than ``S3Settings.tmp_max_age_seconds``. Local temporary files (``local_tmp_file``) and partial
+downloads are named after the process that made them, so ``sweep_local_tmp`` and
+``sweep_partial_downloads`` remove those of dead processes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +47,12 @@ _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestT
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PARTIAL = ".part"  # suffix of a download in progress (``get_file``)
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")  # a single-part upload's ETag is its MD5; a multipart's is not
+
+
+class ObjectChanged(StorageError):
+    """The object is not the version asked for (it was replaced since it was looked at)."""
 
 
 # What a cloud injects into a pod whose ServiceAccount has an identity: EKS IRSA / pod identity
@@ -171,6 +180,8 @@ class ObjectStore:
         time.sleep(delay)
 
     def _explain(self, what: str, e: S3Error) -> StorageError:
+        if e.code == "PreconditionFailed":
+            return ObjectChanged(f"s3://{e.bucket_name}/{e.object_name} changed while {what}")
         if e.code == "NoSuchBucket":
             return StorageError(f"bucket {e.bucket_name!r} does not exist (while {what})")
         if e.code in ("NoSuchKey", "NoSuchObject"):
@@ -262,28 +273,69 @@ class ObjectStore:
             resp.close()
             resp.release_conn()
 
-    def get_file(self, uri: str, path: str | os.PathLike[str]) -> Path:
-        """Download to ``path`` atomically (temporary file + rename)."""
+    def get_file(self, uri: str, path: str | os.PathLike[str], etag: str | None = None) -> Path:
+        """Download to ``path`` atomically and checked: the bytes go to a temporary file named after
+        this process (``.{name}.{pid}-{start}-{id}.part``), renamed to ``path`` only when their size,
+        and their MD5 where the ETag is one, are what the store sent. ``etag`` asks for that version
+        (``ObjectChanged`` otherwise). A download killed midway leaves only the temporary file, which
+        ``sweep_partial_downloads`` removes once its process is gone."""
         bucket, key = parse_uri(uri)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+        tmp = path.with_name(f".{path.name}.{_process_tag()}-{uuid.uuid4().hex}{_PARTIAL}")
+        headers: Any = {"If-Match": f'"{etag}"'} if etag else None
+
+        def fetch() -> str | None:
+            resp = self._client.get_object(bucket, key, request_headers=headers)
+            try:
+                size, md5 = 0, hashlib.md5()
+                with open(tmp, "wb") as f:
+                    for chunk in resp.stream(1 << 20):
+                        f.write(chunk)
+                        md5.update(chunk)
+                        size += len(chunk)
+                sent = resp.headers.get("Content-Length")
+                tag = (resp.headers.get("ETag") or "").strip('"')
+            finally:
+                resp.close()
+                resp.release_conn()
+            if sent is not None and int(sent) != size:
+                return f"{size} of {sent} bytes"
+            if _MD5_ETAG.match(tag) and md5.hexdigest() != tag:
+                return f"MD5 {md5.hexdigest()} is not the ETag {tag}"
+            return None
+
         try:
-            self._call(f"downloading {uri}", lambda: self._client.fget_object(bucket, key, str(tmp)))
+            problem = self._call(f"downloading {uri}", fetch)
+            if problem:
+                raise StorageError(f"download of {uri} is not the object ({problem}); nothing was kept")
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         return path
 
     def cached(self, uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-        """A local copy of ``uri``, downloaded once per (uri, etag)."""
-        etag = self.stat(uri)["etag"]
+        """A local copy of ``uri``, downloaded once per (uri, etag). A copy is used only while its size
+        is the object's (else fetched again); a download is checked and renamed into place
+        (``get_file``), after the partial downloads of dead processes beside it are removed."""
         root = Path(cache_dir or default_cache_dir() / "objects")
-        name = hashlib.sha1(f"{self.endpoint}|{uri}|{etag}".encode()).hexdigest()
-        dest = root / name[:2] / f"{name}{Path(parse_uri(uri)[1]).suffix}"
-        if not dest.exists():
-            self.get_file(uri, dest)
-        return dest
+        for attempt in range(3):
+            st = self.stat(uri)
+            name = hashlib.sha1(f"{self.endpoint}|{uri}|{st['etag']}".encode()).hexdigest()
+            dest = root / name[:2] / f"{name}{Path(parse_uri(uri)[1]).suffix}"
+            try:
+                if dest.stat().st_size == st["size"]:
+                    return dest
+                log.warning("cached copy of %s is not the object's size: downloading it again", uri)
+            except FileNotFoundError:
+                pass
+            sweep_partial_downloads(dest.parent, self.settings.tmp_max_age_seconds)
+            try:
+                return self.get_file(uri, dest, etag=st["etag"])
+            except ObjectChanged:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def stat(self, uri: str) -> dict[str, Any]:
         bucket, key = parse_uri(uri)
@@ -325,7 +377,8 @@ class ObjectStore:
 
     def clean_stale_tmp(self, bucket: str, older_than_seconds: float | None = None) -> int:
         """Remove ``_tmp/`` keys of ``bucket`` older than ``older_than_seconds`` (default
-        ``settings.tmp_max_age_seconds``): what writers killed mid-write left. Returns how many."""
+        ``settings.tmp_max_age_seconds``) and abort its unfinished multipart uploads under ``_tmp/``
+        started before then: what writers killed mid-write left. Returns how many."""
         age = self.settings.tmp_max_age_seconds if older_than_seconds is None else older_than_seconds
         if not self.bucket_exists(bucket):
             return 0
@@ -341,6 +394,30 @@ class ObjectStore:
             self.delete(f"s3://{bucket}/{key}")
         if stale:
             log.info("removed %d stale temporary object(s) under s3://%s/%s/", len(stale), bucket, _TMP_DIR)
+        return len(stale) + self._abort_stale_uploads(bucket, now - dt.timedelta(seconds=age))
+
+    def _abort_stale_uploads(self, bucket: str, before: dt.datetime) -> int:
+        """Abort the multipart uploads under ``_tmp/`` of ``bucket`` started before ``before`` (a
+        killed ``put_file`` of a large file leaves one: its parts take space but no key shows them)."""
+        client = self._client
+        stale: list[Any] = []
+        marker: str | None = None
+        while True:
+            page = self._call(
+                f"listing unfinished uploads under s3://{bucket}/{_TMP_DIR}/",
+                partial(client._list_multipart_uploads, bucket, prefix=_TMP_DIR + "/", key_marker=marker),
+            )
+            stale += [u for u in page.uploads if u.initiated_time is None or u.initiated_time <= before]
+            marker = page.next_key_marker
+            if not page.is_truncated or not marker:
+                break
+        for u in stale:
+            self._call(
+                f"aborting the upload of s3://{bucket}/{u.object_name}",
+                partial(client._abort_multipart_upload, bucket, u.object_name, u.upload_id),
+            )
+        if stale:
+            log.info("aborted %d unfinished upload(s) under s3://%s/%s/", len(stale), bucket, _TMP_DIR)
         return len(stale)
 
     # -- stage directories -----------------------------------------------------------------------
@@ -387,11 +464,26 @@ def local_tmp_dir() -> Path:
     return path
 
 
+def _process_tag() -> str:
+    """``{pid}-{start}``: this process, told apart from a later one that reuses its pid."""
+    pid = os.getpid()
+    return f"{pid}-{_start_time(pid) or 0}"
+
+
+def _maker_exited(tag: str) -> bool | None:
+    """For a name that starts with ``{pid}-{start}-``: whether that process has exited; None when
+    the name carries no such tag."""
+    pid, _, rest = tag.partition("-")
+    start = rest.partition("-")[0]
+    if not pid.isdigit() or not start:
+        return None
+    return _start_time(int(pid)) != start
+
+
 def local_tmp_file(suffix: str = "") -> Path:
     """A new empty local temporary file named after this process (``{pid}-{start}-{id}{suffix}``),
     so ``sweep_local_tmp`` can tell when its maker is gone. The caller deletes it when done."""
-    pid = os.getpid()
-    path = local_tmp_dir() / f"{pid}-{_start_time(pid) or 0}-{uuid.uuid4().hex}{suffix}"
+    path = local_tmp_dir() / f"{_process_tag()}-{uuid.uuid4().hex}{suffix}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.close(fd)
     return path
@@ -404,14 +496,36 @@ def sweep_local_tmp() -> int:
         return 0  # no /proc here: a process's identity cannot be told, so nothing is removed
     removed = 0
     for f in local_tmp_dir().iterdir():
-        pid, _, rest = f.name.partition("-")
-        start = rest.partition("-")[0]
-        if not pid.isdigit() or not start or _start_time(int(pid)) == start:
+        if not _maker_exited(f.name):
             continue  # not ours, or its process still runs
         f.unlink(missing_ok=True)
         removed += 1
     if removed:
         log.info("removed %d local temporary file(s) of exited processes", removed)
+    return removed
+
+
+def sweep_partial_downloads(folder: Path, max_age_seconds: float) -> int:
+    """Delete the partial downloads in ``folder`` (``get_file``'s ``.part`` files) whose process has
+    exited, and those without a process tag (``minio``'s ``.part.minio``, earlier versions') not
+    written to for ``max_age_seconds``. Returns how many."""
+    if not folder.is_dir():
+        return 0
+    knows_processes = _start_time(os.getpid()) is not None
+    removed = 0
+    now = time.time()
+    for f in folder.iterdir():
+        if not f.name.startswith(".") or not f.name.endswith((_PARTIAL, ".part.minio")):
+            continue
+        exited = _maker_exited(f.name[: -len(_PARTIAL)].rpartition(".")[2]) if knows_processes else None
+        try:
+            if exited or (exited is None and now - f.stat().st_mtime >= max_age_seconds):
+                f.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue  # its download finished, or another sweep took it
+    if removed:
+        log.info("removed %d partial download(s) of exited processes in %s", removed, folder)
     return removed
 
 
