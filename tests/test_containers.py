@@ -28,10 +28,13 @@ POD = {"read_only": True, "tmpfs": {"/tmp": "rw,size=64m,mode=1777"}, "network_m
 
 
 def _report(config, figures: dict) -> None:
-    """One JSON line of figures on the terminal, captured output or not (CI's log keeps them)."""
+    """One JSON line of figures on the terminal, past pytest's capture (CI's log keeps them)."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(json.dumps(figures, sort_keys=True))
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        reporter.write_line(json.dumps(figures, sort_keys=True), flush=True)
 
 
 @pytest.fixture(scope="module")
