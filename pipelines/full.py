@@ -14,7 +14,7 @@ from dinoflow.components.pretrain import pretrain
 from dinoflow.kfp.gpu import cpu_task, training_task
 from dinoflow.pipelines import params as P
 from dinoflow.pipelines.curation import PARALLELISM, curation
-from dinoflow.pipelines.parts import evaluate_and_promote
+from dinoflow.pipelines.parts import evaluate_and_promote, evaluate_only
 
 
 @dsl.pipeline(
@@ -46,6 +46,7 @@ def full(
     pool_split: str = "train",
     seed_split: str = "train",
     eval_split: str = "test",
+    probe_split: str = "train",
     trainjob_config_map: str = P.TRAINJOB_CONFIG_MAP,
     gpu_node_selector: dict = P.GPU_NODE_SELECTOR,  # noqa: B006 (a KFP default)
     gpu_tolerations: list = P.GPU_TOLERATIONS,  # noqa: B006
@@ -79,8 +80,9 @@ def full(
         evaluate_spec: EvaluateSpec JSON (k-NN k and temperature).
         promote_spec: PromoteSpec JSON (metric, margin).
         pool_split: ingest split holding the raw pool.
-        seed_split: ingest split whose images seed retrieval curation (and train the probes).
+        seed_split: ingest split whose images seed retrieval curation.
         eval_split: ingest split that is evaluated on and decontaminated against.
+        probe_split: labelled ingest split the evaluation's k-NN and linear probes train on.
         trainjob_config_map: ConfigMap with the TrainJob settings (the chart's <release>-trainjob; optional).
         gpu_node_selector: node labels of the GPU pool.
         gpu_tolerations: tolerations for the GPU pool's taints.
@@ -144,6 +146,18 @@ def full(
         name="distill",
         **train,
     )
+    # the teacher is the run's headline model; the distilled student is what promote ships
+    evaluate_only(
+        pt,
+        evaluate_spec,
+        s3_secret_name,
+        common,
+        gpu,
+        "evaluate-teacher",
+        split=probe_split,
+        test_split=eval_split,
+        dataset=manifest,
+    )
     evaluate_and_promote(
         ds,
         evaluate_spec,
@@ -152,7 +166,7 @@ def full(
         common,
         gpu,
         registry={"model_name": model_name, "registry_uri": registry_uri},
-        split=seed_split,
+        split=probe_split,
         test_split=eval_split,
         dataset=manifest,
     )

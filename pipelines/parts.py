@@ -13,6 +13,25 @@ def one_gpu(gpu: dict[str, Any]) -> dict[str, Any]:
     return {**gpu, "gpus": 1}
 
 
+def evaluate_only(
+    backbone: Any,
+    evaluate_spec: Any,
+    secret: Any,
+    common: dict[str, Any],
+    gpu: dict[str, Any],
+    name: str,
+    **args: Any,
+) -> Any:
+    """Evaluate ``backbone`` on one GPU of the pool under its own output name (the full run scores its
+    pretrained teacher this way beside the distilled student it promotes)."""
+    return gpu_task(
+        evaluate(spec_json=evaluate_spec, backbone=backbone, output_name=name, **args, **common),
+        secret,
+        display_name=name,
+        **one_gpu(gpu),
+    )
+
+
 def evaluate_and_promote(
     backbone: Any,
     evaluate_spec: Any,

@@ -45,8 +45,9 @@ def test_gpu_stages_request_gpus_pool_shm_and_secret_and_cpu_stages_do_not():
     def phase(task):
         return task["inputs"]["parameters"].get("phase", {}).get("runtimeValue", {}).get("constant", "")
 
-    one_gpu = {n for n in embeds if phase(tasks[n])} | {"evaluate"}
-    assert len(one_gpu) == 7  # plan + part of the pool, evaluation and seed sets
+    # evaluate: the teacher; evaluate-2: the distilled student
+    one_gpu = {n for n in embeds if phase(tasks[n])} | {"evaluate", "evaluate-2"}
+    assert len(one_gpu) == 8  # plan + part of the pool, evaluation and seed sets
     launchers = {"pretrain", "distill"}
     for name, task in tasks.items():
         label = spec["components"][task["componentRef"]["name"]]["executorLabel"]

@@ -24,6 +24,7 @@ FULL_TASKS = {
     "pretrain",
     "distill",
     "evaluate",
+    "evaluate-teacher",
     "promote",
 }
 
@@ -46,6 +47,9 @@ def test_full_pipeline_runs_every_stage(full_run):
     assert set(run.executed) == FULL_TASKS
     ev = run.result("evaluate")
     assert 0.0 <= ev["metrics"]["knn_top1"] <= 1.0
+    # the teacher is scored on the same sets under its own name; promote ships the student
+    teacher = run.result("evaluate-teacher")
+    assert teacher["backbone_uri"] == run.result("pretrain")["backbone_uri"] != ev["backbone_uri"]
     promote = run.result("promote")
     assert promote["promoted"] is True  # an empty registry: the first challenger becomes champion
     # every stage wrote under {output_root}/{data_version}/{task}/{hash} and left its _SUCCESS marker
