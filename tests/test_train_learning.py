@@ -35,7 +35,7 @@ def knn_top1(backbone, train_x, train_y, test_x, test_y, k: int = 20) -> float:
 def _run(store, uri, n_train, n_test, steps, **over):
     tr_x, tr_y, te_x, te_y = _data(n_train, n_test)
     dinov2 = over.pop("dinov2", {})
-    cfg = get_preset("demo", steps=steps, batch_size=32, **over)
+    cfg = get_preset("bootstrap", steps=steps, batch_size=32, **over)
     cfg = cfg.model_copy(
         update={
             "crops": cfg.crops.model_copy(update={"local_crops_number": 2}),
@@ -71,5 +71,5 @@ def test_teacher_knn_rises_in_12_steps():
 def test_teacher_knn_rises(store, bucket_uri):
     init, trained = _run(
         store, bucket_uri, 2000, 1000, 30, optim={"lr_per_1024": 0.004, "warmup_steps": 3}
-    )  # seen: 0.104 -> 0.457 (DINOv2's own momentum schedule via the demo preset, 0.99 start)
+    )  # seen: 0.104 -> 0.457 (DINOv2's own momentum schedule via the bootstrap preset, 0.99 start)
     assert trained > init + 0.25 and trained > 0.4, (init, trained)

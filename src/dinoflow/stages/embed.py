@@ -172,11 +172,11 @@ def bootstrap_backbone_for(channels: int, side_px: int) -> str:
 
 
 def bootstrap_fields(spec: EmbedSpec, channels: int, side_px: int, sample_uri: str, m: int) -> dict[str, Any]:
-    """Pretrain-stage fields of the bootstrap run: the DEMO preset's short-run optimisation and head,
+    """Pretrain-stage fields of the bootstrap run: the BOOTSTRAP preset's short-run optimisation and head,
     a backbone for the pool's channels and size, crops at that backbone's size."""
     from dinoflow.models.registry import get_entry
     from dinoflow.stages import get_stage
-    from dinoflow.train.presets import DEMO
+    from dinoflow.train.presets import BOOTSTRAP
 
     name = spec.bootstrap_backbone or bootstrap_backbone_for(channels, side_px)
     entry = get_entry(name)
@@ -186,7 +186,7 @@ def bootstrap_fields(spec: EmbedSpec, channels: int, side_px: int, sample_uri: s
             f"{'RGB' if channels == 3 else 'grayscale'}; choose one with in_chans={channels}"
         )
     stage = get_stage("pretrain")
-    fields = {k: v for k, v in DEMO.items() if k in stage.spec_cls.model_fields and k != "epochs"}
+    fields = {k: v for k, v in BOOTSTRAP.items() if k in stage.spec_cls.model_fields and k != "epochs"}
     p = entry.patch_size
     crops = dict(fields.get("crops", {}))
     crops["global_crop_px"] = max(p, int(round(entry.img_size / p)) * p)
