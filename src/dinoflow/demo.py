@@ -135,10 +135,20 @@ def _metric(metrics: dict[str, float], protocol: str) -> float | None:
     return max(cands) if cands else None
 
 
-def summarise(run: Any, out: Path, store: Any) -> dict[str, Any]:
-    res = {e["task"]: e["result"] for e in run.events}
-    ev = res.get("evaluate", {})
-    metrics = ev.get("metrics", {})
+def _model_row(result: dict[str, Any]) -> dict[str, Any]:
+    metrics = result.get("metrics", {})
+    return {
+        "backbone_uri": result.get("backbone_uri"),
+        "knn_top1": _metric(metrics, "knn"),
+        "linear_top1": _metric(metrics, "linear"),
+        "baseline_knn_top1": _metric(result.get("baseline_metrics", {}), "knn"),
+    }
+
+
+def summarise(run: Any, out: Path, store: Any, tools: Any = None, pool: dict | None = None) -> dict[str, Any]:
+    res = {e["task"]: e["result"] for e in run.events if not e.get("phase")}
+    teacher = res.get("evaluate-teacher", {})
+    student = res.get("evaluate", {})
     counts: dict[str, Any] = {}
     if "ingest" in res:
         counts["ingested"] = res["ingest"].get("counts", {})
@@ -146,24 +156,45 @@ def summarise(run: Any, out: Path, store: Any) -> dict[str, Any]:
     if "dedup" in res:
         counts["dedup_input"] = res["dedup"].get("input_count")
         counts["dedup_kept"] = res["dedup"].get("kept_count")
+        counts["dedup_removed_per_rule"] = res["dedup"].get("removed_per_rule")
     if "curate" in res:
         counts["curated"] = res["curate"].get("count")
     report_html = None
-    if ev.get("report_uri"):
+    if teacher.get("report_uri"):
         report_html = str(out / "report.html")
-        Path(report_html).write_bytes(store.get_bytes(ev["report_uri"]))
+        Path(report_html).write_bytes(store.get_bytes(teacher["report_uri"]))
+    curation = tools.curation_report(store, pool, res) if tools is not None and pool else None
+    head = _model_row(teacher)
     return {
-        "stage_seconds": {e["task"]: e["seconds"] for e in run.events},
+        "stage_seconds": {e["task"]: e["seconds"] for e in run.events if not e.get("phase")},
         "wall_seconds": run.wall_seconds,
         "counts": counts,
-        "knn_top1": _metric(metrics, "knn"),
-        "linear_top1": _metric(metrics, "linear"),
-        "metrics": metrics,
+        # the headline is the pretrained teacher; the distilled student has its own row
+        "knn_top1": head["knn_top1"],
+        "linear_top1": head["linear_top1"],
+        "teacher": head,
+        "students": {next(iter(res.get("distill", {}).get("backbone_uris", {"student": ""}))): _model_row(student)},
+        "metrics": teacher.get("metrics", {}),
+        "curation": curation,
         "promoted": res.get("promote", {}).get("promoted"),
         "champion_uri": res.get("promote", {}).get("champion_uri"),
         "report_html": report_html,
         "raw_pixel_knn_baseline": FASHION_MNIST_RAW_PIXEL_KNN_TOP1,
     }
+
+
+def demo_tools() -> Any:
+    """The demo's input generator and curation report (``dinoflow_tools.demo_input``, found through
+    the ``dinoflow.tools`` entry point as the benchmarks are)."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="dinoflow.tools", name="demo")
+    if not found:
+        raise DinoflowError(
+            "the demo's input generator is not installed: it lives beside the library in a source "
+            "checkout (pip install -e tools, which `make demo` does)"
+        )
+    return next(iter(found)).load()
 
 
 def run_demo(
@@ -192,9 +223,25 @@ def run_demo(
         settings = embedded.up().settings()
     try:
         store = ObjectStore(settings)
-        args = arguments or demo_arguments(
-            fashion_mnist_paths(), "s3://dinoflow-demo/runs", f"demo-{int(time.time())}"
-        )
+        tools, pool = None, None
+        args = arguments
+        if args is None:
+            tools = demo_tools()
+            t0 = time.perf_counter()
+            print("dinoflow demo: writing the uncurated input pool (setup) ...", flush=True)
+            pool = tools.write_demo_input(store, "s3://dinoflow-demo/input")
+            print(
+                f"  {pool['size']} pool images {pool['per_source']}, {pool['planted_copies']} planted "
+                f"duplicates, {pool['contamination']} planted copies of test images "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+            args = demo_arguments(
+                fashion_mnist_paths(),
+                "s3://dinoflow-demo/runs",
+                f"demo-{int(time.time())}",
+                shards=pool["splits"],
+            )
         runner = None
         where = "kfp.local"
         if containers:
@@ -207,7 +254,7 @@ def run_demo(
             flush=True,
         )
         run = run_pipeline(full, args, out / "kfp", settings, caching=False, runner=runner)
-        summary = summarise(run, out, store)
+        summary = summarise(run, out, store, tools, pool)
         summary["runner"] = "containers" if containers else "subprocess"
     finally:
         if embedded is not None:
@@ -223,12 +270,36 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         print(f"  {task:<18} {sec:8.1f}")
     print(f"  {'(wall, all)':<18} {summary['wall_seconds']:8.1f}")
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    print(
-        f"\nk-NN top-1 {fmt(summary['knn_top1'])}   linear top-1 {fmt(summary['linear_top1'])}   "
-        f"(raw-pixel k-NN baseline {fmt(FASHION_MNIST_RAW_PIXEL_KNN_TOP1)})"
-    )
+    print(f"\n{'model':<28}{'k-NN top-1':>12}{'linear top-1':>14}")
+    rows = {"teacher (pretrained)": summary["teacher"]}
+    rows.update({f"student {k} (distilled)": v for k, v in summary["students"].items()})
+    for name, row in rows.items():
+        print(f"{name:<28}{fmt(row['knn_top1']):>12}{fmt(row['linear_top1']):>14}")
+    base = summary["teacher"].get("baseline_knn_top1") or FASHION_MNIST_RAW_PIXEL_KNN_TOP1
+    print(f"{'raw pixels (baseline)':<28}{fmt(base):>12}")
+    if summary.get("curation"):
+        print("\ncuration against the pool's ground truth (no stage reads it):")
+        print(demo_tools().format_report(summary["curation"]))
     by_label = summary["counts"].get("ingested_by_label", {})
     for split, labels in by_label.items():
         print(f"ingested {split:<5} " + ", ".join(f"{name}: {n}" for name, n in labels.items()))
     print(f"counts: {json.dumps({k: v for k, v in summary['counts'].items() if k != 'ingested_by_label'})}")
     print(f"summary: {out / 'summary.json'}   report: {summary['report_html']}")
+    headline = {
+        "teacher_knn_top1": summary["teacher"]["knn_top1"],
+        "teacher_linear_top1": summary["teacher"]["linear_top1"],
+        **{f"student_{k}_knn_top1": v["knn_top1"] for k, v in summary["students"].items()},
+        "raw_pixel_knn_top1": base,
+        "wall_seconds": summary["wall_seconds"],
+        "pretrain_seconds": summary["stage_seconds"].get("pretrain"),
+    }
+    if summary.get("curation"):
+        c = summary["curation"]
+        headline.update(
+            {
+                k: c[k]
+                for k in ("contamination_recall", "contamination_precision", "dup_recall", "dup_precision")
+            }
+        )
+        headline["clean_fashion_mnist_removed_fraction"] = c["clean_fashion_mnist_removed_fraction"]
+    print(json.dumps(headline))

@@ -305,6 +305,7 @@ class PoolArrays:
     eval_labels: np.ndarray
     seed_images: np.ndarray
     seed_labels: np.ndarray
+    eval_rows: np.ndarray | None = None  # Fashion-MNIST test row of each eval image
 
 
 def _shares(
@@ -452,6 +453,7 @@ def build_pool_arrays(
         eval_y,
         tr_x[seed_rows],
         tr_y[seed_rows],
+        ev,
     )
 
 
@@ -526,6 +528,10 @@ def generate_pool(store, output_uri: str, size: int = 2000, *, samples_per_shard
             "transform": list(p.transform),
             "copy_of": [keys[c] if c >= 0 else "" for c in p.copy_of],
             "contamination_of": p.contamination_of,
+            # the Fashion-MNIST test row each contamination copies (-1: none)
+            "contamination_of_test_row": np.where(
+                p.contamination_of >= 0, p.eval_rows[np.maximum(p.contamination_of, 0)], -1
+            ),
         }
     )
     buf = io.BytesIO()

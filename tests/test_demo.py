@@ -1,0 +1,71 @@
+"""``dinoflow demo``'s wiring at tiny sizes: the generated mixed pool goes through the full pipeline
+(kfp.local, the real store), the teacher and the student are both evaluated, and the curation report
+joins the pool's ground truth to what dedup and curate did."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from dinoflow.data.idx import fashion_mnist_paths
+from dinoflow.demo import demo_tools, summarise
+from dinoflow.kfp.configs import demo_arguments, tiny_arguments
+from dinoflow.kfp.local import run_pipeline
+
+
+@pytest.fixture(scope="module")
+def demo_run(store, tmp_path_factory):
+    from dinoflow.pipelines.full import full
+
+    tools = demo_tools()
+    root = f"s3://demo-{uuid.uuid4().hex[:10]}"
+    pool = tools.write_demo_input(
+        store, f"{root}/input", size=1500, seed_size=300, contamination=60, eval_size=500, dup_fraction=0.06
+    )
+    args = demo_arguments(fashion_mnist_paths(), f"{root}/runs", "t1", shards=pool["splits"])
+    tiny = tiny_arguments(fashion_mnist_paths(), f"{root}/runs", "t1")
+    args.update({k: tiny[k] for k in ("pretrain_spec", "distill_spec")})
+    ev = json.loads(tiny["evaluate_spec"])
+    args["evaluate_spec"] = json.dumps({**ev, "max_train_images": 2000})
+    args["curate_spec"] = json.dumps({"strategy": "retrieval", "target_size": 600, "keep_seeds": True})
+    out = tmp_path_factory.mktemp("demo-out")
+    run = run_pipeline(full, args, out / "kfp", store.settings, caching=False)
+    return {"run": run, "summary": summarise(run, out, store, tools, pool), "pool": pool}
+
+
+def test_the_demo_pool_is_ingested_as_generated(demo_run):
+    run, pool = demo_run["run"], demo_run["pool"]
+    counts = run.result("ingest")["counts"]
+    assert counts == {"train": 60000, "pool": pool["size"], "seed": 300, "test": 500}
+    assert run.result("embed-pool")["backbone_uri"] == "pixels"  # training-free first generation
+    assert run.result("embed-eval")["backbone_uri"] == "pixels"
+
+
+def test_teacher_is_the_headline_and_the_student_has_its_row(demo_run):
+    s = demo_run["summary"]
+    run = demo_run["run"]
+    assert s["teacher"]["backbone_uri"] == run.result("pretrain")["backbone_uri"]
+    assert s["knn_top1"] == s["teacher"]["knn_top1"] is not None
+    ((name, student),) = s["students"].items()
+    assert (
+        name == "vit_test_p4_28" and student["backbone_uri"] == run.result("distill")["backbone_uris"][name]
+    )
+
+
+def test_curation_report_accounts_for_every_pool_image(demo_run):
+    rep, pool = demo_run["summary"]["curation"], demo_run["pool"]
+    rows = rep["per_source"]
+    assert sum(r["pool"] for r in rows.values()) == pool["size"]
+    for r in rows.values():  # every image is kept or removed by exactly one rule
+        assert r["kept"] + r["removed_duplicate"] + r["removed_contamination"] == r["pool"]
+        assert r["retrieved"] <= r["kept"]
+    assert rows["planted test copies"]["pool"] == 60
+    assert rows["planted duplicates"]["pool"] == pool["planted_copies"]
+    # pixel correlation + the pixel copy detection catch most planted test copies at tiny size too
+    assert rep["contamination_recall"] >= 0.8 and rep["contamination_precision"] >= 0.8
+    # retrieval around Fashion-MNIST seeds takes Fashion-MNIST above its share of the pool
+    assert rep["retrieved_fashion_mnist_share"] > rep["pool_fashion_mnist_share"]
+    text = demo_tools().format_report(rep)
+    assert "planted test copies" in text and "contamination recall" in text
