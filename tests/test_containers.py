@@ -139,3 +139,21 @@ def test_image_packages_are_the_venvs(engine, ref):
     for req in images.image_requirements("cuda" if cuda else "cpu"):
         name = canonicalize_name(Requirement(req).name)
         assert name in image or name in build - {"setuptools"}, f"{ref} lacks {name}"
+
+
+def test_a_killed_services_temporary_blobs_go_at_the_next_start(tmp_path):
+    """podman stages each committed layer in the service's TMPDIR (gigabytes for the venv layers); a
+    killed run leaves its folder behind, and the next service removes it, never a live one's."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    root = tmp_path / "podman" / "tmp"
+    dead, live = root / f"pid-{gone.pid}", root / f"pid-{os.getppid()}"
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "blob").write_bytes(b"layer")
+    mine = images.service_tmpdir(tmp_path / "podman")
+    assert not dead.exists() and (live / "blob").exists()
+    assert mine == root / f"pid-{os.getpid()}" and mine.is_dir()

@@ -215,6 +215,26 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def service_tmpdir(home: Path) -> Path:
+    """The service's own TMPDIR under the cache. podman stages every committed layer there twice over
+    while the layer is written (12.4 GB for the CPU image's 6.5 GB venv layer; /var/tmp otherwise),
+    and a killed build leaves them behind: folders of services whose starting process is gone go first."""
+    root = home / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("pid-*"):
+        try:
+            os.kill(int(old.name.removeprefix("pid-")), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+    mine = root / f"pid-{os.getpid()}"
+    mine.mkdir(exist_ok=True)
+    return mine
+
+
 @contextlib.contextmanager
 def podman_service(cache: Path, timeout_s: int = 3600, echo: Callable[[str], None] = print) -> Iterator[str]:
     """Run ``podman system service`` on a private socket while the block runs; yields its URL."""
@@ -240,7 +260,8 @@ def podman_service(cache: Path, timeout_s: int = 3600, echo: Callable[[str], Non
         "--storage-driver", driver,
         "system", "service", "--time=0", url,
     ]  # fmt: skip
-    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    tmp = service_tmpdir(home)
+    env = {**os.environ, "CONTAINERS_CONF": str(conf), "TMPDIR": str(tmp)}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd,
@@ -267,6 +288,7 @@ def podman_service(cache: Path, timeout_s: int = 3600, echo: Callable[[str], Non
             proc.kill()
             proc.wait()
         shutil.rmtree(sock_dir, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
