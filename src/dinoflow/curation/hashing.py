@@ -39,12 +39,14 @@ def phash64(gray: np.ndarray) -> np.ndarray:
     g = np.asarray(gray, dtype=np.float32)
     if g.ndim != 3 or g.shape[1:] != (HASH_PX, HASH_PX):
         raise ValueError(f"phash64 expects [N, {HASH_PX}, {HASH_PX}] grayscale, got {g.shape}")
-    low = np.einsum("ui,nij,vj->nuv", _D, g, _D, optimize=True)  # [N, 8, 8]
+    # two matrix products: einsum with optimize=True spent ~2.5 ms per call choosing its path, 100x
+    # the DCT itself, and the embed stage hashes one image per call in its DataLoader workers
+    low = _D @ g @ _D.T  # [N, 8, 8], float64
     sign = np.where(np.arange(8) % 2 == 1, -1.0, 1.0).astype(np.float32)  # mirror: odd horizontal freqs flip
     out = np.empty((len(g), 2), np.uint64)
     for col, coef in enumerate((low, low * sign[None, None, :])):
         flat = coef.reshape(len(g), 64)
-        med = np.median(flat[:, 1:], axis=1, keepdims=True)
+        med = np.partition(flat[:, 1:], 31, axis=1)[:, 31:32]  # the median of 63 (np.median: 4x slower)
         out[:, col] = _pack(flat > med)
     return out
 
