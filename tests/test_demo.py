@@ -69,3 +69,28 @@ def test_curation_report_accounts_for_every_pool_image(demo_run):
     assert rep["retrieved_fashion_mnist_share"] > rep["pool_fashion_mnist_share"]
     text = demo_tools().format_report(rep)
     assert "planted test copies" in text and "contamination recall" in text
+
+
+def test_the_pool_arrays_are_cached_by_their_arguments(tmp_path, monkeypatch):
+    """The second demo reads the thinned pool from the local cache: the same arrays, no pickles."""
+    import numpy as np
+
+    from dinoflow_tools import pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "_cache_path", lambda: tmp_path / "curation" / "sources.npz")
+    monkeypatch.setattr(pool_mod, "other_sources", lambda: {"glyphs": pool_mod.glyph_images(limit=400)})
+    kw = {"eval_size": 100, "seed_size": 50, "contamination": 10}
+    first = pool_mod.cached_pool_arrays(300, **kw)
+    (cached,) = (tmp_path / "curation").glob("pool-300-*.npz")
+    calls = []
+    build = pool_mod.build_pool_arrays
+    monkeypatch.setattr(pool_mod, "build_pool_arrays", lambda *a, **k: calls.append(1))
+    again = pool_mod.cached_pool_arrays(300, **kw)
+    assert not calls
+    for name in ("images", "copy_of", "contamination_of", "eval_images", "seed_labels", "eval_rows"):
+        assert np.array_equal(getattr(first, name), getattr(again, name)), name
+    assert list(again.source) == list(first.source) and list(again.transform) == list(first.transform)
+    assert len(list((tmp_path / "curation").glob("pool-300-*.npz"))) == 1 and cached.exists()
+    monkeypatch.setattr(pool_mod, "build_pool_arrays", build)
+    pool_mod.cached_pool_arrays(300, **{**kw, "contamination": 5})  # other arguments: another file
+    assert len(list((tmp_path / "curation").glob("pool-300-*.npz"))) == 2

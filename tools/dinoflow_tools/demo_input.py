@@ -39,7 +39,7 @@ def write_demo_input(store: Any, root_uri: str, seed: int = 0, **overrides: Any)
 
     kw = {**DEMO_POOL, **overrides}
     size = kw.pop("size")
-    info = generate_pool(store, root_uri, size, seed=seed, samples_per_shard=10_000, **kw)
+    info = generate_pool(store, root_uri, size, seed=seed, samples_per_shard=10_000, cache=True, **kw)
 
     def shards(name: str) -> list[str]:
         return sorted(u for u in store.list(join_uri(root_uri, name)) if u.endswith(".tar"))

@@ -486,14 +486,45 @@ def _write_set(store, prefix: str, images: np.ndarray, sources, labels, split: s
     return manifest_uri, rows
 
 
-def generate_pool(store, output_uri: str, size: int = 2000, *, samples_per_shard: int = 10_000, **kw) -> dict:
-    """Write the demo pool, eval set, seed set and ground truth under ``output_uri``; returns counts+URIs."""
+def cached_pool_arrays(size: int, **kw) -> PoolArrays:
+    """``build_pool_arrays`` kept in the local cache, keyed by its arguments and this file's bytes
+    (the code that builds it): the 60k demo pool takes minutes to thin to distinct images, loading
+    it a second. Arrays only (``allow_pickle=False``): nothing loaded can run code."""
+    import dataclasses
+    import json
+
+    key = hashlib.sha256(
+        json.dumps({"size": size, **kw}, sort_keys=True).encode() + Path(__file__).read_bytes()
+    ).hexdigest()[:16]
+    path = _cache_path().parent / f"pool-{size}-{key}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        for k in ("source", "transform"):
+            arrays[k] = arrays[k].astype(object)
+        return PoolArrays(**arrays)
+    p = build_pool_arrays(size, **kw)
+    fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+    for k in ("source", "transform"):
+        fields[k] = fields[k].astype(str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **fields)
+    os.replace(tmp, path)
+    return p
+
+
+def generate_pool(
+    store, output_uri: str, size: int = 2000, *, samples_per_shard: int = 10_000, cache: bool = False, **kw
+) -> dict:
+    """Write the demo pool, eval set, seed set and ground truth under ``output_uri``; returns counts+URIs.
+    ``cache``: reuse the arrays of an earlier call with the same arguments (``cached_pool_arrays``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from dinoflow.storage.client import join_uri
 
-    p = build_pool_arrays(size, **kw)
+    p = cached_pool_arrays(size, **kw) if cache else build_pool_arrays(size, **kw)
     n = len(p.images)
     pool_uri, rows = _write_set(
         store,
