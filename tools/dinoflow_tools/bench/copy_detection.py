@@ -240,10 +240,12 @@ def train_descriptor(store, prefix: str, data: dict, a) -> dict:
         "steps": res.steps,
         "train_images": res.n_images,
         "curves_uri": res.curves_uri,
+        "resumed_from_step": res.resumed_from_step,
+        "tag": tag,
     }
 
 
-def embed_all(store, prefix: str, data: dict, embedder: str, a, backbone_uri: str | None) -> dict:
+def embed_all(store, prefix: str, data: dict, embedder: str, a, backbone_uri: str | None, label: str) -> dict:
     """Embeddings of every set with one embedder; the test pool's embed seconds."""
     from dinoflow.stages import get_stage
     from dinoflow.storage.client import join_uri
@@ -253,7 +255,7 @@ def embed_all(store, prefix: str, data: dict, embedder: str, a, backbone_uri: st
     out: dict = {}
     stage = get_stage("embed")
     for name in SETS:
-        uri = join_uri(prefix, f"emb-{embedder}", name)
+        uri = join_uri(prefix, f"emb-{label}", name)
         t0 = time.perf_counter()
         if embedder == "pixel":
             out[name] = _pixel(store, data[f"{name}_manifest_uri"], uri)
@@ -308,7 +310,7 @@ GRID = sorted(
 )
 
 
-def choose_thresholds(store, prefix: str, data: dict, fields: dict, embedder: str, a) -> dict:
+def choose_thresholds(store, prefix: str, data: dict, fields: dict, label: str, a) -> dict:
     """Sweep both thresholds on the validation pool (one similarity graph, its edges kept down to the
     lowest threshold of the grid) and choose them."""
     import numpy as np
@@ -321,7 +323,7 @@ def choose_thresholds(store, prefix: str, data: dict, fields: dict, embedder: st
     from dinoflow_tools.scoring import ground_truth_arrays, score_outcome
 
     stage = get_stage("dedup")
-    out_uri = join_uri(prefix, f"sweep-{embedder}-{fields['grouping']}-k{fields['k']}")
+    out_uri = join_uri(prefix, f"sweep-{label}-{fields['grouping']}-k{fields['k']}")
     spec = stage.parse_spec({**fields, "output_uri": out_uri, "threshold_cos": GRID[0]})
     table, _, evals = load_inputs(spec, store)
     sim = similarity_graph(spec, store, table, evals)
@@ -418,7 +420,7 @@ def per_family(g: dict, o: dict, families: list[str]) -> dict:
     return rows
 
 
-def test_run(store, prefix: str, data: dict, fields: dict, thr: dict, embedder: str) -> dict:
+def test_run(store, prefix: str, data: dict, fields: dict, thr: dict, label: str) -> dict:
     """The dedup stage on the test pool at the chosen thresholds, scored per group and family."""
     import io
 
@@ -435,7 +437,7 @@ def test_run(store, prefix: str, data: dict, fields: dict, thr: dict, embedder: 
     spec = stage.parse_spec(
         {
             **fields,
-            "output_uri": join_uri(prefix, f"dedup-{embedder}-t{t}-d{d}-{fields['grouping']}"),
+            "output_uri": join_uri(prefix, f"dedup-{label}-t{t}-d{d}-{fields['grouping']}"),
             "threshold_cos": t,
             "decontam_threshold_cos": d,
         }
@@ -527,18 +529,23 @@ def main(argv: list[str]) -> None:
     with bench_store() as store:
         data = make_data(store, prefix, a)
         trained = train_descriptor(store, prefix, data, a)
-        emb = {"learned": embed_all(store, prefix, data, "learned", a, trained["backbone_uri"])}
+        # outputs of the learned descriptor are named by its recipe (a stage refuses to overwrite a
+        # finished run with a different spec)
+        label = {e: e for e in embedders} | {"learned": f"learned-{trained['tag']}"}
+        emb = {
+            "learned": embed_all(store, prefix, data, "learned", a, trained["backbone_uri"], label["learned"])
+        }
         for e in embedders:
             if e != "learned":
-                emb[e] = embed_all(store, prefix, data, e, a, None)
+                emb[e] = embed_all(store, prefix, data, e, a, None, label[e])
         for e in embedders:
             # the learned descriptor rides on the pixel embeddings (what curation would get), as a pipeline would
             desc = emb["learned"] if e == "learned" else None
             base = emb["pixel"] if e == "learned" and "pixel" in emb else emb[e]
             fields_val = _spec_fields(data, base, e, "val", a, desc)
-            thr = choose_thresholds(store, prefix, data, fields_val, e, a)
+            thr = choose_thresholds(store, prefix, data, fields_val, label[e], a)
             fields_test = _spec_fields(data, base, e, "test", a, desc)
-            res = test_run(store, prefix, data, fields_test, thr, e)
+            res = test_run(store, prefix, data, fields_test, thr, label[e])
             res["thresholds"] = thr
             res["fmnist_train_flagged_fraction"] = fmnist_flagged(
                 store, emb[e], e, thr["decontam_threshold_cos"]
