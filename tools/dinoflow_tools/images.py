@@ -216,9 +216,11 @@ def _die_with_parent() -> None:
 
 
 def service_tmpdir(home: Path) -> Path:
-    """The service's own TMPDIR under the cache. podman stages every committed layer there twice over
-    while the layer is written (12.4 GB for the CPU image's 6.5 GB venv layer; /var/tmp otherwise),
-    and a killed build leaves them behind: folders of services whose starting process is gone go first."""
+    """The service's own TMPDIR under the cache, where buildah stages each committed layer as a blob
+    (6.2 GB for the CPU image's venv layer; /var/tmp otherwise). A killed build leaves it behind: the
+    folders of services whose starting process is gone go first. (containers/storage stages a second
+    copy in /var/tmp/storage* whatever TMPDIR or image_copy_tmp_dir say; podman removes it after the
+    commit, a killed build does not.)"""
     root = home / "tmp"
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob("pid-*"):
