@@ -90,7 +90,7 @@ def test_entrypoint_user_and_read_only_root(engine, ref):
     from dinoflow.stages import get_stage
 
     # the image's own ENTRYPOINT (dinoflow) and USER, on a read-only root with /tmp writable
-    out = engine.client.containers.run(ref, ["schema", "ingest"], remove=True, **POD)
+    out = images.run_output(engine.client, ref, ["schema", "ingest"], **POD)
     s = get_stage("ingest")
     assert json.loads(out) == {
         "spec": s.spec_cls.model_json_schema(),
@@ -100,7 +100,7 @@ def test_entrypoint_user_and_read_only_root(engine, ref):
         "id -u; touch /tmp/w && echo tmp-writable; touch /opt/venv/w 2>/dev/null || echo venv-read-only; "
         "python3 -c 'import dinoflow; print(dinoflow.__file__)'; test -e /opt/venv/bin/pip || echo no-pip"
     )
-    out = engine.client.containers.run(ref, entrypoint=["sh", "-c"], command=[probe], remove=True, **POD)
+    out = images.run_output(engine.client, ref, [probe], entrypoint=["sh", "-c"], **POD)
     assert out.decode().split() == [
         "10001",
         "tmp-writable",
@@ -122,9 +122,7 @@ def test_image_packages_are_the_venvs(engine, ref):
         "import importlib.metadata as m, json; "
         "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
     )
-    out = engine.client.containers.run(
-        ref, entrypoint=["python3", "-c"], command=[script], remove=True, **POD
-    )
+    out = images.run_output(engine.client, ref, [script], entrypoint=["python3", "-c"], **POD)
     image = {canonicalize_name(n): v for n, v in json.loads(out).items()}
     venv = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
     extra = {n for n in image if n not in venv}
