@@ -211,17 +211,21 @@ class PartitionIndex:
                 faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", plan.nprobe)
         self.index = index
 
-    def search(self, queries: np.ndarray, k: int, probes: np.ndarray | None = None):
+    def search(self, queries: np.ndarray, k: int, probes: np.ndarray | None = None, min_sim: float = -np.inf):
         """Top-``k`` (cosine, pool row) of each query within this partition, plus ``TIE_MARGIN`` more,
         plus every row tied with the ``k``-th (searched again with more neighbours while the tie
         reaches the end of the list); ``probes``: the queries' precomputed lists ([q, nprobe], from
-        :func:`assign`), used on the CPU."""
+        :func:`assign`), used on the CPU. ``min_sim``: ties at or below it are not followed (a
+        caller that keeps only edges above a threshold needs none of them; a query whose vector is
+        zero, e.g. a blank image's pixel descriptor, ties with every row at 0)."""
         q = _f32(queries)
         kk = min(k + TIE_MARGIN, self.n)
         s, i = self._search(q, kk, probes)
         if kk == 0 or kk >= self.n or k < 1:
             return s, i
-        redo = np.flatnonzero((i[:, -1] >= 0) & (s[:, min(k, kk) - 1] - s[:, -1] <= TIE_EPS))
+        redo = np.flatnonzero(
+            (i[:, -1] >= 0) & (s[:, min(k, kk) - 1] - s[:, -1] <= TIE_EPS) & (s[:, -1] > min_sim)
+        )
         while len(redo) and kk < self.n:
             kk = min(2 * kk, self.n)
             rs, ri = self._search(q[redo], kk, None if probes is None else probes[redo])
@@ -229,7 +233,9 @@ class PartitionIndex:
             s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
             i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
             s[redo], i[redo] = rs, ri
-            redo = redo[(ri[:, -1] >= 0) & (rs[:, min(k, kk) - 1] - rs[:, -1] <= TIE_EPS)]
+            redo = redo[
+                (ri[:, -1] >= 0) & (rs[:, min(k, kk) - 1] - rs[:, -1] <= TIE_EPS) & (rs[:, -1] > min_sim)
+            ]
         return s, i
 
     def _search(self, q: np.ndarray, kk: int, probes: np.ndarray | None):

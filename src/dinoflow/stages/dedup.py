@@ -364,7 +364,8 @@ def search_part(spec: DedupSpec, store, part: int, planned: dict) -> dict:
     qs, js, ss = [], [], []
     for b, (qlo, block) in enumerate(reader.blocks(QUERY_BLOCK_ROWS)):
         probes = _lists(store, spec, qlo, qlo + len(block)) if coarse.kind == "ivf" else None
-        s, i = index.search(_normalized(block, mean), spec.k + 1, probes)
+        # only edges above threshold_cos are kept: ties below it need not be followed
+        s, i = index.search(_normalized(block, mean), spec.k + 1, probes, min_sim=spec.threshold_cos)
         r, c = np.nonzero((s > spec.threshold_cos) & (i >= 0))
         qs.append(r + qlo)
         js.append(i[r, c])
