@@ -166,14 +166,17 @@ def summarise(run: Any, out: Path, store: Any, tools: Any = None, pool: dict | N
     curation = tools.curation_report(store, pool, res) if tools is not None and pool else None
     head = _model_row(teacher)
     return {
-        "stage_seconds": {e["task"]: e["seconds"] for e in run.events if not e.get("phase")},
+        # a fanned-out stage's plan and parts are events of their own: its time is their sum
+        "stage_seconds": _stage_seconds(run.events),
         "wall_seconds": run.wall_seconds,
         "counts": counts,
         # the headline is the pretrained teacher; the distilled student has its own row
         "knn_top1": head["knn_top1"],
         "linear_top1": head["linear_top1"],
         "teacher": head,
-        "students": {next(iter(res.get("distill", {}).get("backbone_uris", {"student": ""}))): _model_row(student)},
+        "students": {
+            next(iter(res.get("distill", {}).get("backbone_uris", {"student": ""}))): _model_row(student)
+        },
         "metrics": teacher.get("metrics", {}),
         "curation": curation,
         "promoted": res.get("promote", {}).get("promoted"),
@@ -181,6 +184,13 @@ def summarise(run: Any, out: Path, store: Any, tools: Any = None, pool: dict | N
         "report_html": report_html,
         "raw_pixel_knn_baseline": FASHION_MNIST_RAW_PIXEL_KNN_TOP1,
     }
+
+
+def _stage_seconds(events: list[dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for e in events:
+        out[e["task"]] = round(out.get(e["task"], 0.0) + float(e["seconds"]), 3)
+    return out
 
 
 def demo_tools() -> Any:
