@@ -19,13 +19,14 @@ def evaluate_only(
     secret: Any,
     common: dict[str, Any],
     gpu: dict[str, Any],
-    name: str,
+    name: str | None = None,
     **args: Any,
 ) -> Any:
-    """Evaluate ``backbone`` on one GPU of the pool under its own output name (the full run scores its
-    pretrained teacher this way beside the distilled student it promotes)."""
+    """Evaluate ``backbone`` on one GPU of the pool; ``name``: its own output name and display name
+    (the full run scores its pretrained teacher this way beside the distilled student it promotes)."""
+    named = {"output_name": name} if name else {}
     return gpu_task(
-        evaluate(spec_json=evaluate_spec, backbone=backbone, output_name=name, **args, **common),
+        evaluate(spec_json=evaluate_spec, backbone=backbone, **named, **args, **common),
         secret,
         display_name=name,
         **one_gpu(gpu),
@@ -44,11 +45,7 @@ def evaluate_and_promote(
 ) -> Any:
     """Evaluate ``backbone`` (a pretrain or distill result) on one GPU of the pool, then promote it if
     it beats the champion (``registry``: the model_name and registry_uri inputs of promote)."""
-    ev = gpu_task(
-        evaluate(spec_json=evaluate_spec, backbone=backbone, **evaluate_args, **common),
-        secret,
-        **one_gpu(gpu),
-    )
+    ev = evaluate_only(backbone, evaluate_spec, secret, common, gpu, **evaluate_args)
     cpu_task(
         promote(
             spec_json=promote_spec,

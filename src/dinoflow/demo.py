@@ -175,7 +175,7 @@ def summarise(run: Any, out: Path, store: Any, tools: Any = None, pool: dict | N
         "linear_top1": head["linear_top1"],
         "teacher": head,
         "students": {
-            next(iter(res.get("distill", {}).get("backbone_uris", {"student": ""}))): _model_row(student)
+            next(iter(res.get("distill", {}).get("backbone_uris", {})), "student"): _model_row(student)
         },
         "metrics": teacher.get("metrics", {}),
         "curation": curation,

@@ -48,16 +48,12 @@ def write_demo_input(store: Any, root_uri: str, seed: int = 0, **overrides: Any)
     return info
 
 
-def _ground_truth(store: Any, info: dict[str, Any], pool_manifest: Any) -> Any:
-    """The ground truth re-keyed to the ingested pool's keys: ingest keeps the shards' order (the
-    shard list is sorted, members are read in order) and re-encodes nothing it can keep, which the
-    sha256 of every row confirms."""
-    import pyarrow as pa
-
+def _generated_keys(store: Any, info: dict[str, Any], pool_manifest: Any) -> list[str]:
+    """The generated pool's keys in the ingested pool's row order: ingest keeps the shards' order (the
+    shard list is sorted, members are read in order) and stores the bytes it reads, which the sha256
+    of every row confirms."""
     from dinoflow.data.manifest import read_manifest
-    from dinoflow_tools.pool import read_ground_truth
 
-    gt = read_ground_truth(store, info["ground_truth_uri"])
     written = read_manifest(store, info["pool_manifest_uri"])
     if written.num_rows != pool_manifest.num_rows:
         raise ValueError(
@@ -66,13 +62,7 @@ def _ground_truth(store: Any, info: dict[str, Any], pool_manifest: Any) -> Any:
         )
     if written.column("sha256").to_pylist() != pool_manifest.column("sha256").to_pylist():
         raise ValueError("the ingested pool's rows are not the generated pool's, in order")
-    new_key = dict(
-        zip(written.column("key").to_pylist(), pool_manifest.column("key").to_pylist(), strict=True)
-    )
-    copy_of = [new_key[c] if c else "" for c in gt.column("copy_of").to_pylist()]
-    return gt.set_column(
-        gt.schema.get_field_index("key"), "key", pa.array([new_key[k] for k in gt.column("key").to_pylist()])
-    ).set_column(gt.schema.get_field_index("copy_of"), "copy_of", pa.array(copy_of))
+    return written.column("key").to_pylist()
 
 
 def curation_report(store: Any, info: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -84,22 +74,24 @@ def curation_report(store: Any, info: dict[str, Any], results: dict[str, dict[st
     import pyarrow.parquet as pq
 
     from dinoflow.data.manifest import read_manifest
-    from dinoflow_tools.scoring import score_dedup
+    from dinoflow_tools.pool import read_ground_truth
+    from dinoflow_tools.scoring import DUP_RULES, ground_truth_arrays, outcome_arrays, score_arrays
 
     pool = read_manifest(store, results["ingest"]["manifests"]["pool"])
-    gt = _ground_truth(store, info, pool)
     keys = pool.column("key").to_pylist()
+    # both row-aligned with the ingested pool: the truth by generated key, the outcome by ingested key
+    g = ground_truth_arrays(
+        read_ground_truth(store, info["ground_truth_uri"]), _generated_keys(store, info, pool)
+    )
     kept = read_manifest(store, results["dedup"]["manifest_uri"]).column("key").to_pylist()
     groups = pq.read_table(io.BytesIO(store.get_bytes(results["dedup"]["groups_uri"])))
-    scores = score_dedup(gt, keys, kept, groups)
+    o = outcome_arrays(keys, kept, groups)
+    scores = score_arrays(
+        g["copy_of"], g["transform"], g["contam"], g["source"], o["kept"], o["group"], o["reason"], o["rep"]
+    )
 
+    source, reason, contam, planted = g["source"], o["reason"], g["contam"], g["copy_of"] >= 0
     row = {k: i for i, k in enumerate(keys)}
-    source = np.asarray(gt.column("source").to_pylist(), dtype=object)
-    planted = np.asarray([bool(c) for c in gt.column("copy_of").to_pylist()])
-    contam = np.asarray(gt.column("contamination_of").to_numpy()) >= 0
-    reason = np.full(len(keys), "kept", dtype=object)
-    for k, why in zip(groups.column("key").to_pylist(), groups.column("reason").to_pylist(), strict=True):
-        reason[row[k]] = why
     curated = read_manifest(store, results["curate"]["manifest_uri"]).column("key").to_pylist()
     retrieved = np.zeros(len(keys), bool)
     retrieved[[row[k] for k in curated if k in row]] = True  # seeds kept by curate are not pool rows
@@ -111,9 +103,9 @@ def curation_report(store: Any, info: dict[str, Any], results: dict[str, dict[st
         m = kind == s
         per_source[s] = {
             "pool": int(m.sum()),
-            "removed_duplicate": int((m & np.isin(reason, ["exact", "phash", "embedding"])).sum()),
+            "removed_duplicate": int((m & np.isin(reason, DUP_RULES)).sum()),
             "removed_contamination": int((m & (reason == "contamination")).sum()),
-            "kept": int((m & (reason == "kept")).sum()),
+            "kept": int((m & o["kept"]).sum()),
             "retrieved": int((m & retrieved).sum()),
         }
     clean_fm = (source == "fashion_mnist") & ~contam & ~planted

@@ -14,13 +14,18 @@ _J = json.dumps
 
 
 def _ingest(
-    paths: dict[str, tuple[Path, Path]], limits: int | None, extra: dict[str, list[str]] | None = None
+    paths: dict[str, tuple[Path, Path]],
+    limits: int | None,
+    extra: dict[str, list[str]] | None = None,
+    source: str = "fashion-mnist",
 ) -> str:
+    """Fashion-MNIST's IDX pairs by split, plus ``extra`` splits of other inputs (the demo's generated
+    pool, seed and test shards), in one ingest; with ``extra`` each input's kind goes by its name."""
     splits = {split: [str(p[0]), str(p[1])] for split, p in paths.items()}
     spec: dict[str, Any] = {
-        "kind": "idx",
-        "source": "fashion-mnist",
-        "splits": splits,
+        "kind": "auto" if extra else "idx",
+        "source": source,
+        "splits": {**splits, **(extra or {})},
         "samples_per_shard": 5000,
         "label_names": FASHION_MNIST_CLASSES,
     }
@@ -92,24 +97,7 @@ def tiny_arguments(
     }
 
 
-def _splits_ingest(
-    paths: dict[str, tuple[Path, Path]], shards: dict[str, list[str]], limit: int | None = None
-) -> str:
-    """Fashion-MNIST train (IDX, labelled: the probes' split) and the generated pool, seed and test
-    shards (``dinoflow_tools.demo_input``), one ingest; file kinds by name."""
-    spec: dict[str, Any] = {
-        "kind": "auto",
-        "source": "demo",
-        "splits": {"train": [str(p) for p in paths["train"]], **shards},
-        "samples_per_shard": 10000,
-        "label_names": FASHION_MNIST_CLASSES,
-    }
-    if limit:
-        spec["limit_per_split"] = limit
-    return _J(spec, sort_keys=True)
-
-
-# The demo's pretraining (CPU, 2 cores): the DEMO preset on the curated set (see its comment).
+# The demo's splits: the generated pool, the labelled seeds, the test set, Fashion-MNIST train (probes).
 DEMO_SPLITS = {"pool_split": "pool", "seed_split": "seed", "eval_split": "test", "probe_split": "train"}
 
 
@@ -117,7 +105,8 @@ def demo_arguments(
     paths: dict[str, tuple[Path, Path]],
     output_root: str,
     data_version: str = "demo",
-    shards: dict[str, list[str]] | None = None,
+    *,
+    shards: dict[str, list[str]],
 ) -> dict[str, Any]:
     """``dinoflow demo``: the DINOv2 story on 2 CPU cores, on the mixed pool of
     ``dinoflow_tools.demo_input`` (``shards``: its pool, seed and test splits).
@@ -126,12 +115,10 @@ def demo_arguments(
     dedup removes planted copies and decontaminates against the test images with its thresholds
     for pixel correlation; retrieval curates from the pool around the labelled seeds and keeps them;
     pretraining gets most of the time; the teacher and the distilled student are both evaluated."""
-    if shards is None:
-        raise ValueError("demo_arguments needs the generated pool's shards (dinoflow_tools.demo_input)")
     return {
         "output_root": output_root,
         "data_version": data_version,
-        "ingest_spec": _splits_ingest(paths, shards),
+        "ingest_spec": _ingest({"train": paths["train"]}, None, extra=shards, source="demo"),
         "embed_spec": _J({"embedder": "pixels", "batch_size": 1024, "num_workers": 1, "device": "cpu"}),
         # the pixel descriptor's thresholds measured on the 100k benchmark pool (README, `dinoflow
         # bench dedup`; not on this pool): Fashion-MNIST neighbours correlate > 0.9
