@@ -182,10 +182,13 @@ def test_generated_base_has_no_near_duplicates():
 
 
 def test_exact_pairs_star_every_copy_to_the_first_row():
-    from dinoflow.curation.hashing import exact_matches, exact_pairs
+    from dinoflow.curation.hashing import exact_match_rows, exact_matches, exact_pairs
 
     sha = np.array(["b", "a", "b", "c", "b", "a"], dtype=object)
     head, member = exact_pairs(sha)
     assert sorted(zip(head.tolist(), member.tolist(), strict=True)) == [(0, 2), (0, 4), (1, 5)]
     assert [len(x) for x in exact_pairs(np.array([], dtype=object))] == [0, 0]
     assert exact_matches(sha, np.array(["c", "z"])).tolist() == [False, False, False, True, False, False]
+    # the matched row of the other set: its first row with that digest
+    assert exact_match_rows(sha, np.array(["z", "c", "b", "c"])).tolist() == [2, -1, 2, 1, 2, -1]
+    assert exact_match_rows(sha, np.array([], dtype=object)).tolist() == [-1] * 6

@@ -90,6 +90,32 @@ def test_dedup_finds_planted_copies_and_decontaminates(store, demo, bucket_uri):
     assert sc["dropped_for_contamination"] < 0.15 * 1200, sc
     report = store.get_json(res.report_uri)
     assert 15 <= report["copy_detection"]["copies"] <= 40, report["copy_detection"]
+    # every contamination removal is listed with its rule and the evaluation image it matched
+    truth = {r["key"]: r for r in read_ground_truth(store, demo["ground_truth_uri"]).to_pylist()}
+    rows = {r["key"]: r for r in groups.to_pylist()}
+    c = [r for r in rows.values() if r["reason"] == "contamination"]
+    rules = ("exact", "phash", "cosine", "copy", "group")
+    assert {r["contamination_rule"] for r in c} <= set(rules), c
+    assert all(r["contamination_rule"] == "" for r in rows.values() if r["reason"] != "contamination")
+    assert report["contamination_per_rule"] == {
+        x: sum(r["contamination_rule"] == x for r in c) for x in rules
+    }
+    own = [r for r in c if r["contamination_rule"] != "group"]
+    assert all(r["touched_by"] == r["key"] and r["eval_key"] for r in own)
+    assert all(r["eval_manifest"] == demo["eval_manifest_uri"] for r in own)
+    for r in c:  # dropped through a group member that touched an evaluation set itself
+        if r["contamination_rule"] == "group":
+            t = rows[r["touched_by"]]
+            assert t["key"] != r["key"] and t["group"] == r["group"] and t["contamination_rule"] != "group"
+            assert r["eval_key"] == t["eval_key"]
+    # a planted test copy's listed match is the test image it copies (eval keys are test{row:07d})
+    planted = [r for r in own if truth[r["key"]]["contamination_of"] >= 0]
+    hits = [r["eval_key"] == f"test{truth[r['key']]['contamination_of']:07d}" for r in planted]
+    assert len(planted) >= 35 and np.mean(hits) >= 0.95, planted
+    assert all(r["contamination_rule"] == "exact" for r in planted if truth[r["key"]]["transform"] == "exact")
+    assert all(-1 <= r["eval_cos"] <= 1.0001 for r in c)
+    copies = [r for r in c if r["contamination_rule"] == "copy"]
+    assert copies and all(r["copy_error"] <= 0.008 or r["copy_global_error"] <= 0.012 for r in copies)
     assert set(report["removed_per_rule"]) == {"exact", "phash", "embedding", "contamination"}
     assert sum(v["input"] for v in report["per_source"].values()) == 1200
     # idempotent: same spec returns the recorded result; another spec on the same prefix is refused

@@ -93,6 +93,15 @@ def exact_matches(digests: np.ndarray, other: np.ndarray) -> np.ndarray:
     return np.isin(np.asarray(digests).astype(str), np.asarray(other).astype(str))
 
 
+def exact_match_rows(digests: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """int64 [N]: for each row of ``digests``, the first row of ``other`` with the same digest (-1: none)."""
+    d, o = np.asarray(digests).astype(str), np.asarray(other).astype(str)
+    values, first = np.unique(o, return_index=True)  # values sorted, first: their earliest row
+    at = np.minimum(np.searchsorted(values, d), max(len(values) - 1, 0))
+    hit = (values[at] == d) if len(values) else np.zeros(len(d), bool)
+    return np.where(hit, first[at] if len(values) else -1, -1).astype(np.int64)
+
+
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a, b)).astype(np.int64)
 

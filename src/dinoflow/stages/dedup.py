@@ -19,8 +19,11 @@ search with an error that ignores one occluder-sized window verifies them (dinof
 
 Outputs under ``output_uri``: ``manifest.parquet`` (kept rows, same shards), ``embeddings/`` (kept
 rows' embeddings), ``groups.parquet`` (every row in a multi-image component or dropped for
-contamination: key, group, representative key, reason) and ``report.json`` (counts per rule and
-per source, the index choice and its reason).
+contamination: key, group, representative key, reason; for contamination the rule that fired
+(``contamination_rule``: exact, phash, cosine, copy, or group with ``touched_by`` the member that
+touched), the evaluation image matched (``eval_manifest``, ``eval_key``) and the row's nearest
+evaluation cosine and copy error) and ``report.json`` (counts per rule and per source, the index
+choice and its reason).
 """
 
 from __future__ import annotations
@@ -51,6 +54,15 @@ class CopyDetectionSpec(BaseModel):
         description="a copy's robust residual (share of the pool image's variance) is at most this; "
         "measured: planted crop/rotate/caption copies <= 0.005, hardest distinct pairs >= 0.014",
     )
+    global_max_error: float = Field(
+        0.012,
+        ge=0,
+        description="a candidate is also a copy when a global edit of the evaluation image (mirror, "
+        "Gaussian blur, brightness/contrast; both low-passed) leaves at most this share of the pool "
+        "image's variance unexplained (0: off); measured on a 20k demo pool (seed 1): planted blur "
+        "copies <= 0.0024, JPEG 95 % <= 0.010, brightness 95 % <= 0.0073; distinct Fashion-MNIST pairs "
+        ">= 0.0215, planted copies of other pool images >= 0.0148",
+    )
     candidate_cos: float = Field(0.85, gt=-1, lt=1, description="thumbnail correlation a candidate needs")
     k: int = Field(2, ge=1, le=16, description="candidate evaluation rows per pool image and region")
     occluder_frac: tuple[float, float] = Field(
@@ -73,6 +85,7 @@ class CopyDetectionSpec(BaseModel):
         return CopyDetectParams(
             px=self.px,
             max_error=self.max_error,
+            global_max_error=self.global_max_error,
             candidate_cos=self.candidate_cos,
             k=self.k,
             occluder_frac=tuple(self.occluder_frac),
@@ -124,6 +137,13 @@ class DedupSpec(StageSpec):
         0, ge=-1, le=16, description="perceptual-hash pass: max Hamming distance of 64 bits (-1: off)"
     )
     exact_hash: bool = Field(True, description="pass on identical content (sha256 of stored bytes)")
+    phash_decontaminates: bool = Field(
+        True,
+        description="a pool image within phash_max_bits of an evaluation image's perceptual hash is "
+        "contamination; off: the phash pass only groups pool duplicates (a 64-bit pHash of a 28 px "
+        "image collides across distinct Fashion-MNIST products: 32 of 11k clean train images of a "
+        "demo pool matched a test image at 0 bits, none of them a copy)",
+    )
     grouping: Literal["star", "connected"] = Field(
         "star",
         description="star: each removed image is a direct duplicate of the kept one (no chaining); "
@@ -344,18 +364,28 @@ def search_part(spec: DedupSpec, store, part: int, planned: dict) -> dict:
     mean = _mean(store, spec)
     x = _normalized(reader.rows(lo, hi), mean)
     where = spec.out("parts", f"part-{part:05d}")
-    # each of its rows' nearest evaluation image (the evaluation set is the index, these rows the queries)
+    # each of its rows' nearest evaluation image (the evaluation set is the index, these rows the
+    # queries): its cosine and its row in the evaluation sets concatenated in the spec's order
     top1 = np.full(hi - lo, -1.0, np.float32)
+    top1_row = np.full(hi - lo, -1, np.int64)
+    offset = 0
     for eu in eval_vectors:
         ex = _normalized(read_embeddings(store, eu)[0], mean)
         res = knn.knn_search(
             ex, x, 1, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe
         )
-        top1 = np.maximum(top1, res.sims[:, 0])
+        better = res.sims[:, 0] > top1
+        top1 = np.where(better, res.sims[:, 0], top1)
+        top1_row = np.where(better & (res.ids[:, 0] >= 0), res.ids[:, 0] + offset, top1_row)
+        offset += len(ex)
     put_npy(store, f"{where}/eval_top1.npy", top1)
+    put_npy(store, f"{where}/eval_top1_row.npy", top1_row)
     copies, copy_report = copy_detection_rows(spec, store, lo, hi)
     if copies is not None:
-        put_npy(store, f"{where}/copies.npy", copies)
+        put_npy(store, f"{where}/copies.npy", copies.is_copy)
+        put_npy(store, f"{where}/copy_row.npy", copies.eval_row)
+        put_npy(store, f"{where}/copy_error.npy", copies.error)
+        put_npy(store, f"{where}/copy_global_error.npy", copies.global_error)
     coarse = _fanout.coarse_plan(spec, store, planned)
     index = PartitionIndex(
         x, lo, coarse, own_lists=_lists(store, spec, lo, hi)[:, 0] if coarse.kind == "ivf" else None
@@ -382,9 +412,19 @@ def search_part(spec: DedupSpec, store, part: int, planned: dict) -> dict:
     }
 
 
+@dataclass
+class CopyRows:
+    """Copy detection of pool rows ``[lo, hi)`` against every evaluation set."""
+
+    is_copy: object  # bool [rows]: verified copy of an evaluation image
+    eval_row: object  # int64 [rows]: best verified match, a row of the evaluation sets concatenated (-1)
+    error: object  # float32 [rows]: best robust error of a geometric/occluder alignment (inf: none)
+    global_error: object  # float32 [rows]: best global-edit error (inf: none or off)
+
+
 def copy_detection_rows(spec: DedupSpec, store, lo: int, hi: int):
-    """bool [hi - lo]: pool rows ``[lo, hi)`` verified as copies of an evaluation image, and a report
-    (None, None when off or without evaluation sets)."""
+    """``CopyRows`` of pool rows ``[lo, hi)`` and a report (None, None when off or without
+    evaluation sets)."""
     cd = spec.copy_detection
     if not cd.enabled or spec.copy_descriptor is not None or not spec.eval_manifest_uris or hi <= lo:
         return None, None
@@ -405,11 +445,21 @@ def copy_detection_rows(spec: DedupSpec, store, lo: int, hi: int):
         "copy detection: %d pool images decoded at %d px in %.1fs", len(pool), cd.px, time.perf_counter() - t0
     )
     touched = np.zeros(len(pool), bool)
+    best_err = np.full(len(pool), np.inf, np.float32)
+    best_row = np.full(len(pool), -1, np.int64)
+    best_glob = np.full(len(pool), np.inf, np.float32)
     per_set = []
+    offset = 0
     for mu, eu in zip(spec.eval_manifest_uris, spec.eval_embeddings_uris, strict=True):
         ev, _ = load_images(store, mu, channels=1, size_px=cd.px)
         m = detect_copies(pool, ev[:, 0].numpy(), params)
+        # the row reported: a verified copy's match first, then the smallest robust error's
+        better = (m.is_copy & ~touched) | ((m.is_copy | ~touched) & (m.error < best_err))
+        best_err = np.minimum(m.error, best_err)
+        best_glob = np.minimum(m.global_error, best_glob)
+        best_row = np.where(better & (m.eval_row >= 0), m.eval_row + offset, best_row)
         touched |= m.is_copy
+        offset += len(ev)
         per_set.append(
             {
                 "embeddings_uri": eu,
@@ -427,7 +477,7 @@ def copy_detection_rows(spec: DedupSpec, store, lo: int, hi: int):
         "max_error": cd.max_error,
         "per_eval_set": per_set,
     }
-    return touched, report
+    return CopyRows(touched, best_row, best_err, best_glob), report
 
 
 def _merge_copy_reports(reports: list[dict]) -> dict | None:
@@ -491,6 +541,14 @@ class SimilarityGraph:
     phash: object  # uint64 [n, 2] or None
     touched_copy: object = None  # bool [n]: verified copy of an evaluation image (copy_detection)
     copy_report: dict | None = None
+    # the evaluation image each signal matched: a row of the evaluation sets concatenated in the
+    # spec's order (-1: none); ``hash_rule``: "exact", "phash" or "" per pool row
+    eval_top1_row: object = None  # int64 [n]
+    hash_row: object = None  # int64 [n]
+    hash_rule: object = None  # object [n]
+    copy_row: object = None  # int64 [n]
+    copy_error: object = None  # float32 [n]: best robust (geometric/occluder) error (inf: none)
+    copy_global_error: object = None  # float32 [n]: best global-edit error (inf: none or off)
 
 
 def similarity_graph(spec: DedupSpec, store, table, evals) -> SimilarityGraph:
@@ -498,7 +556,7 @@ def similarity_graph(spec: DedupSpec, store, table, evals) -> SimilarityGraph:
     ``threshold_cos``, hash edges, and each pool row's evaluation matches."""
     import numpy as np
 
-    from dinoflow.curation.hashing import exact_matches, exact_pairs, hash_pairs
+    from dinoflow.curation.hashing import exact_match_rows, exact_pairs, hash_pairs
     from dinoflow.curation.partition import merge_edges
     from dinoflow.data.embeddings import get_npy, read_phash
 
@@ -506,14 +564,23 @@ def similarity_graph(spec: DedupSpec, store, table, evals) -> SimilarityGraph:
     parts = [run_phase(spec, store, "part", i) for i in range(spec.parts)]
     n = table.num_rows
     got: dict[str, list] = {"q": [], "j": [], "s": []}
-    top1, copies = [], []
+    top1, top1_row, copies, copy_row, copy_err, copy_glob = [], [], [], [], [], []
+
+    def optional(uri, rows, fill, dtype):  # parts recorded before the file existed lack it
+        return get_npy(store, uri) if store.exists(uri) else np.full(rows, fill, dtype)
+
     for i in range(spec.parts):
         where = spec.out("parts", f"part-{i:05d}")
         for name in got:
             got[name].append(get_npy(store, f"{where}/edges-{name}.npy"))
         top1.append(get_npy(store, f"{where}/eval_top1.npy"))
+        rows = len(top1[-1])
+        top1_row.append(optional(f"{where}/eval_top1_row.npy", rows, -1, np.int64))
         if parts[i].get("copy_detection"):
             copies.append(get_npy(store, f"{where}/copies.npy"))
+            copy_row.append(optional(f"{where}/copy_row.npy", rows, -1, np.int64))
+            copy_err.append(optional(f"{where}/copy_error.npy", rows, np.inf, np.float32))
+            copy_glob.append(optional(f"{where}/copy_global_error.npy", rows, np.inf, np.float32))
     q, j, s = merge_edges(*(np.concatenate(got[k]) for k in ("q", "j", "s")), spec.k)
     graph = EdgeGraph(
         q,
@@ -533,19 +600,64 @@ def similarity_graph(spec: DedupSpec, store, table, evals) -> SimilarityGraph:
     if spec.phash_max_bits >= 0 and ph is not None:
         a, b, _ = hash_pairs(ph, spec.phash_max_bits)
         edges["phash"] = (a, b)
-    touched = np.zeros(n, bool)
-    for et, eu in evals:
-        touched |= exact_matches(sha, np.asarray(et.column("sha256").to_pylist(), dtype=object))
-        e_ph = read_phash(store, eu)
+    hash_row = np.full(n, -1, np.int64)
+    hash_rule = np.full(n, "", dtype=object)
+    offset = 0
+    for et, eu in evals:  # the first evaluation image matched, exact before phash
+        e_sha = np.asarray(et.column("sha256").to_pylist(), dtype=object)
+        rows = exact_match_rows(sha, e_sha)
+        rows[hash_row >= 0] = -1
+        hash_row = np.where(rows >= 0, rows + offset, hash_row)
+        hash_rule[rows >= 0] = "exact"
+        e_ph = read_phash(store, eu) if spec.phash_decontaminates else None
         if spec.phash_max_bits >= 0 and ph is not None and e_ph is not None:
-            pi, _, _ = hash_pairs(ph, spec.phash_max_bits, other=e_ph)
-            touched[pi] = True
-    copy_flags = np.concatenate(copies) if copies else None
+            pi, pj, _ = hash_pairs(ph, spec.phash_max_bits, other=e_ph)
+            free = hash_row[pi] < 0
+            pi, first = np.unique(pi[free], return_index=True)  # each pool row's first pair
+            hash_row[pi] = pj[free][first] + offset
+            hash_rule[pi] = "phash"
+        offset += et.num_rows
     copy_report = _merge_copy_reports([p.get("copy_detection") for p in parts])
-    return SimilarityGraph(graph, edges, np.concatenate(top1), touched, ph, copy_flags, copy_report)
+    return SimilarityGraph(
+        graph,
+        edges,
+        np.concatenate(top1),
+        hash_row >= 0,
+        ph,
+        np.concatenate(copies) if copies else None,
+        copy_report,
+        eval_top1_row=np.concatenate(top1_row),
+        hash_row=hash_row,
+        hash_rule=hash_rule,
+        copy_row=np.concatenate(copy_row) if copies else None,
+        copy_error=np.concatenate(copy_err) if copies else None,
+        copy_global_error=np.concatenate(copy_glob) if copies else None,
+    )
 
 
 RULES = ("exact", "phash", "embedding", "contamination")
+# why a row was dropped for contamination, first that applies: its own match of an evaluation image
+# by content hash, perceptual hash, nearest-evaluation cosine or verified pixel copy, else "group"
+# (a member of its duplicate group touched an evaluation set)
+CONTAMINATION_RULES = ("exact", "phash", "cosine", "copy", "group")
+
+
+def touch_rules(spec: DedupSpec, sim: SimilarityGraph):
+    """object [n]: the rule by which each pool row itself touches an evaluation set ("" none)."""
+    import numpy as np
+
+    n = len(sim.eval_top1)
+    rule = np.full(n, "", dtype=object)
+    copy = sim.touched_copy if sim.touched_copy is not None else np.zeros(n, bool)
+    hash_rule = sim.hash_rule if sim.hash_rule is not None else np.where(sim.touched_hash, "exact", "")
+    for name, hit in (
+        ("copy", copy),
+        ("cosine", sim.eval_top1 > spec.decontam_threshold_cos),
+        ("phash", sim.touched_hash & (hash_rule == "phash")),
+        ("exact", sim.touched_hash & (hash_rule != "phash")),
+    ):  # the strongest written last
+        rule[hit] = name
+    return rule
 
 
 def decide(spec: DedupSpec, table, sim: SimilarityGraph):
@@ -560,9 +672,7 @@ def decide(spec: DedupSpec, table, sim: SimilarityGraph):
     q, nb, _ = sim.graph.above(spec.threshold_cos)
     edges["embedding"] = (q, nb)
     # decontamination: a pool image touches an eval set by hash, by its nearest eval cosine, or as a copy
-    touched = sim.touched_hash | (sim.eval_top1 > spec.decontam_threshold_cos)
-    if sim.touched_copy is not None:
-        touched |= sim.touched_copy
+    touched = touch_rules(spec, sim) != ""
     area = np.asarray(table.column("width").to_numpy(zero_copy_only=False), np.int64) * np.asarray(
         table.column("height").to_numpy(zero_copy_only=False), np.int64
     )
@@ -607,8 +717,42 @@ def _write_kept(spec: DedupSpec, store, table, meta, phash, out) -> tuple[str, s
     return manifest_uri, emb_out
 
 
-def _write_groups(spec: DedupSpec, store, table, out) -> str:
-    """Every row in a multi-image group or dropped for contamination, with its representative."""
+def contamination_evidence(spec: DedupSpec, out, sim: SimilarityGraph) -> dict:
+    """Per pool row, why it was dropped for contamination and against what (row-aligned arrays):
+    ``rule`` (a ``CONTAMINATION_RULES`` name, "" when not dropped for contamination), ``toucher``
+    (the row whose own match dropped it: itself, or for "group" the first touching row of its
+    group), ``eval_row`` (the evaluation image the toucher's rule matched, a row of the evaluation
+    sets concatenated; -1 none)."""
+    import numpy as np
+
+    n = len(out.labels)
+    own = touch_rules(spec, sim)
+    dropped = out.reason == "contamination"
+    first_toucher = np.full(out.n_components, -1, np.int64)
+    t = np.flatnonzero(own != "")
+    lab, first = np.unique(out.labels[t], return_index=True)
+    first_toucher[lab] = t[first]  # each group's earliest touching row
+    toucher = np.where(own != "", np.arange(n), first_toucher[out.labels])
+    toucher = np.where(dropped, toucher, -1)
+    rule = np.where(dropped, np.where(own != "", own, "group"), "").astype(object)
+
+    def rows_of(a):
+        return np.full(n, -1, np.int64) if a is None else np.asarray(a, np.int64)
+
+    match = {"exact": rows_of(sim.hash_row), "phash": rows_of(sim.hash_row)}
+    match |= {"cosine": rows_of(sim.eval_top1_row), "copy": rows_of(sim.copy_row)}
+    eval_row = np.full(n, -1, np.int64)
+    has = toucher >= 0
+    for name, rows in match.items():
+        m = has & (own[np.maximum(toucher, 0)] == name)
+        eval_row[m] = rows[toucher[m]]
+    return {"rule": rule, "toucher": toucher, "eval_row": eval_row}
+
+
+def _write_groups(spec: DedupSpec, store, table, out, sim: SimilarityGraph, evals) -> str:
+    """Every row in a multi-image group or dropped for contamination, with its representative; a
+    contamination row also with its rule, the evaluation image matched and the similarities, so a
+    person can look at each pair (``contamination_evidence``)."""
     import io
 
     import numpy as np
@@ -617,12 +761,35 @@ def _write_groups(spec: DedupSpec, store, table, out) -> str:
 
     keys = np.asarray(table.column("key").to_pylist(), dtype=object)
     listed = np.flatnonzero((np.bincount(out.labels)[out.labels] > 1) | (out.reason == "contamination"))
+    ev = contamination_evidence(spec, out, sim)
+    eval_keys = np.asarray(
+        [k for et, _ in evals for k in et.column("key").to_pylist()] + [""], dtype=object
+    )  # row -1 reads the trailing ""
+    eval_sets = np.asarray(
+        [mu for (et, _), mu in zip(evals, spec.eval_manifest_uris, strict=True) for _ in range(et.num_rows)]
+        + [""],
+        dtype=object,
+    )
+    er, toucher = ev["eval_row"][listed], ev["toucher"][listed]
+
+    def errors(a):
+        return np.asarray(a[listed] if a is not None else np.full(len(listed), np.inf), np.float32)
+
     groups = pa.table(
         {
             "key": keys[listed].tolist(),
             "group": out.labels[listed],
             "representative": [keys[r] if r >= 0 else "" for r in out.representative[listed]],
             "reason": out.reason[listed].tolist(),
+            "contamination_rule": ev["rule"][listed].tolist(),
+            "touched_by": [keys[t] if t >= 0 else "" for t in toucher],
+            "eval_manifest": eval_sets[er].tolist(),
+            "eval_key": eval_keys[er].tolist(),
+            # the row's own nearest-evaluation cosine, and its best copy-detection errors (inf: none):
+            # robust (geometric/occluder, a copy at <= max_error) and global edit (<= global_max_error)
+            "eval_cos": np.asarray(sim.eval_top1[listed], np.float32),
+            "copy_error": errors(sim.copy_error),
+            "copy_global_error": errors(sim.copy_global_error),
         }
     )
     buf = io.BytesIO()
@@ -654,6 +821,9 @@ def build_report(spec: DedupSpec, table, out, sim: SimilarityGraph) -> dict:
         "components": out.n_components,
         "duplicate_groups": int((np.bincount(out.labels) > 1).sum()),
         "removed_per_rule": removed,
+        "contamination_per_rule": {
+            r: int((contamination_evidence(spec, out, sim)["rule"] == r).sum()) for r in CONTAMINATION_RULES
+        },
         "edges_per_rule": out.edges_per_rule,
         "per_source": per_source,
         "index": {
@@ -692,7 +862,7 @@ def run(spec: DedupSpec, store) -> DedupResult:
         _fanout.discard(store, spec)  # a refused run leaves nothing behind
         raise
     manifest_uri, emb_out = _write_kept(spec, store, table, meta, sim.phash, out)
-    groups_uri = _write_groups(spec, store, table, out)
+    groups_uri = _write_groups(spec, store, table, out, sim, evals)
     report = build_report(spec, table, out, sim)
     report_uri = spec.out("report.json")
     store.put_json(report_uri, report)
