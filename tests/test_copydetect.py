@@ -127,3 +127,43 @@ def test_coarse_index_grid_is_covered_by_verification_neighbourhoods():
     nb, counts = cd.neighbour_lists(coarse, fine, p.refine_deg, p.index_crop_step - 1)
     assert set(nb.ravel().tolist()) == set(range(len(fine)))  # every 1 px crop is verified somewhere
     assert counts.max() == 27 and counts[:2].tolist() == [1, 1]  # 3 sides x 3 x 3 offsets; identity, flip
+
+
+def _global_edits(img: np.ndarray) -> dict[str, np.ndarray]:
+    import io
+
+    from PIL import Image, ImageFilter
+
+    im = Image.fromarray(img)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=40)
+    return {
+        "blur": np.array(im.filter(ImageFilter.GaussianBlur(1.0))),
+        "jpeg": np.array(Image.open(io.BytesIO(buf.getvalue())).convert("L")),
+        "brightness": np.clip(img * 0.8 + 20, 0, 255).astype(np.uint8),
+    }
+
+
+def test_global_edits_are_copies_and_distinct_images_are_not(fm):
+    from dataclasses import replace
+
+    x, _ = fm
+    evals = x[:300]
+    srcs = np.random.default_rng(1).choice(300, 9, replace=False)
+    edits = [
+        (s, v)
+        for s, kind in zip(srcs, ("blur", "jpeg", "brightness") * 3, strict=True)
+        for v in [_global_edits(evals[s])[kind]]
+    ]
+    pool = np.concatenate([np.stack([v for _, v in edits]), x[300:600]])  # 300 distinct test images
+    p = cd.CopyDetectParams()
+    assert p.global_max_error == 0  # off unless set (the dedup stage's spec sets it)
+    on = cd.detect_copies(pool, evals, replace(p, global_max_error=0.012))
+    n = len(edits)
+    assert on.is_copy[:n].all(), on.global_error[:n]
+    assert (on.eval_row[:n] == srcs).all()
+    assert not on.is_copy[n:].any() and np.sort(on.global_error[n:])[0] > 0.012
+    assert on.alignment_counts()["global"] >= 3  # the blurred copies have no geometric alignment
+    off = cd.detect_copies(pool, evals, p)
+    assert off.alignment_counts()["global"] == 0 and not np.isfinite(off.global_error).any()
+    assert not off.is_copy[:n].all()  # a 1 px blur is beyond the geometric verification

@@ -85,6 +85,10 @@ class CopyDetectParams:
     max_error: float = 0.008
     min_contrast: float = 8.0  # pool images flatter than this (grey-level std) are never copies
     chunk: int = 2048  # candidates verified per batch
+    # global edits (blur, JPEG, brightness): 0 = off; see global_error
+    global_max_error: float = 0.0
+    blur_sigmas: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    lowpass_sigma: float = 0.7
 
 
 @dataclass
@@ -297,6 +301,83 @@ def robust_error(pool, views, occluder: tuple[int, int], min_contrast: float, mi
     return torch.where(flat, torch.full_like(err, float("inf")), err)
 
 
+def gaussian_blur(images, sigma: float):
+    """float [B, H, W] images blurred by a separable Gaussian of ``sigma`` px (edges replicated)."""
+    import torch
+
+    if sigma <= 0:
+        return images
+    r = max(1, int(np.ceil(3 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=images.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma * sigma))
+    k = k / k.sum()
+    x = torch.nn.functional.pad(images[:, None], (r, r, r, r), mode="replicate")
+    x = torch.nn.functional.conv2d(x, k.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1))[:, 0]
+
+
+def _unit_lowpass(images, sigma: float):
+    """float [B, H, W] -> [B, H*W]: blurred by ``sigma``, centred and scaled to unit norm (so a dot
+    product is a pixel correlation). Flat images stay ~0."""
+    x = gaussian_blur(images, sigma).flatten(1)
+    x = x - x.mean(1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def global_views(evals, p: CopyDetectParams):
+    """float [E, 2 * len(blur_sigmas), px*px]: each evaluation image and its mirror blurred by each of
+    ``blur_sigmas`` and then by ``lowpass_sigma`` (one Gaussian of the summed variances), unit-norm."""
+    import torch
+
+    out = []
+    for sigma in p.blur_sigmas:
+        v = _unit_lowpass(evals, float(np.hypot(sigma, p.lowpass_sigma)))
+        out += [v, v.view(evals.shape).flip(-1).flatten(1)]
+    return torch.stack(out, 1)
+
+
+def global_error(pool, evals, p: CopyDetectParams, views=None):
+    """Error of the best global edit: float [B, px, px] pool images and their candidate evaluation
+    images -> [B]. The evaluation image (or its mirror) is blurred by each of ``blur_sigmas``, both
+    images are low-passed by ``lowpass_sigma`` (which flattens JPEG blocking and resampling noise,
+    not shapes), and the pool image is fitted as ``a * view + b`` (``a >= 0``): the smallest mean
+    squared residual over the pool image's variance, i.e. ``1 - max(0, correlation)**2`` of the best
+    view. Blurred, recompressed and re-exposed copies score low; two distinct garments of one class
+    differ along their outline and score high. Flat images score inf. ``views``: the candidates'
+    ``global_views``, when already computed."""
+    import torch
+
+    views = global_views(evals, p) if views is None else views
+    corr = torch.einsum("bd,bvd->bv", _unit_lowpass(pool, p.lowpass_sigma), views).amax(1)
+    err = 1 - corr.clamp(0, 1) ** 2
+    flat = (pool.flatten(1).std(1) < p.min_contrast) | (evals.flatten(1).std(1) < p.min_contrast)
+    return torch.where(flat, torch.full_like(err, float("inf")), err)
+
+
+def verify_global(pool, evals, cand: Candidates, p: CopyDetectParams) -> np.ndarray:
+    """``global_error`` of every candidate pair (float32 [C]; inf when ``global_max_error`` is 0).
+    Evaluation images are rendered once per chunk of ``chunk`` distinct rows."""
+    import torch
+
+    err = np.full(len(cand.pool_row), np.inf, np.float32)
+    if p.global_max_error <= 0 or not len(err):
+        return err
+    pairs, inv = np.unique(np.stack([cand.eval_row, cand.pool_row], 1), axis=0, return_inverse=True)
+    got = np.empty(len(pairs), np.float32)
+    rows = np.unique(pairs[:, 0])
+    for s in range(0, len(rows), p.chunk):
+        chunk = rows[s : s + p.chunk]
+        views = global_views(evals[torch.from_numpy(chunk)], p)
+        lo, hi = np.searchsorted(pairs[:, 0], [chunk[0], chunk[-1] + 1])
+        for b in range(lo, hi, p.chunk):
+            sl = pairs[b : min(hi, b + p.chunk)]
+            at = torch.from_numpy(np.searchsorted(chunk, sl[:, 0]))
+            got[b : b + len(sl)] = global_error(
+                pool[torch.from_numpy(sl[:, 1])], evals[torch.from_numpy(sl[:, 0])], p, views[at]
+            ).numpy()
+    return got[inv.ravel()]
+
+
 @dataclass
 class Candidates:
     pool_row: np.ndarray  # int64 [C]
@@ -483,18 +564,23 @@ class CopyMatches:
     """Per pool row: the best verified evaluation match."""
 
     error: np.ndarray  # float32 [n_pool]: robust error of the best candidate (inf: none)
-    eval_row: np.ndarray  # int64 [n_pool]: its evaluation row (-1: none)
-    alignment: np.ndarray  # int64 [n_pool]: its alignment (-1: none)
-    is_copy: np.ndarray  # bool [n_pool]: error <= max_error
+    eval_row: (
+        np.ndarray
+    )  # int64 [n_pool]: the evaluation row matched (-1: none); for a copy, the one verified
+    alignment: np.ndarray  # int64 [n_pool]: its alignment (-1: none or a global edit)
+    is_copy: np.ndarray  # bool [n_pool]: error <= max_error or global_error <= global_max_error
     n_candidates: int
     seconds: dict[str, float]
     grid: Alignments
     index_reason: str = ""
+    global_error: np.ndarray | None = None  # float32 [n_pool]: best global-edit error (inf: none/off)
 
     def alignment_counts(self) -> dict[str, int]:
-        """Copies per alignment kind (identity, flip, crop, rotate)."""
-        kinds = self.grid.params[self.alignment[self.is_copy], 0]
-        return {KIND_NAMES[k]: int((kinds == k).sum()) for k in range(len(KIND_NAMES))}
+        """Copies per alignment kind (identity, flip, crop, rotate; "global": a global edit only)."""
+        geo = self.is_copy & (self.alignment >= 0)
+        kinds = self.grid.params[self.alignment[geo], 0]
+        out = {KIND_NAMES[k]: int((kinds == k).sum()) for k in range(len(KIND_NAMES))}
+        return {**out, "global": int((self.is_copy & ~geo).sum())}
 
 
 def detect_copies(pool: np.ndarray, evals: np.ndarray, p: CopyDetectParams | None = None) -> CopyMatches:
@@ -525,19 +611,26 @@ def detect_copies(pool: np.ndarray, evals: np.ndarray, p: CopyDetectParams | Non
         t1 - t0,
     )
     err, arg = verify(pool_t, eval_t, cand, p, grid, igrid)
+    g_err = verify_global(pool_t, eval_t, cand, p)
     t2 = time.perf_counter()
     n = len(pool)
-    best_err = np.full(n, np.inf, np.float32)
-    best_row = np.full(n, -1, np.int64)
-    best_al = np.full(n, -1, np.int64)
-    if len(err):
-        order = np.lexsort((err, cand.pool_row))
-        first = np.r_[True, cand.pool_row[order][1:] != cand.pool_row[order][:-1]]
-        pick = order[first]
-        best_err[cand.pool_row[pick]] = err[pick]
-        best_row[cand.pool_row[pick]] = cand.eval_row[pick]
-        best_al[cand.pool_row[pick]] = arg[pick]
-    is_copy = best_err <= p.max_error
+
+    def best_of(e):  # per pool row: the smallest error over its candidates and that candidate
+        out_e, out_c = np.full(n, np.inf, np.float32), np.full(n, -1, np.int64)
+        if len(e):
+            order = np.lexsort((e, cand.pool_row))
+            pick = order[np.r_[True, cand.pool_row[order][1:] != cand.pool_row[order][:-1]]]
+            out_e[cand.pool_row[pick]], out_c[cand.pool_row[pick]] = e[pick], pick
+        return out_e, out_c
+
+    best_err, c_geo = best_of(err)
+    best_g, c_glob = best_of(g_err)
+    geometric = best_err <= p.max_error
+    glob = ~geometric & (best_g <= p.global_max_error)
+    c = np.where(glob, c_glob, c_geo)
+    best_row = np.where(c >= 0, cand.eval_row[np.maximum(c, 0)] if len(err) else -1, -1).astype(np.int64)
+    best_al = np.where((c >= 0) & ~glob, arg[np.maximum(c, 0)] if len(err) else -1, -1).astype(np.int64)
+    is_copy = geometric | glob
     log.info(
         "copy detection: verified %d pairs in %.1fs: %d pool images are copies (error <= %g)",
         len(err),
@@ -546,4 +639,4 @@ def detect_copies(pool: np.ndarray, evals: np.ndarray, p: CopyDetectParams | Non
         p.max_error,
     )
     secs = {"candidates": round(t1 - t0, 3), "verify": round(t2 - t1, 3)}
-    return CopyMatches(best_err, best_row, best_al, is_copy, len(err), secs, grid, cand.index_reason)
+    return CopyMatches(best_err, best_row, best_al, is_copy, len(err), secs, grid, cand.index_reason, best_g)
