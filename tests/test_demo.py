@@ -65,6 +65,11 @@ def test_curation_report_accounts_for_every_pool_image(demo_run):
     assert rows["planted duplicates"]["pool"] == pool["planted_copies"]
     # pixel correlation + the pixel copy detection catch most planted test copies at tiny size too
     assert rep["contamination_recall"] >= 0.8 and rep["contamination_precision"] >= 0.8
+    # every false contamination removal is listed with the rule that fired and the test image it matched
+    false = sum(r["removed_contamination"] for k, r in rows.items() if k != "planted test copies")
+    assert sum(rep["false_contamination_per_rule"].values()) == len(rep["false_contamination_pairs"]) == false
+    assert set(rep["false_contamination_per_rule"]) <= {"exact", "phash", "cosine", "copy", "group"}
+    assert all(p["eval_key"] for p in rep["false_contamination_pairs"])
     # retrieval around Fashion-MNIST seeds takes Fashion-MNIST above its share of the pool
     assert rep["retrieved_fashion_mnist_share"] > rep["pool_fashion_mnist_share"]
     text = demo_tools().format_report(rep)

@@ -110,6 +110,10 @@ def curation_report(store: Any, info: dict[str, Any], results: dict[str, dict[st
         }
     clean_fm = (source == "fashion_mnist") & ~contam & ~planted
     wrongly = [keys[i] for i in np.flatnonzero(clean_fm & (reason == "contamination"))]
+    # the rule and the test image of every false contamination removal (groups of older runs lack them)
+    listed = {r["key"]: r for r in groups.to_pylist()}
+    false = [listed[keys[i]] for i in np.flatnonzero(~contam & (reason == "contamination"))]
+    rules = [r.get("contamination_rule", "") or "unrecorded" for r in false]
     return {
         "per_source": per_source,
         "contamination_recall": scores["contamination_recall"],
@@ -119,6 +123,16 @@ def curation_report(store: Any, info: dict[str, Any], results: dict[str, dict[st
         "clean_fashion_mnist_removed_as_contamination": len(wrongly),
         "clean_fashion_mnist_removed_fraction": round(len(wrongly) / max(1, int(clean_fm.sum())), 5),
         "clean_fashion_mnist_removed_keys": wrongly,
+        "false_contamination_per_rule": {r: rules.count(r) for r in sorted(set(rules))},
+        "false_contamination_pairs": [
+            {
+                "key": r["key"],
+                "rule": rule,
+                "eval_key": r.get("eval_key", ""),
+                "touched_by": r.get("touched_by", ""),
+            }
+            for r, rule in zip(false, rules, strict=True)
+        ],
         "retrieved_fashion_mnist_share": round(
             float((source[retrieved] == "fashion_mnist").mean()) if retrieved.any() else 0.0, 4
         ),
@@ -139,7 +153,8 @@ def format_report(rep: dict[str, Any]) -> str:
         f"contamination recall {rep['contamination_recall']:.3f} precision {rep['contamination_precision']:.3f}; "
         f"duplicate recall {rep['dup_recall']:.3f} precision {rep['dup_precision']:.3f}; clean Fashion-MNIST "
         f"removed as contamination {rep['clean_fashion_mnist_removed_as_contamination']} "
-        f"({100 * rep['clean_fashion_mnist_removed_fraction']:.2f} %); retrieved images that are Fashion-MNIST "
+        f"({100 * rep['clean_fashion_mnist_removed_fraction']:.2f} %; false removals by rule "
+        f"{rep.get('false_contamination_per_rule', {})}); retrieved images that are Fashion-MNIST "
         f"{100 * rep['retrieved_fashion_mnist_share']:.1f} % (pool {100 * rep['pool_fashion_mnist_share']:.1f} %)"
     )
     return "\n".join(lines)

@@ -101,6 +101,10 @@ def tiny_arguments(
 DEMO_SPLITS = {"pool_split": "pool", "seed_split": "seed", "eval_split": "test", "probe_split": "train"}
 
 
+# the demo's dedup (also what `dinoflow bench dedup --demo-pool-seed` measures); see demo_arguments
+DEMO_DEDUP = {"k": 16, "threshold_cos": 0.98, "decontam_threshold_cos": 0.99, "phash_decontaminates": False}
+
+
 def demo_arguments(
     paths: dict[str, tuple[Path, Path]],
     output_root: str,
@@ -120,9 +124,12 @@ def demo_arguments(
         "data_version": data_version,
         "ingest_spec": _ingest({"train": paths["train"]}, None, extra=shards, source="demo"),
         "embed_spec": _J({"embedder": "pixels", "batch_size": 1024, "num_workers": 1, "device": "cpu"}),
-        # the pixel descriptor's thresholds measured on the 100k benchmark pool (README, `dinoflow
-        # bench dedup`; not on this pool): Fashion-MNIST neighbours correlate > 0.9
-        "dedup_spec": _J({"k": 16, "threshold_cos": 0.98, "decontam_threshold_cos": 0.98}),
+        # the pixel descriptor's dedup threshold measured on the 100k benchmark pool (README, `dinoflow
+        # bench dedup`): Fashion-MNIST neighbours correlate > 0.9. Decontamination chosen on a seed-1
+        # validation pool (`dinoflow bench dedup --demo-pool-seed 1`): copy detection's geometric and
+        # global-edit verification, a nearest-test cosine of 0.99 (14 px) and no pHash match (64-bit
+        # pHashes of distinct 28 px products collide)
+        "dedup_spec": _J(DEMO_DEDUP),
         "curate_spec": _J({"strategy": "retrieval", "target_size": 40000, "keep_seeds": True}),
         "pretrain_spec": _J({**_demo_preset(), "checkpoint_every_steps": 500}),
         "distill_spec": _J({"students": ["vit_micro_p7_28"], "steps": 300, "batch_size": 128}),

@@ -6,8 +6,9 @@ above ``threshold_cos``). Each duplicate group keeps one image: the largest (pix
 earliest manifest row. Groups are ``star``s by default (every removed image is a direct duplicate
 of the kept one; no chains) or DINOv2's ``connected`` components (see dinoflow.curation.dedup).
 Decontamination: a pool image whose nearest evaluation image is above ``decontam_threshold_cos``
-(or hash-equal to one), or that ``copy_detection`` verifies as an edited copy of one, is dropped
-with its whole duplicate group.
+(or hash-equal to one: sha256, and the perceptual hash unless ``phash_decontaminates`` is off), or
+that ``copy_detection`` verifies as an edited copy of one (geometric/caption alignment, or a global
+blur/JPEG/brightness edit), is dropped with its whole duplicate group.
 
 Why ``copy_detection``: DINOv2 decontaminates with a copy-detection embedding (SSCD) and a cosine
 of 0.45; such an embedding maps crops, rotations and overlaid captions next to their source. The

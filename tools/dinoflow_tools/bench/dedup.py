@@ -14,6 +14,13 @@ Default thresholds per embedder (DINOv2's 0.6/0.45 are for its copy-detection em
   0.97 / 0.95, the best pair of the 100k sweep (dup precision 0.73, recall 0.52; contamination
   precision 0.32, recall 0.63). A short self-supervised run learns semantic similarity, not copy
   detection: at DINOv2's 0.6/0.45 it drops 99,979 of 100,000 images as contamination.
+
+
+``--demo-pool-seed S`` runs the demo's own setting instead (``dinoflow.kfp.configs.DEMO_DEDUP``,
+the embed stage's pixel embedder) on the demo pool generated with seed ``S`` (``dinoflow_tools.
+demo_input``; seed 0 is the demo's, any other a validation pool whose planted copies differ), and
+also reports the clean Fashion-MNIST images removed as contamination and every false removal's
+rule (from ``groups.parquet``).
 """
 
 from __future__ import annotations
@@ -69,6 +76,164 @@ def _sweep(spec, store, gt, keys, pairs):
     return rows
 
 
+def fashion_mnist_sets(store, prefix: str) -> dict:
+    """Fashion-MNIST train (60k, the pool) and test (10k, the evaluation set) as manifests."""
+    import numpy as np
+
+    from dinoflow.data.idx import load_fashion_mnist
+    from dinoflow_tools.pool import _write_set
+
+    if store.exists(f"{prefix}/sets.json"):
+        return store.get_json(f"{prefix}/sets.json")
+    info = {}
+    for name, split in (("pool", "train"), ("eval", "test")):
+        x, y = load_fashion_mnist(split)
+        info[f"{name}_manifest_uri"], _ = _write_set(
+            store, f"{prefix}/{name}", x, ["fashion_mnist"] * len(x), np.asarray(y), split, 10_000
+        )
+    info["size"] = 60_000
+    store.put_json(f"{prefix}/sets.json", info)
+    return info
+
+
+def demo_pool(a) -> None:
+    """The demo's dedup (DEMO_DEDUP, pixel embed stage) on the demo pool of seed ``a.demo_pool_seed``."""
+    import hashlib
+
+    import faiss
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from dinoflow.data.manifest import read_manifest
+    from dinoflow.kfp.configs import DEMO_DEDUP
+    from dinoflow.stages import get_stage
+    from dinoflow_tools.demo_input import DEMO_POOL
+    from dinoflow_tools.pool import generate_pool, read_ground_truth
+    from dinoflow_tools.scoring import ground_truth_arrays, outcome_arrays, score_arrays
+
+    from ._store import bench_store
+
+    torch.set_num_threads(a.threads)
+    faiss.omp_set_num_threads(a.threads)
+    kw = {k: v for k, v in DEMO_POOL.items() if k != "size"}
+    size = a.demo_pool_size or DEMO_POOL["size"]
+    fields = dict(DEMO_DEDUP)
+    for name in ("threshold_cos", "decontam_threshold_cos"):
+        if getattr(a, name) is not None:
+            fields[name] = getattr(a, name)
+    if a.copy_detection == "off":
+        fields["copy_detection"] = {"enabled": False}
+    tag = json.dumps(fields, sort_keys=True)
+    with bench_store() as store:
+        prefix = f"s3://bench-curation/demo-pool-s{a.demo_pool_seed}-{size}"
+        if a.fashion_mnist_train:
+            prefix = "s3://bench-curation/fashion-mnist-train-test"
+            info = fashion_mnist_sets(store, prefix)
+        elif store.exists(f"{prefix}/pool.json"):
+            info = store.get_json(f"{prefix}/pool.json")
+        else:  # the demo's generator and arguments (its arrays cached locally by them)
+            info = generate_pool(store, prefix, size, seed=a.demo_pool_seed, cache=True, **kw)
+        embed = get_stage("embed")
+        emb = {}
+        for name in ("pool", "eval"):
+            spec = {"embedder": "pixels", "batch_size": 1024, "num_workers": 1, "device": "cpu"}
+            spec |= {
+                "output_uri": f"{prefix}/emb-pixels/{name}",
+                "manifest_uri": info[f"{name}_manifest_uri"],
+            }
+            emb[name] = embed.run(embed.parse_spec(spec), store).embeddings_uri
+        stage = get_stage("dedup")
+        spec = stage.parse_spec(
+            {
+                **fields,
+                "output_uri": f"{prefix}/dedup-{hashlib.sha256(tag.encode()).hexdigest()[:10]}",
+                "manifest_uri": info["pool_manifest_uri"],
+                "embeddings_uri": emb["pool"],
+                "eval_manifest_uris": [info["eval_manifest_uri"]],
+                "eval_embeddings_uris": [emb["eval"]],
+            }
+        )
+        res = stage.run(spec, store)
+        report = store.get_json(res.report_uri)
+        keys = read_manifest(store, info["pool_manifest_uri"]).column("key").to_pylist()
+        kept = read_manifest(store, res.manifest_uri).column("key").to_pylist()
+        groups = pq.read_table(io.BytesIO(store.get_bytes(res.groups_uri)))
+        if a.fashion_mnist_train:  # no ground truth: the share removed, and the pairs to look at
+            c = [r for r in groups.to_pylist() if r["reason"] == "contamination"]
+            for r in c[: a.list_pairs]:
+                print(
+                    "pair",
+                    json.dumps({k: r[k] for k in ("key", "contamination_rule", "eval_key", "touched_by")}),
+                )
+            print(
+                json.dumps(
+                    {
+                        "pool": "fashion_mnist_train",
+                        "eval": "fashion_mnist_test",
+                        "dedup_spec": fields,
+                        "train_images": len(keys),
+                        "removed_as_contamination": len(c),
+                        "removed_as_contamination_fraction": round(len(c) / len(keys), 5),
+                        "contamination_per_rule": report["contamination_per_rule"],
+                        "removed_as_duplicate": len(keys) - len(kept) - len(c),
+                        "copy_detection": report["copy_detection"],
+                        "dedup_seconds": res.seconds,
+                    }
+                )
+            )
+            return
+        g = ground_truth_arrays(read_ground_truth(store, info["ground_truth_uri"]), keys)
+    o = outcome_arrays(keys, kept, groups)
+    sc = score_arrays(
+        g["copy_of"], g["transform"], g["contam"], g["source"], o["kept"], o["group"], o["reason"], o["rep"]
+    )
+    rule = dict(
+        zip(groups.column("key").to_pylist(), groups.column("contamination_rule").to_pylist(), strict=True)
+    )
+    dropped = o["reason"] == "contamination"
+    false = dropped & ~g["contam"]
+    clean_fm = (g["source"] == "fashion_mnist") & ~g["contam"] & (g["copy_of"] < 0)
+    false_rules = [rule[keys[i]] for i in np.flatnonzero(false)]
+    print(
+        f"demo pool seed {a.demo_pool_seed}: {info['size']} images {info['per_source']}; dedup {res.seconds}s"
+    )
+    print(f"{'transform':<26}{'count':>7}{'recall':>8}")
+    for t, v in sc["per_transform"].items():
+        print(f"{t:<26}{v['count']:>7}{v.get('copy_recall', v.get('recall')):>8}")
+    print(
+        json.dumps(
+            {
+                "demo_pool_seed": a.demo_pool_seed,
+                "pool_size": info["size"],
+                "dedup_spec": fields,
+                "contamination_recall": sc["contamination_recall"],
+                "contamination_precision": sc["contamination_precision"],
+                "dropped_for_contamination": sc["dropped_for_contamination"],
+                "planted_contamination": sc["planted_contamination"],
+                "false_contamination": int(false.sum()),
+                "false_contamination_per_rule": {r: false_rules.count(r) for r in sorted(set(false_rules))},
+                "false_contamination_planted_duplicates": int((false & (g["copy_of"] >= 0)).sum()),
+                "clean_fashion_mnist": int(clean_fm.sum()),
+                "clean_fashion_mnist_removed_as_contamination": int((false & clean_fm).sum()),
+                "clean_fashion_mnist_removed_fraction": round(
+                    float((false & clean_fm).sum() / max(1, clean_fm.sum())), 5
+                ),
+                "contamination_per_rule": report["contamination_per_rule"],
+                "dup_precision": sc["dup_precision"],
+                "dup_recall": sc["dup_recall"],
+                "contamination_recall_per_transform": {
+                    k.split(":")[1]: v["recall"]
+                    for k, v in sc["per_transform"].items()
+                    if k.startswith("contamination:")
+                },
+                "copy_detection": report["copy_detection"],
+                "dedup_seconds": res.seconds,
+            }
+        )
+    )
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="dinoflow bench dedup", description=__doc__)
     ap.add_argument("--size", type=int, default=100_000)
@@ -96,7 +261,25 @@ def main(argv: list[str]) -> None:
     )
     ap.add_argument("--sweep", default="", help="extra pairs to score, e.g. 0.9:0.9,0.95:0.9")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--demo-pool-seed",
+        type=int,
+        default=None,
+        help="the demo's dedup setting on the demo pool of this seed (0: the demo's own; see the module doc)",
+    )
+    ap.add_argument(
+        "--demo-pool-size", type=int, default=None, help="with --demo-pool-seed (default: the demo's)"
+    )
+    ap.add_argument(
+        "--fashion-mnist-train",
+        action="store_true",
+        help="the demo's setting on Fashion-MNIST train (pool) against test alone: the share removed as contamination",
+    )
+    ap.add_argument("--list-pairs", type=int, default=20, help="with --fashion-mnist-train: removals printed")
     a = ap.parse_args(argv)
+    if a.demo_pool_seed is not None or a.fashion_mnist_train:
+        demo_pool(a)
+        return
     import faiss
     import pyarrow.parquet as pq
     import torch
