@@ -100,9 +100,23 @@ def _arms(store: Any, root: str, m: dict[str, str], seed: int) -> dict[str, str]
     return out
 
 
+def _same_warmups(spec: dict[str, Any], n_images: int) -> None:
+    """Give every arm the same warm-ups in steps: the preset counts the teacher-temperature warm-up
+    and the frozen prototypes in epochs, so the whole pool (more images) would warm up for more of
+    the same number of steps than the curated set. Both become the share of the run they are in the
+    demo (teacher temperature ~30 %, as DINOv2's 30 of 100 epochs; prototypes frozen ~3 %)."""
+    steps_per_epoch = max(1, n_images // spec["batch_size"])
+    spec["dinov2"] = {
+        **spec["dinov2"],
+        "teacher_temp_warmup_epochs": 0.3 * spec["steps"] / steps_per_epoch,
+        "freeze_prototypes_epochs": 0.03 * spec["steps"] / steps_per_epoch,
+    }
+
+
 def main(argv: list[str]) -> None:
     import torch
 
+    from dinoflow.data.manifest import read_manifest
     from dinoflow.stages import get_stage
     from dinoflow_tools.bench._store import bench_store
     from dinoflow_tools.demo_input import write_demo_input
@@ -129,6 +143,7 @@ def main(argv: list[str]) -> None:
                 spec.update(output_uri=f"{root}/pretrain/{arm}-{seed}", manifest_uri=arms[arm], seed=seed)
                 if a.steps:
                     spec.update(steps=a.steps, epochs=None)
+                _same_warmups(spec, read_manifest(store, arms[arm]).num_rows)
                 pt = pretrain.run(pretrain.parse_spec(spec), store)
                 ev = evaluate.run(
                     evaluate.parse_spec(
