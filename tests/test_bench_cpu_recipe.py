@@ -42,3 +42,24 @@ def test_set_rejects_unknown_keys(item, match):
 def test_set_rejects_bad_values():
     with pytest.raises(ValueError, match="batch_size"):
         apply_overrides(get_preset("fashion-mnist-cpu"), ["batch_size=0"])
+
+
+def test_linear_probe_on_frozen_features_separates_fashion_mnist_and_not_shuffled_labels():
+    """The bench's linear figure is the evaluate stage's probe: well above chance on real images, at
+    chance when the labels carry no information (so it is not scoring the labels' order)."""
+    import torch
+
+    from dinoflow.data.idx import load_fashion_mnist
+    from dinoflow.models.backbone import create_backbone
+    from dinoflow_tools.bench.cpu_recipe import linear_top1
+
+    torch.manual_seed(0)
+    x, y = load_fashion_mnist("train")
+    images = torch.from_numpy(x[:1200].copy()).unsqueeze(1)
+    labels = torch.from_numpy(y[:1200].copy()).long()
+    backbone = create_backbone("vit_test_p4_28")
+    acc, cfg = linear_top1(backbone, images[:1000], labels[:1000], images[1000:], labels[1000:])
+    assert acc > 0.25 and cfg  # a random 32-d ViT, 40 probe steps: ~0.33 (chance 0.1)
+    shuffled = labels[:1000][torch.randperm(1000)]
+    acc_shuffled, _ = linear_top1(backbone, images[:1000], shuffled, images[1000:], labels[1000:])
+    assert acc_shuffled < 0.2
