@@ -62,6 +62,18 @@ def test_dedup_reasons_and_decontamination_drops_whole_component():
     assert [g.tolist() for g in out.groups()] == [[0, 1, 2], [3, 4, 5]]
 
 
+@pytest.mark.parametrize("grouping", ["star", "connected"])
+def test_decontamination_spread_self_drops_the_touching_rows_only(grouping):
+    edges = {"exact": (np.array([0]), np.array([1])), "embedding": (np.array([1, 3, 4]), np.array([2, 4, 5]))}
+    out = dedup(7, edges, touched_eval=np.array([4]), grouping=grouping, spread="self")
+    # 4 leaves the graph: 3 and 5 lose their link through it and both stay; 0-1-2 is untouched
+    assert out.reason.tolist()[3:] == ["kept", "contamination", "kept", "kept"]
+    assert out.keep.tolist()[3:] == [True, False, True, True] and out.contaminated_rows == 1
+    assert out.representative[4] == -1 and out.reason[1] == "exact"
+    with pytest.raises(ValueError, match="unknown contamination spread"):
+        dedup(7, edges, touched_eval=np.array([4]), spread="component")
+
+
 def test_index_choice_is_automatic_with_reason():
     small = choose_index(1000, 64, exact_max_pool=5000)
     big = choose_index(200_000, 64, exact_max_pool=5000)

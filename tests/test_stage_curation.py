@@ -124,6 +124,28 @@ def test_dedup_finds_planted_copies_and_decontaminates(store, demo, bucket_uri):
         stage.run(stage.parse_spec(_dedup_spec(demo, bucket_uri, k=8)), store)
 
 
+def test_dedup_on_verified_copies_only_drops_each_copy_alone(store, demo, bucket_uri):
+    """The demo's decontamination: no cosine or pHash rule, verified pixel copies dropped alone."""
+    from dinoflow.data.manifest import read_manifest
+    from dinoflow_tools.pool import read_ground_truth
+    from dinoflow_tools.scoring import score_dedup
+
+    stage = get_stage("dedup")
+    only = {"decontam_threshold_cos": 1.0, "phash_decontaminates": False, "contamination_spread": "self"}
+    res = stage.run(stage.parse_spec(_dedup_spec(demo, bucket_uri, phash_max_bits=2, **only)), store)
+    report = store.get_json(res.report_uri)
+    per_rule = report["contamination_per_rule"]
+    assert per_rule["cosine"] == per_rule["phash"] == per_rule["group"] == 0, per_rule
+    assert per_rule["exact"] + per_rule["copy"] == res.contaminated_count
+    keys = read_manifest(store, demo["pool_manifest_uri"]).column("key").to_pylist()
+    kept = read_manifest(store, res.manifest_uri).column("key").to_pylist()
+    groups = pq.read_table(io.BytesIO(store.get_bytes(res.groups_uri)))
+    sc = score_dedup(read_ground_truth(store, demo["ground_truth_uri"]), keys, kept, groups)
+    # blur, JPEG and brightness copies are verified as global edits, the rest geometrically
+    assert sc["contamination_recall"] == 1.0 and sc["contamination_precision"] >= 0.95, sc
+    assert report["copy_detection"]["per_eval_set"][0]["copies_per_alignment"]["global"] > 0
+
+
 def test_dedup_ivf_path_matches_exact(store, demo, bucket_uri):
     stage = get_stage("dedup")
     off = {"copy_detection": {"enabled": False}}  # the same pixel pass on both: not what is compared

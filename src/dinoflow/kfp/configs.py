@@ -102,7 +102,13 @@ DEMO_SPLITS = {"pool_split": "pool", "seed_split": "seed", "eval_split": "test",
 
 
 # the demo's dedup (also what `dinoflow bench dedup --demo-pool-seed` measures); see demo_arguments
-DEMO_DEDUP = {"k": 16, "threshold_cos": 0.98, "decontam_threshold_cos": 0.99, "phash_decontaminates": False}
+DEMO_DEDUP = {
+    "k": 16,
+    "threshold_cos": 0.98,
+    "decontam_threshold_cos": 1.0,  # off: cosine can never exceed 1
+    "phash_decontaminates": False,
+    "contamination_spread": "self",
+}
 
 
 def demo_arguments(
@@ -126,9 +132,10 @@ def demo_arguments(
         "embed_spec": _J({"embedder": "pixels", "batch_size": 1024, "num_workers": 1, "device": "cpu"}),
         # the pixel descriptor's dedup threshold measured on the 100k benchmark pool (README, `dinoflow
         # bench dedup`): Fashion-MNIST neighbours correlate > 0.9. Decontamination chosen on a seed-1
-        # validation pool (`dinoflow bench dedup --demo-pool-seed 1`): copy detection's geometric and
-        # global-edit verification, a nearest-test cosine of 0.99 (14 px) and no pHash match (64-bit
-        # pHashes of distinct 28 px products collide)
+        # validation pool (`dinoflow bench dedup --demo-pool-seed 1`) and Fashion-MNIST train vs test
+        # (`--fashion-mnist-train`): only exact and verified pixel copies (copy detection's geometric
+        # and global-edit checks), each dropped alone; no pixel-cosine or pHash rule (distinct 28 px
+        # products exceed any usable 14 px correlation, and their 64-bit pHashes collide)
         "dedup_spec": _J(DEMO_DEDUP),
         "curate_spec": _J({"strategy": "retrieval", "target_size": 40000, "keep_seeds": True}),
         "pretrain_spec": _J({**_demo_preset(), "checkpoint_every_steps": 500}),
