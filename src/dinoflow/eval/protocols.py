@@ -60,16 +60,12 @@ def knn_metrics(knn: KnnResult) -> dict[str, float]:
     return out
 
 
-def run_protocols(
+def linear_from_params(
     train: FeatureSet, test: FeatureSet, num_classes: int, params: ProtocolParams = ProtocolParams()
-) -> ProtocolResults:
-    """k-NN on CLS features, a linear probe and an L2 logistic regression, all selected on held-out
-    TRAIN and scored once on TEST."""
+) -> LinearReport:
+    """The linear probe alone, with ``params``' search (selected on held-out TRAIN, TEST scored once)."""
     p = params
-    knn = knn_classify(
-        train.cls, train.labels, test.cls, test.labels, list(p.knn_k), p.knn_temperature, num_classes
-    )
-    lin = linear_protocol(
+    return linear_protocol(
         train,
         test,
         lrs=list(p.linear_lrs),
@@ -79,6 +75,18 @@ def run_protocols(
         seed=p.seed,
         num_classes=num_classes,
     )
+
+
+def run_protocols(
+    train: FeatureSet, test: FeatureSet, num_classes: int, params: ProtocolParams = ProtocolParams()
+) -> ProtocolResults:
+    """k-NN on CLS features, a linear probe and an L2 logistic regression, all selected on held-out
+    TRAIN and scored once on TEST."""
+    p = params
+    knn = knn_classify(
+        train.cls, train.labels, test.cls, test.labels, list(p.knn_k), p.knn_temperature, num_classes
+    )
+    lin = linear_from_params(train, test, num_classes, p)
     lr = select_logistic_regression(
         train.linear_input(1, train.patch_mean is not None),
         train.labels,

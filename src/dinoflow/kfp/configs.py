@@ -102,6 +102,9 @@ DEMO_SPLITS = {"pool_split": "pool", "seed_split": "seed", "eval_split": "test",
 
 
 # the demo's dedup (also what `dinoflow bench dedup --demo-pool-seed` measures); see demo_arguments
+# The demo's embed stage: the training-free pixel embedder on the CPU.
+DEMO_EMBED = {"embedder": "pixels", "batch_size": 1024, "num_workers": 1, "device": "cpu"}
+
 DEMO_DEDUP = {
     "k": 16,
     "threshold_cos": 0.98,
@@ -129,7 +132,7 @@ def demo_arguments(
         "output_root": output_root,
         "data_version": data_version,
         "ingest_spec": _ingest({"train": paths["train"]}, None, extra=shards, source="demo"),
-        "embed_spec": _J({"embedder": "pixels", "batch_size": 1024, "num_workers": 1, "device": "cpu"}),
+        "embed_spec": _J(DEMO_EMBED),
         # the pixel descriptor's dedup threshold measured on the 100k benchmark pool (README, `dinoflow
         # bench dedup`): Fashion-MNIST neighbours correlate > 0.9. Decontamination chosen on a seed-1
         # validation pool (`dinoflow bench dedup --demo-pool-seed 1`) and Fashion-MNIST train vs test

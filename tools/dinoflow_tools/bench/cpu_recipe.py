@@ -42,21 +42,10 @@ def linear_top1(backbone, train_x, train_y, test_x, test_y) -> tuple[float, str]
     """The evaluate stage's linear probe (DINOv2: the last blocks' CLS tokens with the average-pooled
     patch tokens, learning rate and input chosen on held-out TRAIN, scored once on the queries)."""
     from dinoflow.eval.features import N_LAST_BLOCKS
-    from dinoflow.eval.linear import linear_protocol
-    from dinoflow.eval.protocols import ProtocolParams
+    from dinoflow.eval.protocols import linear_from_params
 
-    p = ProtocolParams()
     tr, te = _features(backbone, train_x, train_y, test_x, test_y, n_last_blocks=N_LAST_BLOCKS)
-    rep = linear_protocol(
-        tr,
-        te,
-        lrs=list(p.linear_lrs),
-        epochs=p.linear_epochs,
-        batch_size=p.linear_batch_size,
-        heldout_fraction=p.heldout_fraction,
-        seed=p.seed,
-        num_classes=10,
-    )
+    rep = linear_from_params(tr, te, num_classes=10)
     return rep.test_top1, rep.selection.best.name
 
 

@@ -106,7 +106,7 @@ def demo_pool(a) -> None:
     import torch
 
     from dinoflow.data.manifest import read_manifest
-    from dinoflow.kfp.configs import DEMO_DEDUP
+    from dinoflow.kfp.configs import DEMO_DEDUP, DEMO_EMBED
     from dinoflow.stages import get_stage
     from dinoflow_tools.demo_input import DEMO_POOL
     from dinoflow_tools.pool import generate_pool, read_ground_truth
@@ -137,8 +137,8 @@ def demo_pool(a) -> None:
         embed = get_stage("embed")
         emb = {}
         for name in ("pool", "eval"):
-            spec = {"embedder": "pixels", "batch_size": 1024, "num_workers": 1, "device": "cpu"}
-            spec |= {
+            spec = {
+                **DEMO_EMBED,
                 "output_uri": f"{prefix}/emb-pixels/{name}",
                 "manifest_uri": info[f"{name}_manifest_uri"],
             }
