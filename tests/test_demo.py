@@ -99,3 +99,31 @@ def test_the_pool_arrays_are_cached_by_their_arguments(tmp_path, monkeypatch):
     monkeypatch.setattr(pool_mod, "build_pool_arrays", build)
     pool_mod.cached_pool_arrays(300, **{**kw, "contamination": 5})  # other arguments: another file
     assert len(list((tmp_path / "curation").glob("pool-300-*.npz"))) == 2
+
+
+def test_pretrain_steps_replaces_only_the_presets_step_count():
+    """``dinoflow demo --pretrain-steps N`` (the README's frontier): the DEMO preset with N steps."""
+    from dinoflow.train.presets import DEMO
+
+    shards = {"pool": ["s3://b/pool-000000.tar"], "seed": [], "test": []}
+    base = json.loads(
+        demo_arguments(fashion_mnist_paths(), "s3://b/runs", "v", shards=shards)["pretrain_spec"]
+    )
+    longer = json.loads(
+        demo_arguments(fashion_mnist_paths(), "s3://b/runs", "v", shards=shards, pretrain_steps=3600)[
+            "pretrain_spec"
+        ]
+    )
+    assert base["steps"] == DEMO["steps"] == 1800 and longer["steps"] == 3600
+    assert {k: v for k, v in longer.items() if k != "steps"} == {
+        k: v for k, v in base.items() if k != "steps"
+    }
+
+
+def test_demo_refuses_a_step_count_below_one():
+    from typer.testing import CliRunner
+
+    from dinoflow.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--pretrain-steps", "0"])
+    assert res.exit_code == 2 and "pretrain-steps" in res.output

@@ -211,6 +211,7 @@ def run_demo(
     out_dir: str | os.PathLike[str] | None = None,
     arguments: dict[str, Any] | None = None,
     containers: bool = False,
+    pretrain_steps: int | None = None,
 ) -> dict[str, Any]:
     from dinoflow.data.idx import fashion_mnist_paths
     from dinoflow.kfp import GPU_IMAGE, IMAGE
@@ -251,6 +252,7 @@ def run_demo(
                 "s3://dinoflow-demo/runs",
                 f"demo-{int(time.time())}",
                 shards=pool["splits"],
+                pretrain_steps=pretrain_steps,
             )
         runner = None
         where = "kfp.local"

@@ -120,9 +120,12 @@ def demo_arguments(
     data_version: str = "demo",
     *,
     shards: dict[str, list[str]],
+    pretrain_steps: int | None = None,
 ) -> dict[str, Any]:
     """``dinoflow demo``: the DINOv2 story on 2 CPU cores, on the mixed pool of
     ``dinoflow_tools.demo_input`` (``shards``: its pool, seed and test splits).
+    ``pretrain_steps`` replaces the DEMO preset's 1,800 steps (the README's frontier of k-NN
+    against demo minutes).
 
     The first generation's embedder is the training-free pixel one (a pool no model has seen);
     dedup removes planted copies and decontaminates against the test images with its thresholds
@@ -141,7 +144,13 @@ def demo_arguments(
         # products exceed any usable 14 px correlation, and their 64-bit pHashes collide)
         "dedup_spec": _J(DEMO_DEDUP),
         "curate_spec": _J({"strategy": "retrieval", "target_size": 40000, "keep_seeds": True}),
-        "pretrain_spec": _J({**_demo_preset(), "checkpoint_every_steps": 500}),
+        "pretrain_spec": _J(
+            {
+                **_demo_preset(),
+                "checkpoint_every_steps": 500,
+                **({"steps": pretrain_steps} if pretrain_steps else {}),
+            }
+        ),
         "distill_spec": _J({"students": ["vit_micro_p7_28"], "steps": 300, "batch_size": 128}),
         "evaluate_spec": _J(
             {"knn_k": [20], "linear_lrs": [0.03, 0.1], "linear_epochs": 5, "logreg_cs": [1.0]}
