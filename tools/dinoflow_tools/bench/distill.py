@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher", default="vit_mini_p4_28", help="teacher backbone (default 128-d, 4 blocks)")
     p.add_argument("--teacher-steps", type=int, default=600)
     p.add_argument("--teacher-uri", default=None, help="reuse an exported dinov2 teacher (skips step 1)")
+    p.add_argument(
+        "--teacher-demo",
+        default=None,
+        metavar="DEMO_OUT",
+        help="the teacher of a finished `dinoflow demo --out DEMO_OUT` (its store is started for the run)",
+    )
     p.add_argument("--student", default="vit_test_p4_28", help="student backbone (default 32-d, 2 blocks)")
     p.add_argument(
         "--student-steps", type=int, default=400, help="steps for the distilled AND the scratch student"
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.teacher_demo and a.teacher_uri:
+        p.error("--teacher-demo and --teacher-uri both name the teacher: pass one")
 
     import torch
 
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     from dinoflow.models import create_backbone, get_entry, load_backbone
     from dinoflow.train.presets import get_preset
     from dinoflow.train.trainer import train
-    from dinoflow_tools.bench._store import bench_store
+    from dinoflow_tools.bench._store import bench_store, demo_teacher_store
 
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(a.seed)
@@ -117,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     stack = contextlib.ExitStack()
-    store = stack.enter_context(bench_store())
+    if a.teacher_demo:
+        store, a.teacher_uri = stack.enter_context(demo_teacher_store(a.teacher_demo))
+    else:
+        store = stack.enter_context(bench_store())
     root = f"s3://bench-distill/{int(time.time())}"
     rows: dict[str, dict[str, Any]] = {}
     try:
