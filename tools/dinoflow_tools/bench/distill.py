@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                 "raw_pixels_knn_top1": rows["raw pixels"]["knn_top1"],
                 "raw_pixels_linear_top1": rows["raw pixels"]["linear_top1"],
                 "teacher_backbone": rows["teacher"]["backbone"],
+                "teacher_uri": a.teacher_uri,  # None: pretrained in this run (teacher_steps)
                 "student_backbone": a.student,
                 "teacher_steps": rows["teacher"]["steps"],
                 "student_steps": a.student_steps,
