@@ -101,10 +101,10 @@ def tiny_arguments(
 DEMO_SPLITS = {"pool_split": "pool", "seed_split": "seed", "eval_split": "test", "probe_split": "train"}
 
 
-# the demo's dedup (also what `dinoflow bench dedup --demo-pool-seed` measures); see demo_arguments
 # The demo's embed stage: the training-free pixel embedder on the CPU.
 DEMO_EMBED = {"embedder": "pixels", "batch_size": 1024, "num_workers": 1, "device": "cpu"}
 
+# the demo's dedup (also what `dinoflow bench dedup --demo-pool-seed` measures); see demo_arguments
 DEMO_DEDUP = {
     "k": 16,
     "threshold_cos": 0.98,
