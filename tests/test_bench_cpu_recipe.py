@@ -39,6 +39,28 @@ def test_set_rejects_unknown_keys(item, match):
         apply_overrides(get_preset("fashion-mnist-cpu"), [item])
 
 
+@pytest.mark.parametrize("preset", ["fashion-mnist-cpu", "demo"])
+def test_presets_hold_the_teacher_temperature_and_a_set_restores_dinov2s_rise(preset):
+    """The CPU and demo presets keep DINOv2's warm-up start (0.04) for the whole run (chosen on
+    validation images, presets.py); ``--set dinov2.teacher_temp_end=0.07`` gives DINOv2's linear rise."""
+    from dinoflow.methods.base import StepState
+    from dinoflow.train.trainer import build_method
+
+    cfg = get_preset(preset)
+    n, per_epoch = cfg.total_steps(60000), 60000 // cfg.batch_size
+    held = build_method(cfg)
+    temps = [
+        held.teacher_temp(StepState(step=s, max_steps=n, steps_per_epoch=per_epoch))
+        for s in (0, n // 2, n - 1)
+    ]
+    assert temps == pytest.approx([0.04, 0.04, 0.04])
+    rise = build_method(apply_overrides(cfg, ["dinov2.teacher_temp_end=0.07"]))
+    warm = round(cfg.dinov2.teacher_temp_warmup_epochs * per_epoch)
+    at = lambda s: rise.teacher_temp(StepState(step=s, max_steps=n, steps_per_epoch=per_epoch))  # noqa: E731
+    assert at(0) == pytest.approx(0.04) and at(warm // 2) == pytest.approx(0.055, abs=1e-3)
+    assert at(warm) == pytest.approx(0.07) and at(n - 1) == pytest.approx(0.07)
+
+
 def test_set_rejects_bad_values():
     with pytest.raises(ValueError, match="batch_size"):
         apply_overrides(get_preset("fashion-mnist-cpu"), ["batch_size=0"])

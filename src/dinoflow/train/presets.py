@@ -41,15 +41,25 @@ _FMNIST_CPU_CROPS = {
 # <= 60 min on 2 CPU cores (training ~4 steps/s, + k-NN evaluation), Fashion-MNIST 60k train images.
 # One-epoch sweeps (README, "CPU recipe") chose: batch 64 (4x the optimizer steps of batch 256 for
 # the same compute), a faster teacher (momentum from 0.95; DINOv2 starts at 0.992 for 100+ epochs),
-# twice DINOv2's lr_per_1024.
+# twice DINOv2's lr_per_1024. The teacher temperature stays at DINOv2's warm-up start, 0.04 (DINOv2
+# rises to 0.07 over its first 30 of 100 epochs): chosen on validation images at the demo's shorter
+# schedules (GPU sweep, README "The GPU validation sweep": +0.019 at 1,800 steps over 3 seeds, +0.015
+# at 3,600), before the 12-epoch run on the test images; not yet validated at 12 epochs
+# (`scripts/gpu_sweep.py third` does that where a GPU is lent).
 FASHION_MNIST_CPU: dict[str, Any] = {
     "method": "dinov2",
     # dim 128, 4 blocks, 4x4 tokens: ~3x cheaper per image than vit_small_p7_28
     "backbone": "vit_mini_p7_28",
     "batch_size": 64,
     "epochs": 12,
-    # teacher temperature warm-up over 30 % of training, as DINOv2's 30 of 100 epochs
-    "dinov2": {**_SMALL_HEAD, "teacher_temp_warmup_epochs": 3.6, "momentum_start": 0.95},
+    # teacher_temp_warmup_epochs is moot while start == end; 3.6 (30 %) keeps DINOv2's shape for a
+    # --set dinov2.teacher_temp_end=0.07
+    "dinov2": {
+        **_SMALL_HEAD,
+        "teacher_temp_end": 0.04,
+        "teacher_temp_warmup_epochs": 3.6,
+        "momentum_start": 0.95,
+    },
     "crops": _FMNIST_CPU_CROPS,
     "optim": {"lr_per_1024": 0.008, "warmup_steps": 300, "layer_decay": 0.9},
     "checkpoint_every_steps": 1000,
@@ -70,7 +80,6 @@ DEMO: dict[str, Any] = {
     "steps": 1800,
     "dinov2": {
         **FASHION_MNIST_CPU["dinov2"],
-        "teacher_temp_end": 0.04,
         "teacher_temp_warmup_epochs": 0.7,  # moot while start == end; kept for a --set of the end
         "freeze_prototypes_epochs": 0.05,
     },
