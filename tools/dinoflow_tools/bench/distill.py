@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="dinoflow bench distill", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="vit_mini_p4_28", help="teacher backbone (default 128-d, 4 blocks)")
     p.add_argument("--teacher-steps", type=int, default=600)
-    p.add_argument("--teacher-uri", default=None, help="reuse an exported dinov2 teacher (skips step 1)")
-    p.add_argument(
+    which = p.add_mutually_exclusive_group()  # one named teacher at most; argparse refuses both
+    which.add_argument("--teacher-uri", default=None, help="reuse an exported dinov2 teacher (skips step 1)")
+    which.add_argument(
         "--teacher-demo",
         default=None,
         metavar="DEMO_OUT",
@@ -92,8 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.teacher_demo and a.teacher_uri:
-        p.error("--teacher-demo and --teacher-uri both name the teacher: pass one")
 
     import torch
 
