@@ -72,6 +72,60 @@ def test_partitions_on_one_quantizer_give_one_index_result_whatever_their_number
         assert all(set(a) == set(b) for a, b in zip(one[1][untied], i[untied, :11], strict=True))
 
 
+def test_preassigned_search_splits_queries_over_threads_with_the_same_result():
+    """faiss's default parallel mode runs ``search_preassigned`` on one thread (its ``search`` splits
+    the queries before calling it): a dedup part used one core of two. Mode 3 splits them inside;
+    the neighbours must not depend on the number of threads."""
+    import faiss
+
+    x = _clustered()
+    cents = pt.train_coarse(x[::2], 40)
+    plan = pt.CoarsePlan("ivf", x.shape[1], "test", 40, 6, cents)
+    lists = pt.assign(cents, x, 6)[1]
+    index = pt.PartitionIndex(x[:3000], 0, plan, own_lists=lists[:3000, 0])
+    before = faiss.omp_get_max_threads()
+    try:
+        got = {}
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)
+            got[threads] = index.search(x, 11, lists)
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert np.array_equal(got[1][1], got[2][1]) and np.array_equal(got[1][0], got[2][0])
+
+
+@pytest.mark.parametrize("range_pairs", [pt.RANGE_PAIRS, 64 * 2000])
+def test_edges_above_a_threshold_by_range_search_are_the_top_k_searchs(monkeypatch, range_pairs):
+    """Dedup's parts keep each row's k best edges above the threshold by a range search (no top-k
+    heap); merged over the parts they must be the edges above the threshold of the merged top-k,
+    ties (a group of 20 identical rows, more than k) broken by row as the top-k search breaks them,
+    in query blocks of any size (``range_pairs``: 64 queries per call at 2,000 rows a part)."""
+    monkeypatch.setattr(pt, "RANGE_PAIRS", range_pairs)
+    x = _clustered()
+    k, threshold, parts = 11, 0.6, 3
+    cents = pt.train_coarse(x[::2], 40)
+    plan = pt.CoarsePlan("ivf", x.shape[1], "test", 40, 6, cents)
+    lists = pt.assign(cents, x, 6)[1]
+    s, i = _partitioned(x, plan, parts, k + 1, lists)
+    r, c = np.nonzero((s > threshold) & (i >= 0))
+    want = pt.merge_edges(r, i[r, c], s[r, c], k)
+    got = {"range": [], "top-k": []}
+    for p in range(parts):
+        lo, hi = pt.part_range(len(x), parts, p)
+        index = pt.PartitionIndex(x[lo:hi], lo, plan, own_lists=lists[lo:hi, 0])
+        got["range"].append(index.edges_above(x[:2500], 0, threshold, k, lists[:2500]))
+        got["range"].append(index.edges_above(x[2500:], 2500, threshold, k, lists[2500:]))
+        got["top-k"].append(index.edges_above(x, 0, threshold, k))  # no lists: the top-k path
+    assert len(want[0]) > len(x)  # clustered rows have neighbours above 0.6, not only the copies
+    for how, edges in got.items():
+        merged = pt.merge_edges(*(np.concatenate(a) for a in zip(*edges, strict=True)), k)
+        for a, b in zip(merged, want, strict=True):
+            assert np.array_equal(a, b), how
+    # the 20 identical rows: each keeps the k lowest others, at cosine 1
+    q, j, _ = want
+    assert j[q == 100].tolist() == [7, *range(101, 111)]
+
+
 def test_nprobe_is_the_fewest_lists_that_reach_the_recall_target():
     x = _clustered(8000, 32, 300, seed=1)
     cents = pt.train_coarse(x[:6400], 100)

@@ -401,12 +401,11 @@ def search_part(spec: DedupSpec, store, part: int, planned: dict) -> dict:
     qs, js, ss = [], [], []
     for b, (qlo, block) in enumerate(reader.blocks(QUERY_BLOCK_ROWS)):
         probes = _lists(store, spec, qlo, qlo + len(block)) if coarse.kind == "ivf" else None
-        # only edges above threshold_cos are kept: ties below it need not be followed
-        s, i = index.search(_normalized(block, mean), spec.k + 1, probes, min_sim=spec.threshold_cos)
-        r, c = np.nonzero((s > spec.threshold_cos) & (i >= 0))
-        qs.append(r + qlo)
-        js.append(i[r, c])
-        ss.append(s[r, c])
+        # only edges above threshold_cos are kept (each row's k best, merged over the parts later)
+        q, j, s = index.edges_above(_normalized(block, mean), qlo, spec.threshold_cos, spec.k, probes)
+        qs.append(q)
+        js.append(j)
+        ss.append(s)
         log.debug("dedup part %d: query block %d searched", part, b)
     edges = {"q": np.concatenate(qs), "j": np.concatenate(js), "s": np.concatenate(ss).astype(np.float32)}
     for name, a in edges.items():
