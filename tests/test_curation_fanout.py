@@ -94,12 +94,12 @@ def test_preassigned_search_splits_queries_over_threads_with_the_same_result():
     assert np.array_equal(got[1][1], got[2][1]) and np.array_equal(got[1][0], got[2][0])
 
 
-@pytest.mark.parametrize("range_pairs", [pt.RANGE_PAIRS, 64 * 2000])
+@pytest.mark.parametrize("range_pairs", [pt.RANGE_PAIRS, 3000])
 def test_edges_above_a_threshold_by_range_search_are_the_top_k_searchs(monkeypatch, range_pairs):
     """Dedup's parts keep each row's k best edges above the threshold by a range search (no top-k
     heap); merged over the parts they must be the edges above the threshold of the merged top-k,
     ties (a group of 20 identical rows, more than k) broken by row as the top-k search breaks them,
-    in query blocks of any size (``range_pairs``: 64 queries per call at 2,000 rows a part)."""
+    in query blocks of any size (``range_pairs`` 3,000: a few queries per call)."""
     monkeypatch.setattr(pt, "RANGE_PAIRS", range_pairs)
     x = _clustered()
     k, threshold, parts = 11, 0.6, 3
@@ -124,6 +124,18 @@ def test_edges_above_a_threshold_by_range_search_are_the_top_k_searchs(monkeypat
     # the 20 identical rows: each keeps the k lowest others, at cosine 1
     q, j, _ = want
     assert j[q == 100].tolist() == [7, *range(101, 111)]
+
+
+def test_range_blocks_bound_each_blocks_possible_matches():
+    bounds = np.array([5, 5, 5, 30, 1, 1, 1, 1, 2, 0, 0, 7])
+    blocks = pt.range_blocks(bounds, 10, 3)
+    assert blocks[0][0] == 0 and blocks[-1][1] == len(bounds)
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
+    for lo, hi in blocks:
+        assert hi - lo <= 3
+        assert bounds[lo:hi].sum() <= 10 or hi - lo == 1  # a query above the budget goes alone
+    assert (3, 4) in blocks  # the 30
+    assert pt.range_blocks(np.zeros(0, np.int64), 10, 3) == []
 
 
 def test_nprobe_is_the_fewest_lists_that_reach_the_recall_target():

@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 TIE_MARGIN = 8
 TIE_EPS = 1e-6  # cosines this close count as tied (BLAS may round one pair differently by position)
 NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-# a range search call's queries: at most RANGE_PAIRS // partition rows (each query could match every
-# row: 2^25 pairs are 384 MiB of float32 cosines and int64 ids), within RANGE_BLOCK
-RANGE_PAIRS = 1 << 25
-RANGE_BLOCK = (64, 16_384)
+# a range search call's queries: at most RANGE_BLOCK, and together they probe at most RANGE_PAIRS
+# rows of the partition, so even if every probed row matched, the call's result would stay within
+# 2^24 pairs (192 MiB of float32 cosines and int64 ids)
+RANGE_PAIRS = 1 << 24
+RANGE_BLOCK = 16_384
 POINTS_PER_LIST = 64  # coarse quantizer sample: 64 points per list (faiss warns below 39)
 
 
@@ -214,6 +215,7 @@ class PartitionIndex:
                 add_preassigned(index, x, np.ascontiguousarray(own_lists, np.int64), ids)
             else:
                 index.add_with_ids(x, ids)
+            self._list_sizes = np.array([index.invlists.list_size(j) for j in range(plan.nlist)], np.int64)
         if self.on_gpu:
             index = faiss.index_cpu_to_all_gpus(index)
             if plan.kind == "ivf":
@@ -263,8 +265,10 @@ class PartitionIndex:
         An IVF index on the CPU with the queries' lists (``probes``) runs a range search: no top-k
         heap per query and partition (on 4 partitions of 500k rows, top-73 heaps made the search 24 %
         slower than one index over the whole pool; the range search is as fast as that index), in
-        query blocks small enough that even queries matching every row of the partition stay within
-        ``RANGE_PAIRS`` pairs. Otherwise the top-``k`` search (:meth:`search`), cut at ``threshold``."""
+        query blocks whose probed lists hold at most ``RANGE_PAIRS`` rows of this partition (what the
+        block's result could hold at most: a bound that does not depend on the data, unlike the
+        count of matches; see :func:`range_blocks`). Otherwise the top-``k`` search
+        (:meth:`search`), cut at ``threshold``."""
         q = _f32(queries)
         if self.plan.kind != "ivf" or probes is None or self.on_gpu:
             s, i = self.search(q, k + 1, probes, min_sim=threshold)
@@ -272,13 +276,10 @@ class PartitionIndex:
             return merge_edges(r + first_query, i[r, c], s[r, c], k)
         probes = np.ascontiguousarray(probes, np.int64)
         self.index.parallel_mode = 0  # range_search_preassigned splits queries over threads in mode 0
-        step = int(np.clip(RANGE_PAIRS // max(1, self.n), *RANGE_BLOCK))
         found = []
-        for lo in range(0, len(q), step):
+        for lo, hi in range_blocks(self._list_sizes[probes].sum(1), RANGE_PAIRS, RANGE_BLOCK):
             # inner product: faiss returns the rows scoring strictly above the threshold
-            lims, s, i = self.index.range_search_preassigned(
-                q[lo : lo + step], float(threshold), probes[lo : lo + step], None
-            )
+            lims, s, i = self.index.range_search_preassigned(q[lo:hi], float(threshold), probes[lo:hi], None)
             rows = np.repeat(
                 np.arange(first_query + lo, first_query + lo + len(lims) - 1), np.diff(lims.astype(np.int64))
             )
@@ -306,6 +307,21 @@ class PartitionIndex:
                 i = np.where(i >= 0, i + self.first_row, -1)
         # float16-stored unit vectors can score a hair above 1; a cosine is at most 1
         return np.minimum(s, 1.0), i
+
+
+def range_blocks(bounds: np.ndarray, budget: int, max_rows: int) -> list[tuple[int, int]]:
+    """Consecutive ``[lo, hi)`` ranges of queries, each at most ``max_rows`` long and with ``bounds``
+    (each query's most possible matches) summing to at most ``budget``; a query whose own bound is
+    above the budget is a range alone."""
+    ends = np.cumsum(np.asarray(bounds, np.int64))
+    out, lo, n = [], 0, len(ends)
+    while lo < n:
+        before = ends[lo - 1] if lo else 0
+        hi = int(np.searchsorted(ends, before + budget, side="right"))
+        hi = min(max(hi, lo + 1), lo + max_rows, n)
+        out.append((lo, hi))
+        lo = hi
+    return out
 
 
 def _pair_cosines(q: np.ndarray, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
