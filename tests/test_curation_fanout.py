@@ -138,6 +138,42 @@ def test_range_blocks_bound_each_blocks_possible_matches():
     assert pt.range_blocks(np.zeros(0, np.int64), 10, 3) == []
 
 
+def test_list_parts_give_every_list_to_one_part_in_runs_balanced_by_rows():
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 50, 5000) ** 2 // 50  # uneven list sizes; some lists empty
+    owner = pt.list_parts(first, 50, 4)
+    assert owner.shape == (50,) and set(owner.tolist()) == {0, 1, 2, 3}
+    assert np.all(np.diff(owner) >= 0)  # contiguous runs of list ids
+    rows = np.bincount(owner[first], minlength=4)
+    assert rows.sum() == 5000 and rows.max() - rows.min() <= 2 * np.bincount(first).max()
+    assert pt.list_parts(first, 50, 1).tolist() == [0] * 50
+
+
+def test_partitions_owning_whole_lists_give_the_one_index_result():
+    """Dedup's parts own whole lists; a query's probes into other parts' lists are skipped (-1):
+    merged, the partitions give the same top-k and edges as row-range partitions."""
+    x = _clustered()
+    cents = pt.train_coarse(x[::2], 40)
+    plan = pt.CoarsePlan("ivf", x.shape[1], "test", 40, 6, cents)
+    lists = pt.assign(cents, x, 6)[1]
+    want = _partitioned(x, plan, 1, 11, lists)
+    owner = pt.list_parts(lists[:, 0], 40, 3)
+    found, edges = [], []
+    for p in range(3):
+        mine = np.flatnonzero(owner[lists[:, 0]] == p)
+        index = pt.PartitionIndex(x[mine], 0, plan, own_lists=lists[mine, 0], ids=mine)
+        probes = np.where(owner[lists] == p, lists, -1)
+        found.append(index.search(x, 11, probes))
+        edges.append(index.edges_above(x, 0, 0.6, 10, probes))
+    got = pt.merge_topk(found, 11)
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    r, c = np.nonzero((want[0] > 0.6) & (want[1] >= 0))
+    want_edges = pt.merge_edges(r, want[1][r, c], want[0][r, c], 10)
+    merged = pt.merge_edges(*(np.concatenate(a) for a in zip(*edges, strict=True)), 10)
+    for a, b in zip(merged, want_edges, strict=True):
+        assert np.array_equal(a, b)
+
+
 def test_nprobe_is_the_fewest_lists_that_reach_the_recall_target():
     x = _clustered(8000, 32, 300, seed=1)
     cents = pt.train_coarse(x[:6400], 100)

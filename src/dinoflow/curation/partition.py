@@ -1,4 +1,4 @@
-"""k-NN search over a pool split into partitions (row ranges), each searched on its own, results merged.
+"""k-NN search over a pool split into partitions, each searched on its own, results merged.
 
 This is how dedup and retrieval fan out: no task holds the whole pool's index.
 
@@ -17,6 +17,11 @@ This is how dedup and retrieval fan out: no task holds the whole pool's index.
   neighbours are computed by streaming the pool, and the recall of ``nprobe`` lists is the share of
   those neighbours whose own list is among the query's ``nprobe`` nearest (:func:`recall_by_nprobe`,
   exact for an IVF-Flat index); the smallest ``nprobe`` of a ladder that reaches the target wins.
+* **Partitions own rows or lists.** Retrieval's partitions are row ranges; dedup's own whole IVF
+  lists (:func:`list_parts`: contiguous list ids balanced by rows), and a query's probes into other
+  partitions' lists are skipped. Row ranges split every list over every partition, so each query
+  visits its ``nprobe`` lists once per partition, each a fraction as long (at 1M rows and 4
+  partitions: 9.04 s for 16,384 queries against 7.76 s for one index; whole lists 7.74 s).
 * **Edges above a threshold** (dedup): a range search per partition (:meth:`PartitionIndex.edges_above`),
   each query's ``k`` best kept; merged, they are the edges above the threshold of the merged top-k.
 * **Threads.** The CPU top-k search runs in faiss's ``parallel_mode`` 3 (queries split over threads
@@ -182,8 +187,8 @@ def tune_nprobe(
 
 
 class PartitionIndex:
-    """One partition's index: rows ``first_row .. first_row + len(x)`` of the pool, searched for
-    neighbours reported by their pool row."""
+    """One partition's index: rows ``first_row .. first_row + len(x)`` of the pool (or, for IVF, the
+    pool rows ``ids``), searched for neighbours reported by their pool row."""
 
     def __init__(
         self,
@@ -192,6 +197,7 @@ class PartitionIndex:
         plan: CoarsePlan,
         *,
         own_lists: np.ndarray | None = None,
+        ids: np.ndarray | None = None,
         use_gpu: bool | None = None,
     ):
         import faiss
@@ -208,7 +214,10 @@ class PartitionIndex:
             self._quantizer.add(_f32(plan.centroids))
             index = faiss.IndexIVFFlat(self._quantizer, plan.dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
             index.nprobe = plan.nprobe
-            ids = np.arange(self.first_row, self.first_row + len(x), dtype=np.int64)
+            # the rows' pool rows: a row range from first_row, or any rows (partitions owning lists)
+            if ids is None:
+                ids = np.arange(self.first_row, self.first_row + len(x), dtype=np.int64)
+            ids = np.ascontiguousarray(ids, np.int64)
             if own_lists is not None and not self.on_gpu:
                 from faiss.contrib.ivf_tools import add_preassigned
 
@@ -277,7 +286,8 @@ class PartitionIndex:
         probes = np.ascontiguousarray(probes, np.int64)
         self.index.parallel_mode = 0  # range_search_preassigned splits queries over threads in mode 0
         found = []
-        for lo, hi in range_blocks(self._list_sizes[probes].sum(1), RANGE_PAIRS, RANGE_BLOCK):
+        bounds = np.where(probes >= 0, self._list_sizes[np.maximum(probes, 0)], 0).sum(1)
+        for lo, hi in range_blocks(bounds, RANGE_PAIRS, RANGE_BLOCK):
             # inner product: faiss returns the rows scoring strictly above the threshold
             lims, s, i = self.index.range_search_preassigned(q[lo:hi], float(threshold), probes[lo:hi], None)
             rows = np.repeat(
@@ -307,6 +317,18 @@ class PartitionIndex:
                 i = np.where(i >= 0, i + self.first_row, -1)
         # float16-stored unit vectors can score a hair above 1; a cosine is at most 1
         return np.minimum(s, 1.0), i
+
+
+def list_parts(first_lists: np.ndarray, nlist: int, parts: int) -> np.ndarray:
+    """int64 [nlist]: the partition that owns each IVF list, given every pool row's list: contiguous
+    runs of list ids, a list going to the partition its rows' middle falls in, so each partition
+    holds about rows / parts rows (whole lists: a list is never split)."""
+    sizes = np.bincount(np.asarray(first_lists, np.int64), minlength=nlist)[:nlist]
+    ends = np.cumsum(sizes)
+    middle = ends - sizes / 2
+    return np.minimum(
+        (middle * parts // max(int(ends[-1]) if len(ends) else 0, 1)).astype(np.int64), parts - 1
+    )
 
 
 def range_blocks(bounds: np.ndarray, budget: int, max_rows: int) -> list[tuple[int, int]]:

@@ -352,14 +352,28 @@ def _lists(store, spec: DedupSpec, lo: int, hi: int):
     return np.concatenate(parts).astype(np.int64)
 
 
+def _first_lists(store, spec: DedupSpec, n: int):
+    """int64 [n]: every pool row's own (nearest) IVF list, read block by block from the plan."""
+    import numpy as np
+
+    from dinoflow.data.embeddings import get_npy
+
+    out = np.empty(n, np.int64)
+    for b in range(-(-n // QUERY_BLOCK_ROWS)):
+        a = get_npy(store, spec.out("plan", f"lists-{b:06d}.npy"))
+        out[b * QUERY_BLOCK_ROWS : b * QUERY_BLOCK_ROWS + len(a)] = a[:, 0]
+    return out
+
+
 def search_part(spec: DedupSpec, store, part: int, planned: dict) -> dict:
-    """Part ``part``: index its rows of the pool (shared quantizer), search every pool row against
-    them, keep the candidate edges above ``threshold_cos``; its rows' nearest evaluation cosine and
-    copy detection. Writes ``parts/part-NNNNN/*.npy``."""
+    """Part ``part``: index its share of the pool (shared quantizer; for IVF the rows of the whole
+    lists it owns, else its row range), search every pool row against them, keep the candidate edges
+    above ``threshold_cos``; its row range's nearest evaluation cosine and copy detection. Writes
+    ``parts/part-NNNNN/*.npy``."""
     import numpy as np
 
     from dinoflow.curation import knn
-    from dinoflow.curation.partition import PartitionIndex, part_range
+    from dinoflow.curation.partition import PartitionIndex, list_parts, part_range
     from dinoflow.data.embeddings import EmbeddingReader, put_npy, read_embeddings
 
     n = planned["count"]
@@ -394,13 +408,24 @@ def search_part(spec: DedupSpec, store, part: int, planned: dict) -> dict:
         put_npy(store, f"{where}/copy_error.npy", copies.error)
         put_npy(store, f"{where}/copy_global_error.npy", copies.global_error)
     coarse = _fanout.coarse_plan(spec, store, planned)
-    index = PartitionIndex(
-        x, lo, coarse, own_lists=_lists(store, spec, lo, hi)[:, 0] if coarse.kind == "ivf" else None
-    )
+    owner = None
+    if coarse.kind == "ivf":  # the part indexes the rows of the whole lists it owns (list_parts)
+        first = _first_lists(store, spec, n)
+        owner = list_parts(first, coarse.nlist, spec.parts)
+        mine = np.flatnonzero(owner[first] == part)
+        index = PartitionIndex(
+            _normalized(reader.take(mine), mean), 0, coarse, own_lists=first[mine], ids=mine
+        )
+        del first
+    else:
+        index = PartitionIndex(x, lo, coarse)
     del x
     qs, js, ss = [], [], []
     for b, (qlo, block) in enumerate(reader.blocks(QUERY_BLOCK_ROWS)):
-        probes = _lists(store, spec, qlo, qlo + len(block)) if coarse.kind == "ivf" else None
+        probes = None
+        if owner is not None:  # probes into other parts' lists are skipped (-1)
+            probes = _lists(store, spec, qlo, qlo + len(block))
+            probes = np.where(owner[probes] == part, probes, -1)
         # only edges above threshold_cos are kept (each row's k best, merged over the parts later)
         q, j, s = index.edges_above(_normalized(block, mean), qlo, spec.threshold_cos, spec.k, probes)
         qs.append(q)

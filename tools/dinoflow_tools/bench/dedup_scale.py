@@ -133,16 +133,22 @@ def stage_graph_sample(store, spec, planned: dict, x: np.ndarray, rows: np.ndarr
     them), searched for these rows only, merged."""
     from dinoflow.curation import partition as pt
     from dinoflow.stages import _fanout
-    from dinoflow.stages.dedup import _lists
+    from dinoflow.stages.dedup import _first_lists, _lists
 
     coarse = _fanout.coarse_plan(spec, store, planned)
     n, found = len(x), []
-    probes = _lists(store, spec, 0, n)[rows] if coarse.kind == "ivf" else None
+    if coarse.kind == "ivf":  # each part owns whole lists (dedup.search_part)
+        probes = _lists(store, spec, 0, n)[rows]
+        first = _first_lists(store, spec, n)
+        owner = pt.list_parts(first, coarse.nlist, spec.parts)
     for p in range(spec.parts):
-        lo, hi = pt.part_range(n, spec.parts, p)
-        own = _lists(store, spec, lo, hi)[:, 0] if coarse.kind == "ivf" else None
-        index = pt.PartitionIndex(x[lo:hi], lo, coarse, own_lists=own)
-        found.append(index.search(x[rows], k + 1, probes))
+        if coarse.kind == "ivf":
+            mine = np.flatnonzero(owner[first] == p)
+            index = pt.PartitionIndex(x[mine], 0, coarse, own_lists=first[mine], ids=mine)
+            found.append(index.search(x[rows], k + 1, np.where(owner[probes] == p, probes, -1)))
+        else:
+            lo, hi = pt.part_range(n, spec.parts, p)
+            found.append(pt.PartitionIndex(x[lo:hi], lo, coarse).search(x[rows], k + 1))
     _, ids = pt.merge_topk(found, k + 1)
     ids = np.where(ids == rows[:, None], -1, ids)
     return ids
