@@ -326,9 +326,7 @@ def list_parts(first_lists: np.ndarray, nlist: int, parts: int) -> np.ndarray:
     sizes = np.bincount(np.asarray(first_lists, np.int64), minlength=nlist)[:nlist]
     ends = np.cumsum(sizes)
     middle = ends - sizes / 2
-    return np.minimum(
-        (middle * parts // max(int(ends[-1]) if len(ends) else 0, 1)).astype(np.int64), parts - 1
-    )
+    return np.minimum((middle * parts // max(int(ends[-1]), 1)).astype(np.int64), parts - 1)
 
 
 def range_blocks(bounds: np.ndarray, budget: int, max_rows: int) -> list[tuple[int, int]]:
