@@ -174,6 +174,44 @@ def test_partitions_owning_whole_lists_give_the_one_index_result():
         assert np.array_equal(a, b)
 
 
+def test_tune_ivf_climbs_the_list_counts_while_more_lists_pay():
+    x = _clustered(8000, 32, 300, seed=1)
+    held = np.arange(7000, 7500)
+    trained = []
+
+    def train(nlist):
+        trained.append(nlist)
+        return pt.train_coarse(x[:6400], nlist)
+
+    args = (
+        len(x),
+        x[held],
+        lambda: ((lo, x[lo : lo + 1500]) for lo in range(0, len(x), 1500)),
+        lambda ids: x[ids],
+        train,
+        10,
+        0.9,
+    )
+    t = pt.tune_ivf(*args, search_queries=len(x), query_rows=held, ladder=[10, 40, 160])
+    sweep = t.nlist_sweep
+    assert trained == [r["nlist"] for r in sweep] and len(sweep) >= 2  # 10 lists scan too much
+    for r in sweep[:-1]:  # each step left because it missed the target or a larger count paid
+        assert not r["reached"] or r["next_pays"]
+    if len(sweep) < 3:
+        assert sweep[-1]["reached"] and not sweep[-1]["next_pays"]
+    best = min((r for r in sweep if r["reached"]), key=lambda r: r["search_gdots"])
+    assert (t.nlist, t.nprobe) == (best["nlist"], best["nprobe"]) and len(t.centroids) == t.nlist
+    assert t.tuning[-1]["nprobe"] <= t.nlist
+    # a fixed count is trained once; its nprobe is still the fewest reaching the target
+    trained.clear()
+    fixed = pt.tune_ivf(*args, search_queries=len(x), query_rows=held, nlist=40)
+    assert trained == [40] and fixed.nlist == 40
+    assert fixed.nprobe == next(r["nprobe"] for r in fixed.tuning if r["recall"] >= 0.9)
+    # the ladder: faiss's 4*sqrt(n) .. 16*sqrt(n), at least 39 rows per list
+    assert pt.nlist_ladder(1_000_000) == [4000, 8000, 16000]
+    assert pt.nlist_ladder(100_000) == [1264, 2529]  # 16*sqrt(n) would leave fewer than 39 rows a list
+
+
 def test_nprobe_is_the_fewest_lists_that_reach_the_recall_target():
     x = _clustered(8000, 32, 300, seed=1)
     cents = pt.train_coarse(x[:6400], 100)

@@ -51,6 +51,7 @@ NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512
 RANGE_PAIRS = 1 << 24
 RANGE_BLOCK = 16_384
 POINTS_PER_LIST = 64  # coarse quantizer sample: 64 points per list (faiss warns below 39)
+NLIST_FACTORS = (4, 8, 16)  # IVF lists tried: 4*sqrt(n) .. 16*sqrt(n) (faiss's guideline range)
 
 
 def part_range(n: int, parts: int, part: int, align: int = 1) -> tuple[int, int]:
@@ -102,6 +103,21 @@ def train_coarse(sample: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
     ivf.cp.seed = seed
     ivf.train(sample)
     return ivf.quantizer.reconstruct_n(0, nlist)
+
+
+def held_out_rows(n: int, count: int, seed: int = 1) -> np.ndarray:
+    """``count`` pool rows (at most a quarter of the pool), sorted, that tune the index: no quantizer
+    is trained on them (:func:`coarse_sample`)."""
+    count = max(1, min(count, n // 4))
+    return np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
+
+
+def coarse_sample(n: int, nlist: int, held: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """The sorted pool rows a ``nlist``-list quantizer is trained on: ``POINTS_PER_LIST`` per list (at
+    least 10,000), none of the ``held`` rows."""
+    rest = np.arange(n) if held is None or not len(held) else np.setdiff1d(np.arange(n), held)
+    m = min(len(rest), max(POINTS_PER_LIST * nlist, 10_000))
+    return np.sort(np.random.default_rng(seed).choice(rest, m, replace=False))
 
 
 def assign(centroids: np.ndarray, x: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +174,38 @@ def choose_nprobe(
     return table[pick]["nprobe"], table
 
 
+def _sweep(
+    centroids: np.ndarray,
+    queries: np.ndarray,
+    sims: np.ndarray,
+    neighbours: np.ndarray,
+    target: float,
+    threshold: float | None,
+) -> tuple[int, list[dict]]:
+    """:func:`choose_nprobe` for ``centroids``, given the queries' exact neighbours (``sims``, and
+    ``neighbours``: their vectors, one row per valid neighbour id, in ``sims``' row-major order)."""
+    valid = np.isfinite(sims)
+    lists = np.full(sims.shape, -1, np.int64)
+    if valid.any():
+        lists[valid] = assign(centroids, neighbours, 1)[1][:, 0]
+    _, probes = assign(centroids, queries, min(len(centroids), NPROBE_LADDER[-1]))
+    edge = None
+    if threshold is not None and ((sims > threshold) & (lists >= 0)).any():
+        edge = recall_by_nprobe(probes, np.where(sims > threshold, lists, -1))
+    return choose_nprobe(recall_by_nprobe(probes, lists), target, len(centroids), edge)
+
+
+def _exact(queries, blocks, rows_of, k, query_rows):
+    """The queries' exact ``k`` nearest pool rows (their own row left out) and those rows' vectors."""
+    sims, ids = exact_topk(queries, blocks(), k + (query_rows is not None))
+    if query_rows is not None:
+        own = ids == np.asarray(query_rows)[:, None]
+        ids, sims = np.where(own, -1, ids), np.where(own, -np.inf, sims)
+    sims = np.where(ids >= 0, sims, -np.inf)
+    vecs = rows_of(ids[ids >= 0]) if (ids >= 0).any() else np.zeros((0, queries.shape[1]), np.float32)
+    return sims, vecs
+
+
 def tune_nprobe(
     queries: np.ndarray,
     blocks: Callable[[], Iterable[tuple[int, np.ndarray]]],
@@ -173,17 +221,109 @@ def tune_nprobe(
     :func:`choose_nprobe`), and the sweep. ``blocks()`` streams the pool as ``(first row, rows)``;
     ``rows_of(ids)`` gives pool rows by id; ``query_rows``: the queries' own pool rows (excluded from
     their neighbours), when they come from the pool."""
-    sims, ids = exact_topk(queries, blocks(), k + (query_rows is not None))
-    if query_rows is not None:
-        ids = np.where(ids == np.asarray(query_rows)[:, None], -1, ids)
-    lists = np.full(ids.shape, -1, np.int64)
-    if (ids >= 0).any():
-        lists[ids >= 0] = assign(centroids, rows_of(ids[ids >= 0]), 1)[1][:, 0]
-    _, probes = assign(centroids, queries, min(len(centroids), NPROBE_LADDER[-1]))
-    edge = None
-    if threshold is not None and ((sims > threshold) & (lists >= 0)).any():
-        edge = recall_by_nprobe(probes, np.where(sims > threshold, lists, -1))
-    return choose_nprobe(recall_by_nprobe(probes, lists), target, len(centroids), edge)
+    sims, vecs = _exact(queries, blocks, rows_of, k, query_rows)
+    return _sweep(centroids, queries, sims, vecs, target, threshold)
+
+
+def nlist_ladder(n: int) -> list[int]:
+    """IVF list counts to try for a pool of ``n``: faiss's guideline range, 4*sqrt(n) to 16*sqrt(n)
+    lists (faiss wiki, "Guidelines to choose an index"), doubling, capped at 65,536 lists and at 39
+    pool rows per list (faiss's minimum training points per centroid)."""
+    out: list[int] = []
+    cap = min(65536, max(1, n // 39))
+    for f in NLIST_FACTORS:
+        nl = int(max(f * math.sqrt(n), 1))
+        if nl >= cap:  # the cap itself, unless it is barely above the last count
+            if not out or cap >= 1.5 * out[-1]:
+                out.append(cap)
+            break
+        out.append(nl)
+    return out
+
+
+def kmeans_cost(nlist: int) -> float:
+    """Dot products to train a ``nlist``-list quantizer: faiss's IVF k-means runs 10 iterations
+    (``IndexIVF.cp.niter``) over ``POINTS_PER_LIST`` sample rows per list."""
+    return 10.0 * POINTS_PER_LIST * nlist * nlist
+
+
+def search_cost(queries: int, n: int, nlist: int, nprobe: int) -> float:
+    """Dot products of an IVF-Flat search: each query against every centroid and the rows of its
+    ``nprobe`` lists (lists taken as even: ``n / nlist`` rows each)."""
+    return float(queries) * (nlist + nprobe * n / nlist)
+
+
+@dataclass
+class IvfTuning:
+    nlist: int
+    nprobe: int
+    centroids: np.ndarray
+    tuning: list[dict]  # the chosen nlist's nprobe sweep: [{nprobe, recall[, edge_recall]}]
+    nlist_sweep: list[dict]  # each nlist tried: {nlist, nprobe, recall, reached, search_gdots, ...}
+
+
+def tune_ivf(
+    n: int,
+    queries: np.ndarray,
+    blocks: Callable[[], Iterable[tuple[int, np.ndarray]]],
+    rows_of: Callable[[np.ndarray], np.ndarray],
+    train: Callable[[int], np.ndarray],
+    k: int,
+    target: float,
+    *,
+    search_queries: int,
+    query_rows: np.ndarray | None = None,
+    threshold: float | None = None,
+    nlist: int | None = None,
+    ladder: list[int] | None = None,
+) -> IvfTuning:
+    """Choose the IVF list count and ``nprobe`` for a recall ``target`` on held-out ``queries``.
+
+    The queries' exact neighbours are computed once (one stream of the pool). Then, from the smallest
+    list count of :func:`nlist_ladder` up, a quantizer is trained (``train(nlist)`` gives centroids)
+    and its nprobe sweep measured (:func:`choose_nprobe`). The next, larger count is tried when this
+    one misses the target at every nprobe of the ladder, or when the search it needs
+    (``search_queries`` queries, :func:`search_cost`) would cost more than training the next
+    quantizer (:func:`kmeans_cost`) and searching it with one list: more lists make lists shorter,
+    so the same recall needs fewer rows scanned; they pay when the scan dominates. Of the counts
+    tried, the cheapest search that reaches the target wins (else the best recall). ``nlist`` fixes
+    the count (its nprobe is still tuned); ``ladder`` replaces :func:`nlist_ladder`."""
+    import time
+
+    sims, vecs = _exact(queries, blocks, rows_of, k, query_rows)
+    ladder = [nlist] if nlist else list(ladder or nlist_ladder(n))
+    tried: list[tuple[IvfTuning, dict]] = []
+    for step, nl in enumerate(ladder):
+        t0 = time.perf_counter()
+        cents = train(nl)
+        train_s = time.perf_counter() - t0
+        nprobe, table = _sweep(cents, queries, sims, vecs, target, threshold)
+        row = next(r for r in table if r["nprobe"] == nprobe)
+        cost = search_cost(search_queries, n, nl, nprobe)
+        info = {
+            "nlist": nl,
+            "nprobe": nprobe,
+            "recall": row["recall"],
+            "reached": row["recall"] >= target,
+            "search_gdots": round(cost / 1e9, 2),
+            "train_seconds": round(train_s, 1),
+        }
+        tried.append((IvfTuning(nl, nprobe, cents, table, []), info))
+        log.info("ivf tuning: %s", info)
+        if step + 1 < len(ladder):
+            nxt = ladder[step + 1]
+            pays = cost > kmeans_cost(nxt) + search_cost(search_queries, n, nxt, 1)
+            info["next_pays"] = bool(pays)
+            if info["reached"] and not pays:
+                break
+    reached = [t for t in tried if t[1]["reached"]]
+    best = (
+        min(reached, key=lambda t: t[1]["search_gdots"])
+        if reached
+        else max(tried, key=lambda t: t[1]["recall"])
+    )[0]
+    best.nlist_sweep = [info for _, info in tried]
+    return best
 
 
 class PartitionIndex:

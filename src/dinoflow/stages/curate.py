@@ -8,8 +8,8 @@ hierarchy). Outputs: ``manifest.parquet`` (curated rows, same shards), ``embeddi
 ``report.json`` (per-source counts, strategy details).
 
 Fan-out (``retrieval``, ``parts`` > 1; ``dinoflow.stages._fanout``, ``dinoflow.curation.partition``):
-``plan`` chooses the index (exact, or IVF with one coarse quantizer trained on a pool sample and
-``nprobe`` tuned on the seeds for ``recall_target``); ``part`` i indexes its row range of the pool
+``plan`` chooses the index (exact, or IVF with one coarse quantizer trained on a pool sample, its
+list count and ``nprobe`` tuned on the seeds for ``recall_target``); ``part`` i indexes its row range of the pool
 and finds every seed's nearest rows in it; the stage merges the parts' neighbours per seed (the
 same neighbours whatever ``parts`` is) and selects. ``cluster`` and ``hierarchical-kmeans`` run
 in the stage task itself (k-means over the whole pool).
@@ -163,7 +163,7 @@ def _search_k(spec: CurateSpec, n: int, n_seeds: int) -> int:
 
 def plan(spec: CurateSpec, store) -> dict:
     """Check the inputs; for retrieval over a large pool, train the shared coarse quantizer on a
-    pool sample and tune nprobe on the seeds (``plan/centroids.npy``)."""
+    pool sample, its list count and nprobe tuned on the seeds (``plan/centroids.npy``)."""
     import numpy as np
 
     from dinoflow.curation import knn
@@ -184,23 +184,34 @@ def plan(spec: CurateSpec, store) -> dict:
     if choice.kind == "flat":
         return out
     reader = EmbeddingReader(store, spec.embeddings_uri, meta)
-    rng = np.random.default_rng(spec.seed)
-    sample = np.sort(rng.choice(n, min(n, max(pt.POINTS_PER_LIST * choice.nlist, 10_000)), replace=False))
-    centroids = pt.train_coarse(l2_normalize(reader.take(sample)), choice.nlist, seed=spec.seed)
-    put_npy(store, spec.out("plan", "centroids.npy"), centroids)
-    nprobe, tuning = spec.nprobe, []
-    if nprobe is None:
+
+    def train(nlist: int):
+        sample = pt.coarse_sample(n, nlist, seed=spec.seed)
+        return pt.train_coarse(l2_normalize(reader.take(sample)), nlist, seed=spec.seed)
+
+    if spec.nprobe is not None:
+        nlist, nprobe, tuning, sweep = choice.nlist, spec.nprobe, [], []
+        centroids = train(nlist)
+    else:
+        rng = np.random.default_rng(spec.seed)
         q = seeds[np.sort(rng.choice(len(seeds), min(1000, len(seeds)), replace=False))]
-        nprobe, tuning = pt.tune_nprobe(
+        t = pt.tune_ivf(
+            n,
             q,
             lambda: ((lo, l2_normalize(b)) for lo, b in reader.blocks(65_536)),
             lambda ids: l2_normalize(reader.take(ids)),
-            centroids,
+            train,
             min(out["search_k"], 256),
             spec.recall_target,
+            search_queries=len(seeds),
         )
-    out.update(nprobe=int(nprobe), tuning=tuning)
-    out["reason"] = f"{choice.reason.split('; nprobe')[0]}; nprobe={nprobe} (tuned: {tuning})"
+        nlist, centroids, nprobe, tuning, sweep = t.nlist, t.centroids, t.nprobe, t.tuning, t.nlist_sweep
+    put_npy(store, spec.out("plan", "centroids.npy"), centroids)
+    out.update(nlist=int(nlist), nprobe=int(nprobe), tuning=tuning, nlist_sweep=sweep)
+    out["reason"] = (
+        f"{choice.reason.split('; nlist')[0]}; nlist={nlist} (tried {[r['nlist'] for r in sweep]}); "
+        f"nprobe={nprobe} (tuned: {tuning})"
+    )
     return out
 
 

@@ -163,6 +163,12 @@ class DedupSpec(StageSpec):
     )
     index: Literal["auto", "flat", "ivf"] = Field("auto", description="auto: exact up to exact_max_pool")
     exact_max_pool: int = Field(100_000, ge=1, description="largest pool searched exactly (IndexFlatIP)")
+    nlist: int | None = Field(
+        None,
+        ge=1,
+        description="IVF lists (default: tuned with nprobe, from 4*sqrt(n) up to 16*sqrt(n) while more "
+        "lists reach recall_target or make the search cheaper than their training costs)",
+    )
     nprobe: int | None = Field(
         None, ge=1, description="IVF lists probed per query (default: the fewest that reach recall_target)"
     )
@@ -280,8 +286,9 @@ def _mean(store, spec: DedupSpec):
 
 
 def plan(spec: DedupSpec, store) -> dict:
-    """Once per run: check the inputs; for IVF train the coarse quantizer on a sample, choose nprobe
-    for ``recall_target`` on held-out rows, and assign every pool row its lists (``plan/``)."""
+    """Once per run: check the inputs; for IVF choose the list count and nprobe for ``recall_target`` on
+    held-out rows (:func:`~dinoflow.curation.partition.tune_ivf`: each count's quantizer trained on a
+    sample without them), and assign every pool row its lists (``plan/``)."""
     import numpy as np
 
     from dinoflow.curation import knn
@@ -306,35 +313,43 @@ def plan(spec: DedupSpec, store) -> dict:
     if choice.kind == "flat":
         log.info("dedup plan: %s", choice.reason)
         return out
-    rng = np.random.default_rng(0)
-    m = min(n, max(pt.POINTS_PER_LIST * choice.nlist, 10_000))
-    sample = np.sort(rng.choice(n, m, replace=False))
-    centroids = pt.train_coarse(_normalized(reader.take(sample), mean), choice.nlist)
-    put_npy(store, spec.out("plan", "centroids.npy"), centroids)
-    nprobe, tuning = spec.nprobe, []
-    if nprobe is None:  # tuned on held-out rows: pool rows the quantizer was not trained on
-        held = np.setdiff1d(np.arange(n), sample)
-        held = held if len(held) else np.arange(n)
-        rows = np.sort(rng.choice(held, min(spec.tune_queries, len(held)), replace=False))
-        nprobe, tuning = pt.tune_nprobe(
-            _normalized(reader.take(rows), mean),
+    held = pt.held_out_rows(n, spec.tune_queries)
+    trained: dict[int, int] = {}
+
+    def train(nlist: int):
+        sample = pt.coarse_sample(n, nlist, held)
+        trained[nlist] = len(sample)
+        return pt.train_coarse(_normalized(reader.take(sample), mean), nlist)
+
+    if spec.nprobe is not None:  # nothing to tune: the spec's nprobe on the spec's (or the first) nlist
+        nlist = spec.nlist or pt.nlist_ladder(n)[0]
+        centroids, nprobe, tuning, sweep = train(nlist), spec.nprobe, [], []
+    else:
+        t = pt.tune_ivf(
+            n,
+            _normalized(reader.take(held), mean),
             lambda: ((lo, _normalized(b, mean)) for lo, b in reader.blocks(QUERY_BLOCK_ROWS)),
             lambda ids: _normalized(reader.take(ids), mean),
-            centroids,
+            train,
             spec.k,
             spec.recall_target,
-            query_rows=rows,
+            search_queries=n,
+            query_rows=held,
             threshold=spec.threshold_cos,
+            nlist=spec.nlist,
         )
+        nlist, centroids, nprobe, tuning, sweep = t.nlist, t.centroids, t.nprobe, t.tuning, t.nlist_sweep
+    put_npy(store, spec.out("plan", "centroids.npy"), centroids)
+    how = "from the spec" if spec.nlist else f"tried {[r['nlist'] for r in sweep]}" if sweep else "4*sqrt(n)"
     reason = (
-        f"{choice.reason.split('; nlist')[0]}; nlist={choice.nlist} (~4*sqrt(n)) trained on {m} rows; nprobe="
-        f"{nprobe} ({'from the spec' if spec.nprobe else f'fewest reaching recall {spec.recall_target}'})"
+        f"{choice.reason.split('; nlist')[0]}; nlist={nlist} ({how}) trained on {trained[nlist]} rows; "
+        f"nprobe={nprobe} ({'from the spec' if spec.nprobe else f'fewest reaching recall {spec.recall_target}'})"
     )
     log.info("dedup plan: %s; nprobe sweep %s", reason, tuning)
     for b, (_, block) in enumerate(reader.blocks(QUERY_BLOCK_ROWS)):
         _, lists = pt.assign(centroids, _normalized(block, mean), nprobe)
         put_npy(store, spec.out("plan", f"lists-{b:06d}.npy"), lists.astype(np.int32))
-    out.update(reason=reason, nprobe=int(nprobe), tuning=tuning)
+    out.update(reason=reason, nlist=int(nlist), nprobe=int(nprobe), tuning=tuning, nlist_sweep=sweep)
     return out
 
 

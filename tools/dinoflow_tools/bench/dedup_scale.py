@@ -154,11 +154,13 @@ def stage_graph_sample(store, spec, planned: dict, x: np.ndarray, rows: np.ndarr
     return ids
 
 
-def raw_faiss(x: np.ndarray, planned: dict, k: int, rows: np.ndarray, threads: int) -> dict:
+def raw_faiss(
+    x: np.ndarray, planned: dict, k: int, rows: np.ndarray, threads: int, tune_queries: int
+) -> dict:
     """One faiss index over the whole pool at the stage's configuration; every row searched."""
     import faiss
 
-    from dinoflow.curation.partition import POINTS_PER_LIST
+    from dinoflow.curation.partition import coarse_sample, held_out_rows
 
     faiss.omp_set_num_threads(threads)
     n, d = x.shape
@@ -168,8 +170,7 @@ def raw_faiss(x: np.ndarray, planned: dict, k: int, rows: np.ndarray, threads: i
     else:
         nlist = planned["nlist"]
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        m = min(n, max(POINTS_PER_LIST * nlist, 10_000))
-        sample = np.sort(np.random.default_rng(0).choice(n, m, replace=False))  # the stage's sample
+        sample = coarse_sample(n, nlist, held_out_rows(n, tune_queries))  # the stage's sample
         index.cp.seed = 0
         index.train(x[sample])
         index.nprobe = planned["nprobe"]
@@ -253,7 +254,7 @@ def run_one(store, a, n: int, kind: str) -> dict:
     group = dict(zip(groups["key"], groups["group"], strict=True))
     dup = np.flatnonzero(copy_of >= 0)
     same = [group.get(f"r{i:08d}", -1) == group.get(f"r{copy_of[i]:08d}", -2) for i in dup]
-    raw = raw_faiss(x, planned, a.k, rows, a.threads)
+    raw = raw_faiss(x, planned, a.k, rows, a.threads, spec.tune_queries)
     return {
         "data": kind,
         "n": n,
@@ -267,6 +268,7 @@ def run_one(store, a, n: int, kind: str) -> dict:
         "nlist": planned["nlist"],
         "nprobe": planned["nprobe"],
         "nprobe_sweep": planned["tuning"],
+        "nlist_sweep": planned.get("nlist_sweep", []),
         "ann_recall": round(ann, 4),
         "raw_faiss_recall": round(recall_at_k(raw["ids"], ex), 4),
         "edge_recall_above_threshold": None if edge_recall is None else round(edge_recall, 4),
@@ -329,6 +331,7 @@ def _report(r: dict) -> dict:
         f"{r['edge_recall_above_threshold']!s:>8} {r['dup_recall']!s:>8} {r['peak_rss_part_gib']:>8}",
         flush=True,
     )
+    print("  nlist sweep:", r["nlist_sweep"], flush=True)
     print("  nprobe sweep:", r["nprobe_sweep"], "phases:", r["phase_seconds"], flush=True)
     return r
 
@@ -353,6 +356,7 @@ def _summary(a, rows: list[dict]) -> None:
                 "recall_target": a.recall_target,
                 "nlist": last["nlist"],
                 "nprobe": last["nprobe"],
+                "nlists_tried": [t["nlist"] for t in last["nlist_sweep"]],
                 "edge_recall_above_threshold": last["edge_recall_above_threshold"],
                 "dup_recall_planted": last["dup_recall"],
                 "peak_rss_part_gib": last["peak_rss_part_gib"],
