@@ -132,3 +132,71 @@ def test_truncated_jpeg_is_rejected():
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
     with pytest.raises(BadImage, match="corrupt or truncated"):
         decode_image(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def _tar(path, names, fmt):
+    import tarfile
+
+    with tarfile.open(path, "w", format=fmt) as t:
+        d = tarfile.TarInfo("folder")
+        d.type = tarfile.DIRTYPE
+        t.addfile(d)
+        for i, name in enumerate(names):
+            data = bytes([i % 251]) * (i * 37 % 1500)  # sizes on and off the 512-byte blocks
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
+def test_ustar_member_index_matches_tarfile_and_defers_anything_else(tmp_path):
+    import tarfile
+
+    from dinoflow.data.shards import _ustar_offsets
+
+    names = [f"folder/im{i:05d}.{ext}" for i in range(40) for ext in ("png", "json")]
+    names.append("a" * 120 + "/" + "b" * 90 + ".png")  # ustar: split into prefix and name
+    plain = tmp_path / "plain.tar"
+    _tar(plain, names, tarfile.USTAR_FORMAT)
+    with tarfile.open(plain) as tar:
+        want = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+    assert _ustar_offsets(plain) == want and len(want) == len(names)
+    # pax and GNU long-name headers, a truncated archive, a flipped header byte: tarfile decides
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        _tar(tmp_path / "x.tar", ["c" * 150 + ".png"], fmt)
+        assert _ustar_offsets(tmp_path / "x.tar") is None
+    data = plain.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    assert _ustar_offsets(tmp_path / "cut.tar") is None
+    bad = bytearray(data)
+    bad[512 + 3] ^= 1  # the first file's name: the checksum no longer holds
+    (tmp_path / "bad.tar").write_bytes(bytes(bad))
+    assert _ustar_offsets(tmp_path / "bad.tar") is None
+
+
+def test_embed_hashes_a_batch_at_a_time_with_the_bits_of_one_image_at_a_time():
+    from dinoflow.curation.hashing import phash_pil
+    from dinoflow.stages.embed import _hash_batch, _Prep
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(40)]
+    imgs += [Image.fromarray(a) for a in _images(40)]
+    prep = _Prep(16, "RGB")
+    outs = [prep(im) for im in imgs]
+    x, h = _hash_batch(torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]))
+    assert x.shape == (80, 3, 16, 16) and x.dtype == torch.uint8
+    assert np.array_equal(h.numpy(), np.stack([phash_pil(im).view(np.int64) for im in imgs]))
+
+
+def test_embed_loader_workers_leave_the_cores_to_a_cpu_model(monkeypatch):
+    import os
+
+    from dinoflow.stages.embed import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert loader_workers(None, "cpu") == 0  # the model's threads take every core
+    assert loader_workers(None, "cpu", pixels=True) == 4
+    assert loader_workers(None, "cuda") == 4
+    assert loader_workers(3, "cpu") == 3  # the spec's count wins
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert loader_workers(None, "cpu") == 2

@@ -106,7 +106,9 @@ class RowBatches(IterableDataset):
     """A manifest's rows as whole batches ``(stacked transform outputs..., rows)``: batch ``b`` holds
     rows ``[b*batch_size, (b+1)*batch_size)`` (numbered from ``first_row``), whatever the number of
     DataLoader workers (worker w of K prepares batches w, w+K, ...; the loader returns them in order).
-    Use with ``DataLoader(batch_size=None)``."""
+    ``transform`` maps each decoded image to tensors; ``batch_transform``, if given, maps the stacked
+    tensors of a batch (work that is cheaper a batch at a time). Use with
+    ``DataLoader(batch_size=None)``."""
 
     def __init__(
         self,
@@ -115,6 +117,7 @@ class RowBatches(IterableDataset):
         batch_size: int,
         transform: Callable[[Image.Image], tuple[torch.Tensor, ...]],
         first_row: int = 0,
+        batch_transform: Callable[..., tuple[torch.Tensor, ...]] | None = None,
     ):
         self.settings, self.batch_size, self.transform, self.first_row = (
             settings,
@@ -122,6 +125,7 @@ class RowBatches(IterableDataset):
             transform,
             first_row,
         )
+        self.batch_transform = batch_transform
         self.shard = manifest.column("shard").to_pylist()
         self.member = manifest.column("member").to_pylist()
 
@@ -137,6 +141,8 @@ class RowBatches(IterableDataset):
             rows = range(lo, min(n, lo + b))
             outs = [self.transform(decode_image(index.read(self.shard[r], self.member[r]))) for r in rows]
             stacked = [torch.stack([o[i] for o in outs]) for i in range(len(outs[0]))]
+            if self.batch_transform is not None:
+                stacked = list(self.batch_transform(*stacked))
             yield (*stacked, torch.arange(self.first_row + rows.start, self.first_row + rows.stop))
 
 

@@ -4,8 +4,8 @@ float16 shards) against the bare model forward on the same images already in mem
 The stage runs fanned out as a pipeline runs it (``--parts``: a plan, then each part's rows, then
 the collect step; here one after another), its rate the images over the parts' embedding time.
 Bare and stage runs alternate (``--reps`` of each, after one warm-up of each) so that a load change
-on a shared machine hits both alike; the ratio is of the medians. Workers default to
-min(2, cpus - 1): decoding needs a core of its own, the model the rest."""
+on a shared machine hits both alike; the ratio is of the medians. Workers default to the stage's
+choice (``embed.loader_workers``: on a CPU whose cores the model's threads take, none)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--backbone", default="vit_mini_p4_28")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--num-workers", type=int, default=None, help="default min(2, cpus - 1)")
+    ap.add_argument("--num-workers", type=int, default=None, help="default: the stage's (loader_workers)")
     ap.add_argument("--reps", type=int, default=3, help="timed runs of each, interleaved")
     ap.add_argument("--parts", type=int, default=2, help="the embed stage's fan-out (parts)")
     ap.add_argument("--threads", type=int, default=2)
@@ -36,12 +36,11 @@ def main(argv: list[str]) -> None:
     from dinoflow.data.shards import ShardWriter
     from dinoflow.models import create_backbone, export_backbone
     from dinoflow.stages import get_stage
-    from dinoflow.stages.embed import features_of, pick_device
+    from dinoflow.stages.embed import features_of, loader_workers, pick_device
 
-    from ._pool import default_workers
     from ._store import bench_store
 
-    workers = default_workers() if a.num_workers is None else a.num_workers
+    workers = a.num_workers  # None: the stage chooses (embed.loader_workers)
     torch.set_num_threads(a.threads)
     with bench_store() as store:
         root = f"s3://bench-embed/{uuid.uuid4().hex[:8]}"
@@ -118,7 +117,7 @@ def main(argv: list[str]) -> None:
                 "images": a.images,
                 "backbone": a.backbone,
                 "device": device,
-                "num_workers": workers,
+                "num_workers": loader_workers(workers, device),
                 "parts": a.parts,
                 "threads": a.threads,
                 "batch_size": a.batch_size,
