@@ -174,14 +174,27 @@ def test_partitions_owning_whole_lists_give_the_one_index_result():
         assert np.array_equal(a, b)
 
 
+def test_a_quantizer_refined_from_a_smaller_one_splits_its_lists():
+    x = _clustered(8000, 32, 300, seed=2)
+    small = pt.train_coarse(x, 40)
+    big = pt.train_coarse(x, 100, init=small)
+    assert big.shape == (100, 32) and np.allclose(np.linalg.norm(big, axis=1), 1, atol=1e-4)
+    assert np.array_equal(big, pt.train_coarse(x, 100, init=small))  # deterministic
+    fit = lambda c: float(pt.assign(c, x, 1)[0].mean())  # noqa: E731  mean cosine to the nearest centroid
+    assert fit(big) > fit(small)
+    with pytest.raises(ValueError, match="at least 100 sample rows"):
+        pt.train_coarse(x[:50], 100, init=small)
+
+
 def test_tune_ivf_climbs_the_list_counts_while_more_lists_pay():
     x = _clustered(8000, 32, 300, seed=1)
     held = np.arange(7000, 7500)
     trained = []
 
-    def train(nlist):
+    def train(nlist, init):
+        assert (init is None) == (not trained)  # each count after the first refines the previous one
         trained.append(nlist)
-        return pt.train_coarse(x[:6400], nlist)
+        return pt.train_coarse(x[:6400], nlist, init=init)
 
     args = (
         len(x),

@@ -185,9 +185,9 @@ def plan(spec: CurateSpec, store) -> dict:
         return out
     reader = EmbeddingReader(store, spec.embeddings_uri, meta)
 
-    def train(nlist: int):
+    def train(nlist: int, init=None):
         sample = pt.coarse_sample(n, nlist, seed=spec.seed)
-        return pt.train_coarse(l2_normalize(reader.take(sample)), nlist, seed=spec.seed)
+        return pt.train_coarse(l2_normalize(reader.take(sample)), nlist, seed=spec.seed, init=init)
 
     if spec.nprobe is not None:
         nlist, nprobe, tuning, sweep = choice.nlist, spec.nprobe, [], []

@@ -316,10 +316,10 @@ def plan(spec: DedupSpec, store) -> dict:
     held = pt.held_out_rows(n, spec.tune_queries)
     trained: dict[int, int] = {}
 
-    def train(nlist: int):
+    def train(nlist: int, init=None):
         sample = pt.coarse_sample(n, nlist, held)
         trained[nlist] = len(sample)
-        return pt.train_coarse(_normalized(reader.take(sample), mean), nlist)
+        return pt.train_coarse(_normalized(reader.take(sample), mean), nlist, init=init)
 
     if spec.nprobe is not None:  # nothing to tune: the spec's nprobe on the spec's (or the first) nlist
         nlist = spec.nlist or pt.nlist_ladder(n)[0]
