@@ -164,6 +164,8 @@ def test_ustar_member_index_matches_tarfile_and_defers_anything_else(tmp_path):
     for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
         _tar(tmp_path / "x.tar", ["c" * 150 + ".png"], fmt)
         assert _ustar_offsets(tmp_path / "x.tar") is None
+    _tar(tmp_path / "gnu.tar", ["short.png"], tarfile.GNU_FORMAT)  # GNU magic even without long names
+    assert _ustar_offsets(tmp_path / "gnu.tar") is None
     data = plain.read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
     assert _ustar_offsets(tmp_path / "cut.tar") is None
