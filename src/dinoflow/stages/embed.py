@@ -140,8 +140,8 @@ def _hash_batch(x, gray):
 def loader_workers(requested: int | None, device: str, pixels: bool = False) -> int:
     """DataLoader workers for the embed loop: ``requested``, or by default min(4, cpus - 1) when the
     model runs on a GPU (or is the cheap pixels embedder), else the cores torch's threads leave free.
-    On 2 CPU cores with a 2-thread ViT, one worker made the stage 0.77 of the bare forward and
-    decoding inline 0.91 (``dinoflow bench embed``): a worker's bursts stall the model's threads."""
+    On 2 CPU cores with a 2-thread ViT the stage embedded 699 images/s with one worker and 760
+    decoding inline (``dinoflow bench embed --reps 5``): a worker's bursts stall the model's threads."""
     import os
 
     import torch
