@@ -353,6 +353,7 @@ def test_dedup_with_three_parts_keeps_what_one_part_keeps(store, pool):
     assert groups[0] == groups[1]
     report = store.get_json(res[1].report_uri)["index"]
     assert report["parts"] == 3 and report["nprobe_sweep"][-1]["recall"] >= 0.95
+    assert report["nlist_sweep"] and report["nlist_sweep"][-1]["nlist"] >= 1  # the list counts tried
 
 
 def test_curate_retrieval_with_three_parts_selects_what_one_part_selects(store, pool):

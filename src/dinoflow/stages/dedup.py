@@ -569,6 +569,7 @@ class EdgeGraph:
     nprobe: int = 0
     gpu: bool = False
     tuning: list = None  # type: ignore[assignment]
+    nlist_sweep: list = None  # type: ignore[assignment]
 
     def above(self, threshold: float):
         """(query rows, neighbour rows, cosines) of the edges with cosine > ``threshold``."""
@@ -637,6 +638,7 @@ def similarity_graph(spec: DedupSpec, store, table, evals) -> SimilarityGraph:
         planned["nprobe"],
         any(p["gpu"] for p in parts),
         planned["tuning"],
+        planned.get("nlist_sweep", []),
     )
     edges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)
@@ -885,6 +887,7 @@ def build_report(spec: DedupSpec, table, out, sim: SimilarityGraph) -> dict:
             "gpu": g.gpu,
             "nprobe": g.nprobe,
             "nprobe_sweep": g.tuning,
+            "nlist_sweep": g.nlist_sweep or [],
             "parts": spec.parts,
         },
         "keep_rule": "largest pixel area, then earliest manifest row",
