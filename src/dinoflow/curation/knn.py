@@ -14,7 +14,6 @@ When faiss was built with GPU support and a GPU is visible, the index is moved t
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,8 +63,10 @@ def choose_index(
         why = "forced by spec" if force == "flat" else f"pool of {n_pool} <= exact_max_pool={exact_max_pool}"
         gflop = n_pool * n_pool * dim / 1e9
         return IndexChoice("flat", f"exact IndexFlatIP: {why} (~{gflop:.0f} GFLOP for a self-graph)")
-    nl = nlist or int(min(max(4 * math.sqrt(n_pool), 1), 65536))
-    nl = max(1, min(nl, n_pool // 39 if n_pool >= 39 else 1))  # faiss wants >= 39 training points per list
+    from dinoflow.curation.partition import nlist_ladder
+
+    # 4*sqrt(n) lists, at least 39 training points per list (faiss): the first count plans tune from
+    nl = nlist or nlist_ladder(n_pool)[0]
     npb = nprobe or max(1, min(nl, 16))
     why = "forced by spec" if force == "ivf" else f"pool of {n_pool} > exact_max_pool={exact_max_pool}"
     return IndexChoice(
