@@ -175,6 +175,48 @@ def test_ustar_member_index_matches_tarfile_and_defers_anything_else(tmp_path):
     assert _ustar_offsets(tmp_path / "bad.tar") is None
 
 
+def test_shard_index_reads_through_a_few_open_files_and_refuses_a_shrunk_one(tmp_path):
+    import os
+    import tarfile
+
+    from dinoflow.data.shards import ShardIndex
+
+    class Local:  # ShardIndex needs only ``cached``: the shard's local path
+        def cached(self, uri):
+            return tmp_path / uri
+
+    names = [f"im{i:05d}.png" for i in range(30)]
+    for k in range(6):
+        _tar(tmp_path / f"s{k}.tar", names, tarfile.USTAR_FORMAT)
+    index = ShardIndex(Local())
+    index.OPEN_FILES = 2
+    with tarfile.open(tmp_path / "s0.tar") as tar:
+        want = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    for rnd in range(2):  # every shard opened, evicted and opened again
+        for k in range(6):
+            for name in names[rnd::7]:
+                assert index.read(f"s{k}.tar", name) == want[name]
+            assert len(index._files) <= 2
+    fds = list(index._files.values())
+    index.close()
+    assert not index._files and all(not _fd_open(fd) for fd in fds)
+    size = os.path.getsize(tmp_path / "s5.tar")
+    index.read("s5.tar", names[-1])
+    os.truncate(tmp_path / "s5.tar", size // 2)  # the cached copy shrinks after the index was read
+    with pytest.raises(OSError, match="cut short"):
+        index.read("s5.tar", names[-1])
+
+
+def _fd_open(fd: int) -> bool:
+    import os
+
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
 def test_embed_hashes_a_batch_at_a_time_with_the_bits_of_one_image_at_a_time():
     from dinoflow.curation.hashing import phash_pil
     from dinoflow.stages.embed import _hash_batch, _Prep
