@@ -226,8 +226,10 @@ def test_embed_hashes_a_batch_at_a_time_with_the_bits_of_one_image_at_a_time():
     imgs += [Image.fromarray(a) for a in _images(40)]
     prep = _Prep(16, "RGB")
     outs = [prep(im) for im in imgs]
-    x, h = _hash_batch(torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]))
+    x, h = _hash_batch(np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs]))
     assert x.shape == (80, 3, 16, 16) and x.dtype == torch.uint8
+    want = [np.asarray(im.convert("RGB").resize((16, 16), Image.BILINEAR)).transpose(2, 0, 1) for im in imgs]
+    assert np.array_equal(x.numpy(), np.stack(want))  # the pixels PIL gives, channels first
     assert np.array_equal(h.numpy(), np.stack([phash_pil(im).view(np.int64) for im in imgs]))
 
 

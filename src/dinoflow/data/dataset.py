@@ -102,12 +102,16 @@ class ManifestDataset(IterableDataset):
             yield (self.transform(img) if self.transform else img), int(self.label[i]), int(i)
 
 
+def _stack(items: list) -> torch.Tensor | np.ndarray:
+    return np.stack(items) if isinstance(items[0], np.ndarray) else torch.stack(items)
+
+
 class RowBatches(IterableDataset):
     """A manifest's rows as whole batches ``(stacked transform outputs..., rows)``: batch ``b`` holds
     rows ``[b*batch_size, (b+1)*batch_size)`` (numbered from ``first_row``), whatever the number of
     DataLoader workers (worker w of K prepares batches w, w+K, ...; the loader returns them in order).
-    ``transform`` maps each decoded image to tensors; ``batch_transform``, if given, maps the stacked
-    tensors of a batch (work that is cheaper a batch at a time). Use with
+    ``transform`` maps each decoded image to tensors or numpy arrays; ``batch_transform``, if given,
+    maps the stacked tensors (arrays) of a batch (work that is cheaper a batch at a time) to tensors. Use with
     ``DataLoader(batch_size=None)``."""
 
     def __init__(
@@ -140,7 +144,7 @@ class RowBatches(IterableDataset):
         for lo in range(worker * b, n, workers * b):
             rows = range(lo, min(n, lo + b))
             outs = [self.transform(decode_image(index.read(self.shard[r], self.member[r]))) for r in rows]
-            stacked = [torch.stack([o[i] for o in outs]) for i in range(len(outs[0]))]
+            stacked = [_stack([o[i] for o in outs]) for i in range(len(outs[0]))]
             if self.batch_transform is not None:
                 stacked = list(self.batch_transform(*stacked))
             yield (*stacked, torch.arange(self.first_row + rows.start, self.first_row + rows.stop))
