@@ -295,3 +295,67 @@ def test_embed_pixels_needs_no_model_and_equals_the_pixel_descriptor(store, demo
     assert np.array_equal(read_embeddings(store, shared.embeddings_uri)[0], emb)
     with pytest.raises(SpecError, match="uses no backbone"):
         stage.parse_spec({**spec, "embedder": "pixels", "backbone_uri": bucket_uri + "/bb"})
+
+
+def test_dedup_margin_rank_keeps_an_image_near_many_eval_images_and_drops_a_copy(store, demo, bucket_uri):
+    """decontam_margin_rank: the nearest-evaluation cosine less that of a farther evaluation image.
+    Pool row 0 sits among four evaluation images (a plain product), pool row 1 near one (a copy):
+    the plain cosine rule drops both, the margin only the copy."""
+    from dinoflow.data.embeddings import write_embeddings
+    from dinoflow.data.manifest import read_manifest
+    from dinoflow.stages.dedup import SimilarityGraph, eval_scores
+
+    rng = np.random.default_rng(0)
+    n_pool, n_eval, d = 1200, 400, 64
+    pool = rng.standard_normal((n_pool, d)).astype(np.float32)
+    ev = rng.standard_normal((n_eval, d)).astype(np.float32)
+    u, v = np.eye(d, dtype=np.float32)[0], np.eye(d, dtype=np.float32)[1]
+    for i in range(4):  # four evaluation images around u, the pool's row 0 among them
+        ev[i] = u + 0.25 * rng.standard_normal(d).astype(np.float32) / np.sqrt(d)
+    pool[0] = u + 0.25 * rng.standard_normal(d).astype(np.float32) / np.sqrt(d)
+    ev[10], pool[1] = v, v + 0.3 * rng.standard_normal(d).astype(np.float32) / np.sqrt(d)
+    root = f"{bucket_uri}/margin"
+    write_embeddings(store, f"{root}/pool", pool)
+    write_embeddings(store, f"{root}/eval", ev)
+    stage = get_stage("dedup")
+    keys = read_manifest(store, demo["pool_manifest_uri"]).column("key").to_pylist()
+
+    def run(out, parts=1, **kw):
+        spec = _dedup_spec(
+            demo,
+            f"{root}/{out}",
+            embeddings_uri=f"{root}/pool",
+            eval_embeddings_uris=[f"{root}/eval"],
+            copy_detection={"enabled": False},
+            phash_max_bits=-1,
+            exact_hash=False,
+            contamination_spread="self",
+            threshold_cos=0.99,
+            parts=parts,
+            **kw,
+        )
+        res = stage.run(stage.parse_spec(spec), store)
+        groups = pq.read_table(io.BytesIO(store.get_bytes(res.groups_uri)))
+        # the demo pool's exact copies of evaluation images go by their own rule
+        return res, sorted(g["key"] for g in groups.to_pylist() if g["contamination_rule"] == "cosine")
+
+    _, plain = run("plain", decontam_threshold_cos=0.9)
+    assert plain == [keys[0], keys[1]]
+    res, margin = run("margin", decontam_threshold_cos=0.3, decontam_margin_rank=2)
+    assert margin == [keys[1]]
+    _, margin2 = run("margin2", parts=2, decontam_threshold_cos=0.3, decontam_margin_rank=2)
+    assert margin2 == margin
+    report = store.get_json(res.report_uri)
+    assert (
+        report["thresholds"]["decontam_margin_rank"] == 2 and "3-th nearest" in report["decontamination_rule"]
+    )
+    groups = pq.read_table(io.BytesIO(store.get_bytes(res.groups_uri))).to_pylist()
+    (row,) = [g for g in groups if g["key"] == keys[1]]
+    assert row["contamination_rule"] == "cosine" and 0.3 < row["eval_score"] < row["eval_cos"] - 0.1
+    # a graph holding fewer evaluation cosines than the rank asks for is refused, not misread
+    spec = stage.parse_spec(_dedup_spec(demo, f"{root}/x", decontam_margin_rank=5))
+    sim = SimilarityGraph(
+        None, {}, np.zeros(3, np.float32), np.zeros(3, bool), None, eval_topk=np.zeros((3, 3))
+    )
+    with pytest.raises(SpecError, match="needs each pool image's 6 nearest"):
+        eval_scores(spec, sim)

@@ -123,6 +123,19 @@ class DedupSpec(StageSpec):
     k: int = Field(64, ge=1, description="neighbours per image (DINOv2: 64)")
     threshold_cos: float = Field(0.6, gt=-1, le=1, description="self-dedup edge threshold (DINOv2: 0.6)")
     decontam_threshold_cos: float = Field(0.45, gt=-1, le=1, description="eval-copy threshold (DINOv2: 0.45)")
+    decontam_margin_rank: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="0: the cosine rule compares a pool image's nearest-evaluation cosine with "
+        "decontam_threshold_cos; r > 0: that cosine minus decontam_margin_weight x the cosine of its "
+        "(r+1)-th nearest evaluation image, a score normalisation with the evaluation set as the "
+        "background (SSCD, Pizzi et al. 2022, normalise with a background set's neighbours): an image "
+        "close to many evaluation images (a plain product) scores low, a copy of one of them high",
+    )
+    decontam_margin_weight: float = Field(
+        1.0, ge=0, le=1, description="the weight of the background cosine (decontam_margin_rank > 0)"
+    )
     copy_detection: CopyDetectionSpec = Field(
         default_factory=CopyDetectionSpec,
         description="pixel copy detection against the evaluation sets (crops, rotations, mirror, "
@@ -404,18 +417,24 @@ def search_part(spec: DedupSpec, store, part: int, planned: dict) -> dict:
     # queries): its cosine and its row in the evaluation sets concatenated in the spec's order
     top1 = np.full(hi - lo, -1.0, np.float32)
     top1_row = np.full(hi - lo, -1, np.int64)
+    kk = spec.decontam_margin_rank + 1  # with a margin, the background cosines too
+    topk = np.full((hi - lo, kk), -1.0, np.float32)
     offset = 0
     for eu in eval_vectors:
         ex = _normalized(read_embeddings(store, eu)[0], mean)
         res = knn.knn_search(
-            ex, x, 1, exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe
+            ex, x, min(kk, len(ex)), exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe
         )
-        better = res.sims[:, 0] > top1
-        top1 = np.where(better, res.sims[:, 0], top1)
+        sims = np.where(res.ids >= 0, res.sims, -1.0).astype(np.float32)
+        better = sims[:, 0] > top1
+        top1 = np.where(better, sims[:, 0], top1)
         top1_row = np.where(better & (res.ids[:, 0] >= 0), res.ids[:, 0] + offset, top1_row)
+        topk = -np.sort(-np.concatenate([topk, sims], axis=1), axis=1)[:, :kk]  # over every set
         offset += len(ex)
     put_npy(store, f"{where}/eval_top1.npy", top1)
     put_npy(store, f"{where}/eval_top1_row.npy", top1_row)
+    if kk > 1:
+        put_npy(store, f"{where}/eval_topk.npy", topk)
     copies, copy_report = copy_detection_rows(spec, store, lo, hi)
     if copies is not None:
         put_npy(store, f"{where}/copies.npy", copies.is_copy)
@@ -596,6 +615,9 @@ class SimilarityGraph:
     copy_row: object = None  # int64 [n]
     copy_error: object = None  # float32 [n]: best robust (geometric/occluder) error (inf: none)
     copy_global_error: object = None  # float32 [n]: best global-edit error (inf: none or off)
+    # float32 [n, K]: each pool row's K nearest evaluation cosines, over every set (decontam_margin_rank
+    # K - 1 > 0; None: only the nearest was kept)
+    eval_topk: object = None
 
 
 def similarity_graph(spec: DedupSpec, store, table, evals) -> SimilarityGraph:
@@ -611,7 +633,7 @@ def similarity_graph(spec: DedupSpec, store, table, evals) -> SimilarityGraph:
     parts = [run_phase(spec, store, "part", i) for i in range(spec.parts)]
     n = table.num_rows
     got: dict[str, list] = {"q": [], "j": [], "s": []}
-    top1, top1_row, copies, copy_row, copy_err, copy_glob = [], [], [], [], [], []
+    top1, top1_row, copies, copy_row, copy_err, copy_glob, topk = [], [], [], [], [], [], []
 
     def optional(uri, rows, fill, dtype):  # parts recorded before the file existed lack it
         return get_npy(store, uri) if store.exists(uri) else np.full(rows, fill, dtype)
@@ -623,6 +645,8 @@ def similarity_graph(spec: DedupSpec, store, table, evals) -> SimilarityGraph:
         top1.append(get_npy(store, f"{where}/eval_top1.npy"))
         rows = len(top1[-1])
         top1_row.append(optional(f"{where}/eval_top1_row.npy", rows, -1, np.int64))
+        if spec.decontam_margin_rank:
+            topk.append(get_npy(store, f"{where}/eval_topk.npy"))
         if parts[i].get("copy_detection"):
             copies.append(get_npy(store, f"{where}/copies.npy"))
             copy_row.append(optional(f"{where}/copy_row.npy", rows, -1, np.int64))
@@ -680,6 +704,7 @@ def similarity_graph(spec: DedupSpec, store, table, evals) -> SimilarityGraph:
         copy_row=np.concatenate(copy_row) if copies else None,
         copy_error=np.concatenate(copy_err) if copies else None,
         copy_global_error=np.concatenate(copy_glob) if copies else None,
+        eval_topk=np.concatenate(topk) if topk else None,
     )
 
 
@@ -688,6 +713,26 @@ RULES = ("exact", "phash", "embedding", "contamination")
 # by content hash, perceptual hash, nearest-evaluation cosine or verified pixel copy, else "group"
 # (a member of its duplicate group touched an evaluation set)
 CONTAMINATION_RULES = ("exact", "phash", "cosine", "copy", "group")
+
+
+def eval_scores(spec: DedupSpec, sim: SimilarityGraph):
+    """float32 [n]: what ``decontam_threshold_cos`` is compared with: each pool row's nearest-evaluation
+    cosine, less ``decontam_margin_weight`` x its (rank+1)-th nearest with a margin rank."""
+    import numpy as np
+
+    r = spec.decontam_margin_rank
+    top1 = np.asarray(sim.eval_top1, np.float32)
+    if r == 0:
+        return top1
+    have = 0 if sim.eval_topk is None else sim.eval_topk.shape[1]
+    if have <= r:
+        raise SpecError(
+            f"decontam_margin_rank {r} needs each pool image's {r + 1} nearest evaluation cosines; the "
+            f"similarity graph holds {max(have, 1)} (computed with a smaller decontam_margin_rank)"
+        )
+    background = sim.eval_topk[:, r]
+    background = np.where(background > -1, background, 0.0)  # -1: fewer evaluation images than r + 1
+    return (top1 - spec.decontam_margin_weight * background).astype(np.float32)
 
 
 def touch_rules(spec: DedupSpec, sim: SimilarityGraph):
@@ -700,7 +745,7 @@ def touch_rules(spec: DedupSpec, sim: SimilarityGraph):
     hash_rule = sim.hash_rule if sim.hash_rule is not None else np.where(sim.touched_hash, "exact", "")
     for name, hit in (
         ("copy", copy),
-        ("cosine", sim.eval_top1 > spec.decontam_threshold_cos),
+        ("cosine", (sim.eval_top1 > -1) & (eval_scores(spec, sim) > spec.decontam_threshold_cos)),
         ("phash", sim.touched_hash & (hash_rule == "phash")),
         ("exact", sim.touched_hash & (hash_rule != "phash")),
     ):  # the strongest written last
@@ -843,6 +888,8 @@ def _write_groups(spec: DedupSpec, store, table, out, sim: SimilarityGraph, eval
             # the row's own nearest-evaluation cosine, and its best copy-detection errors (inf: none):
             # robust (geometric/occluder, a copy at <= max_error) and global edit (<= global_max_error)
             "eval_cos": np.asarray(sim.eval_top1[listed], np.float32),
+            # what decontam_threshold_cos was compared with (eval_cos itself without a margin rank)
+            "eval_score": eval_scores(spec, sim)[listed],
             "copy_error": errors(sim.copy_error),
             "copy_global_error": errors(sim.copy_global_error),
         }
@@ -893,12 +940,20 @@ def build_report(spec: DedupSpec, table, out, sim: SimilarityGraph) -> dict:
         "keep_rule": "largest pixel area, then earliest manifest row",
         "grouping": spec.grouping,
         "decontamination_rule": "pool images whose nearest evaluation image is above "
-        "decontam_threshold_cos (or hash-equal, or a verified pixel copy), with their whole duplicate group",
+        "decontam_threshold_cos (or hash-equal, or a verified pixel copy), with their whole duplicate group"
+        + (
+            f"; the cosine less {spec.decontam_margin_weight} x that of the image's "
+            f"{spec.decontam_margin_rank + 1}-th nearest evaluation image"
+            if spec.decontam_margin_rank
+            else ""
+        ),
         "copy_detection": sim.copy_report,
         "compared": spec.vectors()[0],
         "thresholds": {
             "threshold_cos": spec.threshold_cos,
             "decontam_threshold_cos": spec.decontam_threshold_cos,
+            "decontam_margin_rank": spec.decontam_margin_rank,
+            "decontam_margin_weight": spec.decontam_margin_weight,
             "k": spec.k,
             "phash_max_bits": spec.phash_max_bits,
             "center": spec.center,
