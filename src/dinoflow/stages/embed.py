@@ -143,7 +143,8 @@ def loader_workers(requested: int | None, device: str, pixels: bool = False) -> 
     """DataLoader workers for the embed loop: ``requested``, or by default min(4, cpus - 1) when the
     model runs on a GPU (or is the cheap pixels embedder), else the cores torch's threads leave free.
     On 2 CPU cores with a 2-thread ViT the stage embedded 699 images/s with one worker and 760
-    decoding inline (``dinoflow bench embed --reps 5``): a worker's bursts stall the model's threads."""
+    decoding inline (``dinoflow bench embed --reps 5``): a worker's bursts stall the model's threads
+    (a prefetch thread did no better: its decode takes the same cores)."""
     import os
 
     import torch
