@@ -25,7 +25,9 @@ with the learned descriptor it does not run (candidates come from the descriptor
 
 Thresholds: ``threshold_cos`` = the validation threshold with the best duplicate recall among those
 at duplicate precision >= ``--target-dup-precision``; then ``decontam_threshold_cos`` likewise for
-contamination (>= ``--target-contam-precision``). Scores on the test pool (``dinoflow_tools.scoring``):
+contamination (>= ``--target-contam-precision``), for each decontamination rule of ``MARGINS`` (the
+plain nearest-evaluation cosine, or less a farther evaluation image's: ``decontam_margin_rank``); the
+rule with the best validation recall at the target is used. Scores on the test pool (``dinoflow_tools.scoring``):
 recall per family; precision per group (seen / held out): correct removals of the group's copies over
 those plus its copies' wrong removals plus EVERY wrong removal of a non-copy (clean images charged to
 both groups, so the group precisions are conservative).
@@ -311,6 +313,10 @@ GRID = sorted(
     | {round(0.9 + 0.0025 * i, 4) for i in range(40)}
     | {0.999, 0.9995}
 )
+# decontamination rules swept on the validation pool: (decontam_margin_rank, decontam_margin_weight);
+# (0, 0): the plain nearest-evaluation cosine. Margin scores sit lower, on their own grid.
+MARGINS = ((0, 0.0), (2, 0.5), (2, 1.0), (4, 1.0), (10, 1.0))
+MARGIN_GRID = sorted({round(-0.1 + 0.01 * i, 4) for i in range(111)} | set(GRID))
 
 
 def choose_thresholds(store, prefix: str, data: dict, fields: dict, label: str, a) -> dict:
@@ -327,15 +333,19 @@ def choose_thresholds(store, prefix: str, data: dict, fields: dict, label: str, 
 
     stage = get_stage("dedup")
     out_uri = join_uri(prefix, f"sweep-{label}-{fields['grouping']}-k{fields['k']}")
-    spec = stage.parse_spec({**fields, "output_uri": out_uri, "threshold_cos": GRID[0]})
+    max_rank = max(r for r, _ in MARGINS)
+    spec = stage.parse_spec(
+        {**fields, "output_uri": out_uri, "threshold_cos": GRID[0], "decontam_margin_rank": max_rank}
+    )
     table, _, evals = load_inputs(spec, store)
     sim = similarity_graph(spec, store, table, evals)
     keys = read_manifest(store, data["val_manifest_uri"]).column("key").to_pylist()
     g = ground_truth_arrays(read_ground_truth(store, data["val_gt_uri"]), keys)
 
-    def score(t: float, d: float) -> dict:
-        out = decide(spec.model_copy(update={"threshold_cos": t, "decontam_threshold_cos": d}), table, sim)
-        return score_outcome(g, out)
+    def score(t: float, d: float, rank: int = 0, weight: float = 0.0) -> dict:
+        update = {"threshold_cos": t, "decontam_threshold_cos": d}
+        update |= {"decontam_margin_rank": rank, "decontam_margin_weight": weight}
+        return score_outcome(g, decide(spec.model_copy(update=update), table, sim))
 
     def pick(rows: list[tuple[float, dict]], p_key: str, r_key: str, target: float) -> tuple[float, bool]:
         ok = [(s[r_key], t) for t, s in rows if s[p_key] >= target and s[r_key] > 0]
@@ -345,16 +355,46 @@ def choose_thresholds(store, prefix: str, data: dict, fields: dict, label: str, 
 
     dup_rows = [(t, score(t, 1.0)) for t in GRID]
     t_dup, dup_met = pick(dup_rows, "dup_precision", "dup_recall", a.target_dup_precision)
-    con_rows = [(d, score(t_dup, d)) for d in GRID]
-    t_con, con_met = pick(
-        con_rows, "contamination_precision", "contamination_recall", a.target_contam_precision
+    sweep = []  # per decontamination rule: its best threshold at the precision target
+    for rank, weight in MARGINS:
+        con_rows = [(d, score(t_dup, d, rank, weight)) for d in (MARGIN_GRID if rank else GRID)]
+        t_con, con_met = pick(
+            con_rows, "contamination_precision", "contamination_recall", a.target_contam_precision
+        )
+        got = score(t_dup, t_con, rank, weight)
+        sweep.append(
+            {
+                "decontam_margin_rank": rank,
+                "decontam_margin_weight": weight,
+                "decontam_threshold_cos": t_con,
+                "contam_target_met": con_met,
+                "val_contamination_precision": got["contamination_precision"],
+                "val_contamination_recall": got["contamination_recall"],
+            }
+        )
+    # the rule with the best validation recall at the target (ties: the plainer rule, listed first)
+    best = max(
+        sweep,
+        key=lambda r: (
+            r["contam_target_met"],
+            r["val_contamination_recall"],
+            r["val_contamination_precision"],
+        ),
     )
-    final = score(t_dup, t_con)
+    rank, weight, t_con = (
+        best["decontam_margin_rank"],
+        best["decontam_margin_weight"],
+        best["decontam_threshold_cos"],
+    )
+    final = score(t_dup, t_con, rank, weight)
     return {
         "threshold_cos": t_dup,
         "decontam_threshold_cos": t_con,
+        "decontam_margin_rank": rank,
+        "decontam_margin_weight": weight,
+        "margin_sweep": sweep,
         "dup_target_met": dup_met,
-        "contam_target_met": con_met,
+        "contam_target_met": best["contam_target_met"],
         "val_dup_precision": final["dup_precision"],
         "val_dup_recall": final["dup_recall"],
         "val_contamination_precision": final["contamination_precision"],
@@ -437,12 +477,15 @@ def test_run(store, prefix: str, data: dict, fields: dict, thr: dict, label: str
 
     stage = get_stage("dedup")
     t, d = thr["threshold_cos"], thr["decontam_threshold_cos"]
+    r, w = thr["decontam_margin_rank"], thr["decontam_margin_weight"]
     spec = stage.parse_spec(
         {
             **fields,
-            "output_uri": join_uri(prefix, f"dedup-{label}-t{t}-d{d}-{fields['grouping']}"),
+            "output_uri": join_uri(prefix, f"dedup-{label}-t{t}-d{d}-m{r}x{w}-{fields['grouping']}"),
             "threshold_cos": t,
             "decontam_threshold_cos": d,
+            "decontam_margin_rank": r,
+            "decontam_margin_weight": w,
         }
     )
     t0 = time.perf_counter()
@@ -465,9 +508,9 @@ def test_run(store, prefix: str, data: dict, fields: dict, thr: dict, label: str
     }
 
 
-def fmnist_flagged(store, emb: dict, embedder: str, decontam: float) -> float:
-    """Share of Fashion-MNIST train images whose nearest test image is above ``decontam`` (the
-    dedup stage's decontamination rule on embeddings; no planted copies)."""
+def fmnist_flagged(store, emb: dict, embedder: str, thr: dict) -> float:
+    """Share of Fashion-MNIST train images the dedup stage's cosine decontamination rule (``thr``:
+    threshold and margin) flags against the 10k test images; no planted copies."""
     from dinoflow.curation import knn
     from dinoflow.curation.descriptors import l2_normalize
     from dinoflow.data.embeddings import read_embeddings
@@ -477,8 +520,10 @@ def fmnist_flagged(store, emb: dict, embedder: str, decontam: float) -> float:
     if CENTER[embedder]:
         mean = tr.mean(0, keepdims=True)
         tr, te = tr - mean, te - mean
-    res = knn.knn_search(l2_normalize(te), l2_normalize(tr), 1)
-    return round(float((res.sims[:, 0] > decontam).mean()), 5)
+    rank, weight = thr["decontam_margin_rank"], thr["decontam_margin_weight"]
+    res = knn.knn_search(l2_normalize(te), l2_normalize(tr), rank + 1)
+    score = res.sims[:, 0] - (weight * res.sims[:, rank] if rank else 0.0)
+    return round(float((score > thr["decontam_threshold_cos"]).mean()), 5)
 
 
 def main(argv: list[str]) -> None:
@@ -550,9 +595,7 @@ def main(argv: list[str]) -> None:
             fields_test = _spec_fields(data, base, e, "test", a, desc)
             res = test_run(store, prefix, data, fields_test, thr, label[e])
             res["thresholds"] = thr
-            res["fmnist_train_flagged_fraction"] = fmnist_flagged(
-                store, emb[e], e, thr["decontam_threshold_cos"]
-            )
+            res["fmnist_train_flagged_fraction"] = fmnist_flagged(store, emb[e], e, thr)
             res["embed_seconds_test_pool"] = emb[e]["test_seconds"]
             res["seconds_per_1k_images"] = round(
                 1000 * (emb[e]["test_seconds"] + res["dedup_seconds"]) / data["sizes"]["test_pool"], 3
@@ -610,7 +653,8 @@ def _print(results: dict, data: dict, trained: dict, embedders: list[str]) -> No
         r = results[e]
         t = r["thresholds"]
         print(
-            f"{e}: thresholds {t['threshold_cos']}/{t['decontam_threshold_cos']} (validation dup P "
+            f"{e}: thresholds {t['threshold_cos']}/{t['decontam_threshold_cos']} (margin rank "
+            f"{t['decontam_margin_rank']} x {t['decontam_margin_weight']}; validation dup P "
             f"{t['val_dup_precision']} R {t['val_dup_recall']}, contamination P {t['val_contamination_precision']} "
             f"R {t['val_contamination_recall']}); seen dup P {r['seen']['dup_precision']} R {r['seen']['dup_recall']}, "
             f"held-out dup P {r['heldout']['dup_precision']} R {r['heldout']['dup_recall']}, held-out contamination "
