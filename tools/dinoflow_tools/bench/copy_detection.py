@@ -526,6 +526,32 @@ def fmnist_flagged(store, emb: dict, embedder: str, thr: dict) -> float:
     return round(float((score > thr["decontam_threshold_cos"]).mean()), 5)
 
 
+def plain_rule(
+    store, prefix, data, fields, thr: dict, label: str, emb: dict, embedder: str, res: dict
+) -> dict:
+    """The test figures of the plain nearest-evaluation cosine rule at its own validation threshold
+    (the first rule of the sweep), to set beside the chosen rule's: what the margin changed."""
+    plain = thr["margin_sweep"][0]
+    t = {
+        **thr,
+        **{k: plain[k] for k in ("decontam_threshold_cos", "decontam_margin_rank", "decontam_margin_weight")},
+    }
+    if (t["decontam_margin_rank"], t["decontam_threshold_cos"]) != (
+        thr["decontam_margin_rank"],
+        thr["decontam_threshold_cos"],
+    ):
+        res = test_run(store, prefix, data, fields, t, label)
+    return {
+        "decontam_threshold_cos": t["decontam_threshold_cos"],
+        **{
+            f"{g}_contamination_{m}": res[g][f"contamination_{m}"]
+            for g in ("heldout", "seen")
+            for m in ("recall", "precision")
+        },
+        "fmnist_train_flagged_fraction": fmnist_flagged(store, emb, embedder, t),
+    }
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="dinoflow bench copy-detection", description=__doc__)
     ap.add_argument("--pool-size", type=int, default=10_000, help="base images of the test pool")
@@ -600,6 +626,7 @@ def main(argv: list[str]) -> None:
             res["seconds_per_1k_images"] = round(
                 1000 * (emb[e]["test_seconds"] + res["dedup_seconds"]) / data["sizes"]["test_pool"], 3
             )
+            res["plain_rule"] = plain_rule(store, prefix, data, fields_test, thr, label[e], emb[e], e, res)
             results[e] = res
     _print(results, data, trained, embedders)
     learned = results["learned"]
@@ -660,6 +687,13 @@ def _print(results: dict, data: dict, trained: dict, embedders: list[str]) -> No
             f"held-out dup P {r['heldout']['dup_precision']} R {r['heldout']['dup_recall']}, held-out contamination "
             f"P {r['heldout']['contamination_precision']} R {r['heldout']['contamination_recall']}; Fashion-MNIST "
             f"train flagged {r['fmnist_train_flagged_fraction']}; {r['seconds_per_1k_images']} s per 1k pool images"
+        )
+        q = r["plain_rule"]
+        print(
+            f"  {e} with the plain cosine rule (validation threshold {q['decontam_threshold_cos']}): held-out "
+            f"contamination P {q['heldout_contamination_precision']} R {q['heldout_contamination_recall']}, "
+            f"seen P {q['seen_contamination_precision']} R {q['seen_contamination_recall']}; Fashion-MNIST "
+            f"train flagged {q['fmnist_train_flagged_fraction']}"
         )
 
 
