@@ -423,7 +423,12 @@ def search_part(spec: DedupSpec, store, part: int, planned: dict) -> dict:
     for eu in eval_vectors:
         ex = _normalized(read_embeddings(store, eu)[0], mean)
         res = knn.knn_search(
-            ex, x, min(kk, len(ex)), exact_max_pool=spec.exact_max_pool, force=spec.index, nprobe=spec.nprobe
+            ex,
+            x,
+            max(1, min(kk, len(ex))),
+            exact_max_pool=spec.exact_max_pool,
+            force=spec.index,
+            nprobe=spec.nprobe,
         )
         sims = np.where(res.ids >= 0, res.sims, -1.0).astype(np.float32)
         better = sims[:, 0] > top1
