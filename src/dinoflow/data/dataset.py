@@ -144,7 +144,7 @@ class RowBatches(IterableDataset):
         for lo in range(worker * b, n, workers * b):
             rows = range(lo, min(n, lo + b))
             outs = [self.transform(decode_image(index.read(self.shard[r], self.member[r]))) for r in rows]
-            stacked = [_stack([o[i] for o in outs]) for i in range(len(outs[0]))]
+            stacked: list[Any] = [_stack([o[i] for o in outs]) for i in range(len(outs[0]))]
             if self.batch_transform is not None:
                 stacked = list(self.batch_transform(*stacked))
             yield (*stacked, torch.arange(self.first_row + rows.start, self.first_row + rows.stop))

@@ -729,13 +729,14 @@ def eval_scores(spec: DedupSpec, sim: SimilarityGraph):
     top1 = np.asarray(sim.eval_top1, np.float32)
     if r == 0:
         return top1
-    have = 0 if sim.eval_topk is None else sim.eval_topk.shape[1]
-    if have <= r:
+    topk = None if sim.eval_topk is None else np.asarray(sim.eval_topk, np.float32)
+    have = 0 if topk is None else topk.shape[1]
+    if topk is None or have <= r:
         raise SpecError(
             f"decontam_margin_rank {r} needs each pool image's {r + 1} nearest evaluation cosines; the "
             f"similarity graph holds {max(have, 1)} (computed with a smaller decontam_margin_rank)"
         )
-    background = sim.eval_topk[:, r]
+    background = topk[:, r]
     background = np.where(background > -1, background, 0.0)  # -1: fewer evaluation images than r + 1
     return (top1 - spec.decontam_margin_weight * background).astype(np.float32)
 
