@@ -58,6 +58,18 @@ class DedupOutcome:
         return [order[s:e] for s, e in zip(cuts[:-1], cuts[1:], strict=True) if e - s > 1]
 
 
+def margin_scores(topk: np.ndarray, rank: int, weight: float) -> np.ndarray:
+    """Decontamination scores from each pool image's nearest evaluation cosines ``topk`` [n, K]
+    (descending): the nearest less ``weight`` x the (rank+1)-th (rank 0: the nearest itself), a score
+    normalisation with the evaluation set as the background. A -1 column (fewer evaluation images
+    than rank + 1) subtracts nothing."""
+    top1 = np.asarray(topk[:, 0], np.float32)
+    if rank == 0:
+        return top1
+    background = np.asarray(topk[:, rank], np.float32)
+    return (top1 - weight * np.where(background > -1, background, 0.0)).astype(np.float32)
+
+
 def select_representatives(labels: np.ndarray, area: np.ndarray | None = None) -> np.ndarray:
     """Kept row of each row's component: largest ``area``, then earliest row."""
     n = len(labels)

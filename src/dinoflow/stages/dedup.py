@@ -725,10 +725,11 @@ def eval_scores(spec: DedupSpec, sim: SimilarityGraph):
     cosine, less ``decontam_margin_weight`` x its (rank+1)-th nearest with a margin rank."""
     import numpy as np
 
+    from dinoflow.curation.dedup import margin_scores
+
     r = spec.decontam_margin_rank
-    top1 = np.asarray(sim.eval_top1, np.float32)
     if r == 0:
-        return top1
+        return np.asarray(sim.eval_top1, np.float32)
     topk = None if sim.eval_topk is None else np.asarray(sim.eval_topk, np.float32)
     have = 0 if topk is None else topk.shape[1]
     if topk is None or have <= r:
@@ -736,9 +737,7 @@ def eval_scores(spec: DedupSpec, sim: SimilarityGraph):
             f"decontam_margin_rank {r} needs each pool image's {r + 1} nearest evaluation cosines; the "
             f"similarity graph holds {max(have, 1)} (computed with a smaller decontam_margin_rank)"
         )
-    background = topk[:, r]
-    background = np.where(background > -1, background, 0.0)  # -1: fewer evaluation images than r + 1
-    return (top1 - spec.decontam_margin_weight * background).astype(np.float32)
+    return margin_scores(topk, r, spec.decontam_margin_weight)
 
 
 def touch_rules(spec: DedupSpec, sim: SimilarityGraph):

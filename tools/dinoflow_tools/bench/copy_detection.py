@@ -355,13 +355,14 @@ def choose_thresholds(store, prefix: str, data: dict, fields: dict, label: str, 
 
     dup_rows = [(t, score(t, 1.0)) for t in GRID]
     t_dup, dup_met = pick(dup_rows, "dup_precision", "dup_recall", a.target_dup_precision)
-    sweep = []  # per decontamination rule: its best threshold at the precision target
+    sweep, scored = [], []  # per decontamination rule: its best threshold at the precision target
     for rank, weight in MARGINS:
         con_rows = [(d, score(t_dup, d, rank, weight)) for d in (MARGIN_GRID if rank else GRID)]
         t_con, con_met = pick(
             con_rows, "contamination_precision", "contamination_recall", a.target_contam_precision
         )
         got = score(t_dup, t_con, rank, weight)
+        scored.append(got)
         sweep.append(
             {
                 "decontam_margin_rank": rank,
@@ -373,25 +374,20 @@ def choose_thresholds(store, prefix: str, data: dict, fields: dict, label: str, 
             }
         )
     # the rule with the best validation recall at the target (ties: the plainer rule, listed first)
-    best = max(
-        sweep,
-        key=lambda r: (
-            r["contam_target_met"],
-            r["val_contamination_recall"],
-            r["val_contamination_precision"],
+    i = max(
+        range(len(sweep)),
+        key=lambda i: (
+            sweep[i]["contam_target_met"],
+            sweep[i]["val_contamination_recall"],
+            sweep[i]["val_contamination_precision"],
         ),
     )
-    rank, weight, t_con = (
-        best["decontam_margin_rank"],
-        best["decontam_margin_weight"],
-        best["decontam_threshold_cos"],
-    )
-    final = score(t_dup, t_con, rank, weight)
+    best, final = sweep[i], scored[i]
     return {
         "threshold_cos": t_dup,
-        "decontam_threshold_cos": t_con,
-        "decontam_margin_rank": rank,
-        "decontam_margin_weight": weight,
+        "decontam_threshold_cos": best["decontam_threshold_cos"],
+        "decontam_margin_rank": best["decontam_margin_rank"],
+        "decontam_margin_weight": best["decontam_margin_weight"],
         "margin_sweep": sweep,
         "dup_target_met": dup_met,
         "contam_target_met": best["contam_target_met"],
@@ -512,6 +508,7 @@ def fmnist_flagged(store, emb: dict, embedder: str, thr: dict) -> float:
     """Share of Fashion-MNIST train images the dedup stage's cosine decontamination rule (``thr``:
     threshold and margin) flags against the 10k test images; no planted copies."""
     from dinoflow.curation import knn
+    from dinoflow.curation.dedup import margin_scores
     from dinoflow.curation.descriptors import l2_normalize
     from dinoflow.data.embeddings import read_embeddings
 
@@ -522,7 +519,7 @@ def fmnist_flagged(store, emb: dict, embedder: str, thr: dict) -> float:
         tr, te = tr - mean, te - mean
     rank, weight = thr["decontam_margin_rank"], thr["decontam_margin_weight"]
     res = knn.knn_search(l2_normalize(te), l2_normalize(tr), rank + 1)
-    score = res.sims[:, 0] - (weight * res.sims[:, rank] if rank else 0.0)
+    score = margin_scores(res.sims, rank, weight)  # the dedup stage's rule
     return round(float((score > thr["decontam_threshold_cos"]).mean()), 5)
 
 
