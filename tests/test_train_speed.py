@@ -14,7 +14,7 @@ from dinoflow.errors import SpecError
 from dinoflow.methods.base import BatchView, StepState
 from dinoflow.methods.dinov2 import DINOv2
 from dinoflow.train.config import TrainConfig
-from dinoflow.train.trainer import build_method, make_optimizer, speed_up, train_step
+from dinoflow.train.trainer import bf16_autocast, build_method, make_optimizer, speed_up, train_step
 
 torch.set_num_threads(2)
 HEAD = {
@@ -138,6 +138,79 @@ def test_bf16_prototype_matmuls_with_float32_softmax_and_losses():
     assert softmaxes and all(i[0][0] == torch.float32 for _, i in softmaxes), softmaxes
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(v.dtype in (torch.float32, torch.float64) for v in logs.values())
+
+
+def test_fp32_heads_run_the_prototypes_in_float32_under_autocast():
+    """``fp32_heads``: the heads' matmuls leave autocast (float32) while the backbone's stay bf16."""
+    cfg = _cfg(fp32_heads=True)
+    torch.manual_seed(0)
+    m = speed_up(build_method(cfg), cfg)
+    batch = m.prepare(_images(), BatchView(torch.Generator().manual_seed(0), 0, 8))
+    k = cfg.dinov2.head_prototypes
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Ops() as rec:
+        loss, _ = m(batch, StepState(0, 10))
+    mms = [o for op, _, o in rec.ops if op in ("mm", "addmm", "linear") and o]
+    proto = [o for o in mms if o[0][1][-1] == k]
+    assert proto and all(o[0][0] == torch.float32 for o in proto), proto
+    assert any(o[0][0] == torch.bfloat16 for o in mms)  # the backbone's linear layers
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_on_the_cpu_needs_its_matrix_units(monkeypatch, amx):
+    """``bf16`` on a CPU without AMX is refused (it would run slower than float32); ``auto`` falls back."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert bf16_autocast("fp32", cpu) is False
+    assert bf16_autocast("auto", cpu) is amx
+    if amx:
+        assert bf16_autocast("bf16", cpu) is True
+    else:
+        with pytest.raises(SpecError, match="no bf16 matrix units"):
+            bf16_autocast("bf16", cpu)
+
+
+def _attention_modules(method) -> list[torch.nn.Module]:
+    return [m for m in method.modules() if hasattr(m, "fused_attn")]
+
+
+def test_explicit_attention_is_the_fused_kernels_maths():
+    torch.manual_seed(0)
+    bb = build_method(_cfg()).student["backbone"].eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        fused = bb.encode(x)
+        bb.set_fused_attention(False)
+        explicit = bb.encode(x)
+    torch.testing.assert_close(explicit["cls"], fused["cls"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(explicit["patch"], fused["patch"], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_step_on_the_cpu_runs_explicit_attention_and_learns(monkeypatch):
+    """With bf16 on the CPU every backbone (student and teacher) drops the fused attention kernel,
+    whose bf16 backward is slow there; a float32 config keeps it. The bf16 steps give finite losses
+    within bf16 rounding of the float32 ones."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    cpu = torch.device("cpu")
+    fp32 = speed_up(build_method(_cfg()), _cfg(), cpu)
+    assert _attention_modules(fp32) and all(m.fused_attn for m in _attention_modules(fp32))
+    cfg = _cfg(precision="bf16")
+    torch.manual_seed(0)
+    method = speed_up(build_method(cfg), cfg, cpu)
+    assert len(_attention_modules(method)) == len(_attention_modules(fp32))
+    assert not any(m.fused_attn for m in _attention_modules(method))
+    ref, _ = _run(_cfg(), steps=2)
+    opt = make_optimizer(method, cfg, cpu)
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 1e-3 * g["lr_mult"], 0.04 * g["wd_mult"]
+    method.train()
+    losses = []
+    for step in range(2):
+        torch.manual_seed(100 + step)
+        view = BatchView(torch.Generator().manual_seed(step), 0, cfg.batch_size)
+        loss, _ = train_step(method, method, opt, _images(cfg.batch_size), view, StepState(step, 10, 5), True)
+        losses.append(loss.item())
+    assert losses == pytest.approx(ref, rel=0.02)
 
 
 @pytest.mark.slow

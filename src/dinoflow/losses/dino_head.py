@@ -32,6 +32,8 @@ class DINOHead(nn.Module):
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        # float32 under autocast (TrainConfig.fp32_heads): a setting, not state (no buffer, no checkpoint)
+        self.float32 = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -42,6 +44,12 @@ class DINOHead(nn.Module):
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.float32 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.float())
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.mlp(x)
         eps = 1e-6 if z.dtype == torch.float16 else 1e-12
         z = F.normalize(z, dim=-1, eps=eps)

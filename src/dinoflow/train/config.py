@@ -69,7 +69,16 @@ class TrainConfig(BaseModel):
     epochs: float | None = Field(None, gt=0, description="passes over the data; overrides steps when set")
     batch_size: int = Field(64, ge=1, description="global batch size (all processes)")
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only)")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32",
+        description="bf16 autocast (CUDA, or a CPU with bf16 matrix units: AMX); auto: bf16 where the "
+        "device has them, else fp32",
+    )
+    fp32_heads: bool = Field(
+        False,
+        description="under bf16 autocast, run the DINO/iBOT heads (MLP, prototypes) in float32: bf16's "
+        "8-bit mantissa blurs the teacher's sharp (temperature 0.04) targets (README, *The CPU recipe*)",
+    )
     compile: bool = Field(False, description="torch.compile the backbone blocks")
     compile_heads: bool = Field(
         False, description="also torch.compile the DINO heads and the loss modules (fused softmax terms)"

@@ -63,7 +63,9 @@ class TrainOutcome:
 
 __all__ = [
     "TrainOutcome",
+    "bf16_autocast",
     "build_method",
+    "fast_bf16",
     "make_optimizer",
     "speed_up",
     "stream_plan",
@@ -72,13 +74,41 @@ __all__ = [
 ]
 
 
-def speed_up(method: Method, cfg: TrainConfig) -> Method:
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively: a CUDA GPU with bf16 (Ampere or newer), or
+    a CPU with AMX tiles (Intel Sapphire Rapids or newer), where oneDNN runs bf16 matmuls ~4-5x faster
+    than float32 ones (README, *The CPU recipe*)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(probe is not None and probe())
+    return False
+
+
+def bf16_autocast(precision: str, device: torch.device) -> bool:
+    """Whether the step runs under bf16 autocast: ``bf16`` asks for it (an error where the device has
+    no bf16 matrix units: it would run slower than float32), ``auto`` takes it where it is fast."""
+    if precision == "fp32":
+        return False
+    fast = fast_bf16(device)
+    if precision == "bf16" and not fast:
+        raise SpecError(
+            f"precision bf16 on {device.type}: this device has no bf16 matrix units (a CUDA GPU from Ampere "
+            "on, or a CPU with AMX); use precision fp32, or auto to choose per device"
+        )
+    return fast
+
+
+def speed_up(method: Method, cfg: TrainConfig, device: torch.device | None = None) -> Method:
     """Apply the config's speed/memory settings in place, before any sharding: activation
     checkpointing of every backbone that trains, ``torch.compile`` of each transformer block
     (``compile``; one graph per input shape and grad mode, shared by all the blocks of that shape)
     and of the DINO heads and loss modules (``compile_heads``; dynamic in the iBOT patch count).
     Module names and parameters are unchanged, so optimizer groups, checkpoints and FSDP2 units are
-    the same with and without them."""
+    the same with and without them. Under bf16 autocast on the CPU (``device``), attention runs as
+    explicit matmuls instead of the fused kernel (``Backbone.set_fused_attention``); ``fp32_heads``
+    runs the DINO heads in float32 under autocast."""
     from dinoflow.losses import DINOHead, DINOLoss, IBOTPatchLoss, KoLeoLoss
     from dinoflow.models.backbone import Backbone
 
@@ -88,6 +118,11 @@ def speed_up(method: Method, cfg: TrainConfig) -> Method:
             raise SpecError("activation_checkpointing is on but no backbone of the method trains")
         for bb in trained:
             bb.activation_checkpointing = True
+    if device is not None and device.type == "cpu" and bf16_autocast(cfg.precision, device):
+        for bb in (m for m in method.modules() if isinstance(m, Backbone)):
+            bb.set_fused_attention(False)
+    for head in (m for m in method.modules() if isinstance(m, DINOHead)):
+        head.float32 = cfg.fp32_heads
     for name, mod in method.named_modules():
         if cfg.compile and name.endswith("blocks") and isinstance(mod, nn.Sequential | nn.ModuleList):
             for blk in mod:  # static shapes: one graph per crop size (global, local), specialised kernels
@@ -103,7 +138,7 @@ def _trains(module: nn.Module) -> bool:
 
 def _wrap(method: Method, cfg: TrainConfig, ctx: DistContext) -> nn.Module:
     """The module whose forward the loop calls (DDP wrapper, or the FSDP2-sharded method)."""
-    speed_up(method, cfg)
+    speed_up(method, cfg, ctx.device)
     if not ctx.enabled:
         return method
     if cfg.distributed == "fsdp2":
@@ -147,7 +182,8 @@ def train_step(
     ``method`` or its DDP/FSDP2 wrapper. Returns the loss and the logs as device tensors (nothing
     here waits for the device). The trainer and ``dinoflow bench train-step`` both run exactly this."""
     batch = method.prepare(x, view)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+    device_type = next(method.parameters()).device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
         loss, logs = model(batch, state)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -239,7 +275,11 @@ def train(
 
     if ctx.is_main and cfg.metrics_port:
         metrics.serve_metrics(cfg.metrics_port)
-    autocast = cfg.precision == "bf16" and ctx.device.type == "cuda"
+    autocast = bf16_autocast(cfg.precision, ctx.device)
+    if ctx.is_main and cfg.precision != "fp32":
+        log.info(
+            "precision %s on %s: %s", cfg.precision, ctx.device.type, "bf16 autocast" if autocast else "fp32"
+        )
     peak_lr = cfg.peak_lr()
     bar = None
     if progress and ctx.is_main:

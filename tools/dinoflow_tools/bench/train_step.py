@@ -73,6 +73,7 @@ def step_config(
     compile_heads: bool = False,
     activation_checkpointing: bool = False,
     ibot_separate_head: bool = False,
+    fp32_heads: bool = False,
     head_bottleneck_dim: int | None = None,
 ) -> Any:
     """The TrainConfig of the measured step: for tiny (<= 32 px) backbones the ``fashion-mnist-cpu``
@@ -107,6 +108,7 @@ def step_config(
         precision=precision,
         compile=compile,
         compile_heads=compile_heads,
+        fp32_heads=fp32_heads,
         activation_checkpointing=activation_checkpointing,
         dinov2=dinov2,
         crops=crops,
@@ -203,11 +205,16 @@ def main(argv: list[str]) -> None:
 
     from dinoflow.errors import SpecError
     from dinoflow.methods.base import BatchView, StepState
-    from dinoflow.train.trainer import build_method, make_optimizer, speed_up, train_step
+    from dinoflow.train.trainer import bf16_autocast, build_method, make_optimizer, speed_up, train_step
 
     p = argparse.ArgumentParser(prog="dinoflow bench train-step", description=__doc__)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast (CUDA)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16 autocast (CUDA, or a CPU with AMX)",
+    )
     p.add_argument("--backbone", default="vit_small_p7_28", help="a dinoflow backbone name")
     p.add_argument("--global-px", type=int, default=None, help="global crop size (28 tiny, 224 else)")
     p.add_argument("--local-px", type=int, default=None, help="local crop size (14 tiny, 98 else)")
@@ -220,6 +227,7 @@ def main(argv: list[str]) -> None:
     )
     p.add_argument("--head-prototypes", type=int, default=None, help="override the head's prototypes")
     p.add_argument("--head-bottleneck-dim", type=int, default=None, help="override the heads' bottleneck")
+    p.add_argument("--fp32-heads", action="store_true", help="the DINO heads in float32 under bf16 autocast")
     p.add_argument(
         "--ibot-separate-head", action="store_true", help="a separate iBOT head (DINOv2 ViT-g recipe)"
     )
@@ -255,9 +263,7 @@ def main(argv: list[str]) -> None:
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SpecError("--device cuda but torch sees no CUDA device")
-    autocast = a.precision == "bf16" and dev.type == "cuda"
-    if a.precision == "bf16" and not autocast:
-        raise SpecError("--precision bf16 runs on CUDA only (the trainer's autocast is CUDA-only)")
+    autocast = bf16_autocast(a.precision, dev)  # the trainer's rule: bf16 needs bf16 matrix units
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -273,6 +279,7 @@ def main(argv: list[str]) -> None:
         a.local_crops,
         a.head_prototypes,
         ibot_separate_head=a.ibot_separate_head,
+        fp32_heads=a.fp32_heads,
         head_bottleneck_dim=a.head_bottleneck_dim,
     )
     torch.manual_seed(0)
@@ -306,7 +313,7 @@ def main(argv: list[str]) -> None:
         glob, loc, masks = fixed["global"], fixed["local"], fixed["masks"]
 
         def backbone_step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 with torch.no_grad():
                     tb.encode(glob)
                 out = bb.encode(glob, masks)
@@ -388,6 +395,7 @@ def main(argv: list[str]) -> None:
         "backbone": a.backbone,
         "device": device_name,
         "precision": a.precision,
+        "fp32_heads": a.fp32_heads,
         "global_crops": f"{cfg.crops.global_crops_number}x{cfg.crops.global_crop_px}px",
         "local_crops": f"{cfg.crops.local_crops_number}x{cfg.crops.local_crop_px}px",
         "head_prototypes": cfg.dinov2.head_prototypes,
@@ -426,6 +434,7 @@ def main(argv: list[str]) -> None:
             cfg.model_copy(
                 update={**delta, "activation_checkpointing": i == 0 and a.activation_checkpointing}
             ),
+            dev,
         )
         applied = want
         fig: dict[str, Any] | None = None
