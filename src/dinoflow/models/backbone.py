@@ -54,7 +54,7 @@ class Backbone(nn.Module):
         matmuls run on the CPU's bf16 matrix units and the softmax stays float32 under autocast."""
         for m in self.model.modules():
             if hasattr(m, "fused_attn"):
-                m.fused_attn = bool(on)
+                m.fused_attn = bool(on)  # type: ignore[assignment]  # timm reads it at each forward
 
     @property
     def activation_checkpointing(self) -> bool:
