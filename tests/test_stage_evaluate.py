@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dinoflow.data.ingest import fashion_mnist_spec
-from dinoflow.errors import SpecError
+from dinoflow.errors import DinoflowError, SpecError
 from dinoflow.models import create_backbone, export_backbone
 from dinoflow.stages import get_stage
 
@@ -118,6 +118,26 @@ def test_evaluate_writes_metrics_report_card_and_caches_features(store, bucket_u
     )
     assert res2.feature_cache_hit and res2.feature_uris == res.feature_uris
     assert res2.metrics["knn_top1_k20"] == res.metrics["knn_top1_k20"]
+    # ... nor the raw-pixel baseline: one JSON entry beside the features, read back, not rewritten
+    (entry,) = [u for u in store.list(bucket_uri + "/a/features") if "pixel-baseline-" in u]
+    assert res2.baseline_metrics == res.baseline_metrics and res.baseline_metrics["knn_top1"] > 0.5
+    etag = store.stat(entry)["etag"]
+    stage.run(
+        stage.parse_spec(
+            _spec(bucket_uri + "/c", fmnist, backbone_uri, feature_cache_uri=bucket_uri + "/a/features")
+        ),
+        store,
+    )
+    assert store.stat(entry)["etag"] == etag
+    # a damaged entry is refused with its name (JSON only: nothing read from the cache runs code)
+    store.put_bytes(entry, b"not json")
+    with pytest.raises(DinoflowError, match="not a pixel-baseline cache entry"):
+        stage.run(
+            stage.parse_spec(
+                _spec(bucket_uri + "/d", fmnist, backbone_uri, feature_cache_uri=bucket_uri + "/a/features")
+            ),
+            store,
+        )
 
 
 def test_evaluate_refuses_bad_inputs_early(store, bucket_uri, fmnist, backbone_uri):

@@ -152,8 +152,16 @@ def demo_arguments(
             }
         ),
         "distill_spec": _J({"students": ["vit_micro_p7_28"], "steps": 300, "batch_size": 128}),
+        # one feature cache for the teacher's and the student's evaluations: the raw-pixel baseline
+        # (every protocol on 60k x 784 pixels) is computed by the first and read by the second
         "evaluate_spec": _J(
-            {"knn_k": [20], "linear_lrs": [0.03, 0.1], "linear_epochs": 5, "logreg_cs": [1.0]}
+            {
+                "knn_k": [20],
+                "linear_lrs": [0.03, 0.1],
+                "linear_epochs": 5,
+                "logreg_cs": [1.0],
+                "feature_cache_uri": f"{output_root}/eval-cache",
+            }
         ),
         "promote_spec": _J({"metric": "knn_top1"}),
         "model_name": "fmnist-demo",

@@ -191,6 +191,7 @@ class _Features:
     feats: dict[str, Any] = field(default_factory=dict)
     uris: dict[str, str] = field(default_factory=dict)
     hits: list[bool] = field(default_factory=list)
+    data_keys: dict[str, str] = field(default_factory=dict)  # the split's images, whatever the backbone
 
 
 def _load_inputs(spec: EvaluateSpec, store: Any) -> _Inputs:
@@ -243,16 +244,15 @@ def _features(spec: EvaluateSpec, store: Any, inp: _Inputs) -> _Features:
         src = spec.train_manifest_uri if split == "train" else spec.test_manifest_uri
         imgs, labs = load_images(store, t, channels=backbone.in_chans, size_px=backbone.img_size)
         out.images[split], out.labels[split] = imgs, labs
-        key = cache_key(
-            backbone=bb_version,
-            manifest=src,
-            manifest_etag=store.stat(src)["etag"],
-            rows=t.column("key").to_pylist()[:3] + [t.num_rows],
-            limit=spec.max_train_images if split == "train" else spec.max_test_images,
-            seed=spec.seed,
-            n_last=n_last,
-            v=1,
-        )
+        data = {
+            "manifest": src,
+            "manifest_etag": store.stat(src)["etag"],
+            "rows": t.column("key").to_pylist()[:3] + [t.num_rows],
+            "limit": spec.max_train_images if split == "train" else spec.max_test_images,
+            "seed": spec.seed,
+        }
+        out.data_keys[split] = cache_key(**data)
+        key = cache_key(backbone=bb_version, **data, n_last=n_last, v=1)
         uri = join_uri(cache, f"{split}-{key}.safetensors")
         out.uris[split] = uri
         fs, hit = cached_features(
@@ -341,26 +341,61 @@ class _Outcome:
     details: dict[str, str]
 
 
+def _pixel_baseline(
+    spec: EvaluateSpec, store: Any, f: _Features, num_classes: int, params: Any
+) -> dict[str, float]:
+    """Every protocol on raw pixels. It depends on the images and the protocol settings alone, not on
+    the backbone, so it is cached as JSON beside the features: evaluations that share a
+    ``feature_cache_uri`` (the teacher's and the students' in one run, a retrain on the same test
+    split) compute it once."""
+    import dataclasses
+    import json
+
+    from dinoflow.errors import DinoflowError
+    from dinoflow.eval.features import cache_key
+    from dinoflow.eval.protocols import pixel_features, run_protocols
+    from dinoflow.storage.client import join_uri
+
+    size = {split: spec.baseline_size_px or f.images[split].shape[-1] for split in ("train", "test")}
+    key = cache_key(
+        data=[f.data_keys["train"], f.data_keys["test"]],
+        size_px=size,
+        num_classes=num_classes,
+        params=dataclasses.asdict(params),
+        v=1,
+    )
+    uri = join_uri(spec.feature_cache_uri or spec.out("features"), f"pixel-baseline-{key}.json")
+    if store.exists(uri):
+        try:
+            got = json.loads(store.get_bytes(uri))
+            cached = {str(k): float(v) for k, v in got["metrics"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DinoflowError(
+                f"{uri}: not a pixel-baseline cache entry ({e}); delete it to recompute"
+            ) from e
+        log.info("pixel baseline: cache hit %s", uri)
+        return cached
+    metrics = run_protocols(
+        pixel_features(f.images["train"], f.labels["train"], size["train"]),
+        pixel_features(f.images["test"], f.labels["test"], size["test"]),
+        num_classes,
+        params,
+    ).metrics
+    store.put_bytes(uri, json.dumps({"metrics": metrics}, sort_keys=True).encode())
+    return metrics
+
+
 def _score(spec: EvaluateSpec, store: Any, inp: _Inputs, f: _Features) -> _Outcome:
     """Every protocol on the backbone's features and (when asked) on raw pixels."""
     from dinoflow import metrics as prom
-    from dinoflow.eval.protocols import confusion_matrix, pixel_features, run_protocols
+    from dinoflow.eval.protocols import confusion_matrix, run_protocols
 
     num_classes = int(max(f.labels["train"].max(), f.labels["test"].max())) + 1
     params = _protocol_params(spec)
     res = run_protocols(f.feats["train"], f.feats["test"], num_classes, params)
     baseline: dict[str, float] = {}
     if spec.baseline:
-        baseline = run_protocols(
-            pixel_features(
-                f.images["train"], f.labels["train"], spec.baseline_size_px or f.images["train"].shape[-1]
-            ),
-            pixel_features(
-                f.images["test"], f.labels["test"], spec.baseline_size_px or f.images["test"].shape[-1]
-            ),
-            num_classes,
-            params,
-        ).metrics
+        baseline = _pixel_baseline(spec, store, f, num_classes, params)
     for name, v in res.metrics.items():
         prom.EVAL_TOP1.labels(protocol=name).set(v)
     lin = res.linear
