@@ -77,7 +77,7 @@ class TrainConfig(BaseModel):
     fp32_heads: bool = Field(
         False,
         description="under bf16 autocast, run the DINO/iBOT heads (MLP, prototypes) in float32: bf16's "
-        "8-bit mantissa blurs the teacher's sharp (temperature 0.04) targets (README, *The CPU recipe*)",
+        "8-bit mantissa blurs the teacher's sharp (temperature 0.04) targets (README, bf16 on the CPU)",
     )
     compile: bool = Field(False, description="torch.compile the backbone blocks")
     compile_heads: bool = Field(

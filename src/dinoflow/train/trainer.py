@@ -77,7 +77,7 @@ __all__ = [
 def fast_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices natively: a CUDA GPU with bf16 (Ampere or newer), or
     a CPU with AMX tiles (Intel Sapphire Rapids or newer), where oneDNN runs bf16 matmuls ~4-5x faster
-    than float32 ones (README, *The CPU recipe*)."""
+    than float32 ones (README, *pretrain*, "bf16 on the CPU")."""
     if device.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if device.type == "cpu":
