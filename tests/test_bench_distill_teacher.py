@@ -36,6 +36,7 @@ def _finished_demo(tmp_path):
     return bb, uri
 
 
+@pytest.mark.slow  # ~42 s of store start and stop: a benchmark helper, kept out of the 15-minute suite
 def test_the_demos_teacher_is_served_from_its_store_which_is_stopped_after(tmp_path):
     import torch
 
